@@ -1,0 +1,23 @@
+"""The Flask API: `create_app()` builds it; gunicorn runs `api:create_app()`."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from api import errors, health, jobs, requests
+from api.services import Services
+from conveyor.settings import Settings
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
+    """Build the API for `settings` (read from the environment when omitted)."""
+    settings = settings or Settings()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["conveyor"] = services or Services.from_settings(settings)
+    requests.init_app(app)
+    errors.init_app(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(jobs.bp)
+    return app

@@ -1,0 +1,65 @@
+"""The one place where errors become `application/problem+json` (RFC 9457)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, json
+from sqlalchemy.exc import OperationalError as DatabaseError
+from werkzeug.exceptions import HTTPException
+
+from api.requests import request_id
+from conveyor.errors import ConveyorError
+
+logger = logging.getLogger(__name__)
+PROBLEM_TYPE_BASE = "https://conveyor.dev/problems/"
+
+
+def problem(
+    status: int, title: str, detail: str, slug: str, errors: list[dict[str, Any]] | None = None
+) -> Response:
+    """Build a problem+json response."""
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE_BASE + slug,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "request_id": request_id(),
+    }
+    if errors:
+        body["errors"] = errors
+    return Response(json.dumps(body), status=status, mimetype="application/problem+json")
+
+
+def init_app(app: Flask) -> None:
+    """Map Conveyor's errors, Werkzeug's HTTP errors and anything unexpected to problems."""
+
+    @app.errorhandler(ConveyorError)
+    def _conveyor_error(exc: ConveyorError) -> Response:
+        if exc.status >= 500:
+            logger.error("request %s failed: %s", request_id(), exc, exc_info=exc)
+        return problem(exc.status, exc.title, exc.detail, exc.slug, exc.errors)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        slug = (exc.name or "error").lower().replace(" ", "-")
+        return problem(status, exc.name, exc.description or exc.name, slug)
+
+    @app.errorhandler(DatabaseError)
+    def _database_down(exc: DatabaseError) -> Response:
+        logger.warning("request %s: database unavailable: %s", request_id(), exc.orig)
+        response = problem(
+            503, "Service unavailable", "the database is unavailable; try again", "unavailable"
+        )
+        response.headers["Retry-After"] = "5"
+        return response
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        # Log the traceback with the request id; the client sees neither it nor any SQL.
+        logger.error("request %s failed", request_id(), exc_info=exc)
+        return problem(
+            500, "Internal error", "an unexpected error occurred; quote the request id", "internal"
+        )

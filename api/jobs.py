@@ -1,0 +1,75 @@
+"""`/v1/jobs`: submit a job and poll it."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+
+from flask import Blueprint, Response, jsonify, url_for
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
+
+from api.auth import authenticate
+from api.requests import parse_body
+from api.schemas import JobOut, SubmitJob
+from api.services import services
+from conveyor.broker import Message
+from conveyor.errors import NotFound
+from conveyor.jobs import get_job, mark_published, submit_job
+from conveyor.progress import read_progress
+from conveyor.states import JobState
+
+logger = logging.getLogger(__name__)
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+
+
+def _parse_id(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise NotFound(f"there is no job {raw}") from None
+
+
+@bp.post("")
+def create() -> tuple[Response, int, dict[str, str]]:
+    """Validate and store a job, then publish its id; 202 with its location."""
+    principal = authenticate()
+    body = parse_body(SubmitJob)
+    svc = services()
+    with svc.sessions.begin() as session:
+        job = submit_job(
+            session,
+            svc.registry,
+            tenant_id=principal.tenant_id,
+            type_name=body.type,
+            payload=body.payload,
+            default_queue=svc.settings.default_queue,
+        )
+    # Commit first, then publish: a worker must never receive an id it cannot see yet.
+    try:
+        svc.publisher.publish([Message(job.id, job.type, job.queue)])
+    except (BrokerError, RedisError, OSError):
+        # The job is durable in the ledger with no published_at; the promoter re-publishes it.
+        logger.warning("publish of job %s failed; the promoter will retry", job.id, exc_info=True)
+    else:
+        with svc.sessions.begin() as session:
+            mark_published(session, [job.id], datetime.now(UTC))
+    location = url_for("jobs.show", job_id=job.id)
+    return jsonify(JobOut.from_job(job).model_dump(mode="json")), 202, {"Location": location}
+
+
+@bp.get("/<job_id>")
+def show(job_id: str) -> Response:
+    """Return a job from the ledger, with live progress from the result backend while it runs."""
+    principal = authenticate()
+    svc = services()
+    with svc.sessions() as session:
+        job = get_job(session, _parse_id(job_id), principal.tenant_id)
+    progress = None
+    if job.state == JobState.RUNNING:
+        try:
+            progress = read_progress(svc.redis, job.id)
+        except RedisError:
+            logger.warning("progress of job %s unavailable", job.id, exc_info=True)
+    return jsonify(JobOut.from_job(job, progress).model_dump(mode="json"))

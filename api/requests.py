@@ -1,0 +1,52 @@
+"""Per-request plumbing: request ids and strict JSON bodies parsed into Pydantic models."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import TypeVar
+
+from flask import Flask, Response, g, request
+from pydantic import BaseModel, ValidationError
+
+from conveyor.errors import MalformedRequest, UnsupportedMediaType, ValidationFailed
+
+M = TypeVar("M", bound=BaseModel)
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def init_app(app: Flask) -> None:
+    """Give every request an id: the caller's if well-formed, else a new one."""
+
+    @app.before_request
+    def _bind_request_id() -> None:
+        given = request.headers.get(REQUEST_ID_HEADER, "")
+        g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+    @app.after_request
+    def _return_request_id(response: Response) -> Response:
+        response.headers[REQUEST_ID_HEADER] = request_id()
+        return response
+
+
+def request_id() -> str:
+    """Return the current request's id."""
+    return str(g.get("request_id", ""))
+
+
+def parse_body(model: type[M]) -> M:
+    """Parse the JSON body into `model`, raising a 4xx that names what is wrong."""
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType("send the body as application/json")
+    body = request.get_json(silent=True)
+    if body is None:
+        raise MalformedRequest("the body is not valid JSON")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        errors = [
+            {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"]}
+            for err in exc.errors(include_url=False, include_input=False)
+        ]
+        raise ValidationFailed("the request body is not valid", errors=errors) from exc

@@ -1,0 +1,49 @@
+"""The long-lived objects a request needs, built once per process from settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import current_app
+from redis import Redis
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from conveyor.broker import CeleryPublisher, create_celery
+from conveyor.db import create_db_engine, create_session_factory
+from conveyor.registry import JobRegistry, load_job_types
+from conveyor.settings import Settings
+
+
+@dataclass
+class Services:
+    """Settings, database, Redis, publisher and registry for one API process."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    redis: Redis
+    publisher: CeleryPublisher
+    registry: JobRegistry
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Services:
+        """Wire every service from settings; nothing connects until first use."""
+        engine = create_db_engine(settings)
+        celery = create_celery(settings, name="conveyor-api", with_result_backend=False)
+        return cls(
+            settings=settings,
+            engine=engine,
+            sessions=create_session_factory(engine),
+            redis=Redis.from_url(
+                settings.result_backend, socket_timeout=2, socket_connect_timeout=2
+            ),
+            publisher=CeleryPublisher(celery),
+            registry=load_job_types(settings.job_modules),
+        )
+
+
+def services() -> Services:
+    """Return the current app's services."""
+    found: Services = current_app.extensions["conveyor"]
+    return found

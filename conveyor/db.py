@@ -1,0 +1,25 @@
+"""Engines and session factories; built from settings, never at import time."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from conveyor.settings import Settings
+
+
+def create_db_engine(settings: Settings) -> Engine:
+    """Build a pooled engine; `pool_pre_ping` survives a database restart."""
+    return create_engine(
+        settings.sqlalchemy_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_max_overflow,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": 5},
+    )
+
+
+def create_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Build the session factory whose `begin()` owns one unit of work."""
+    # expire_on_commit=False: handlers serialise rows after the commit.
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,80 @@
+"""One exception tree; `api.errors` maps it to problem+json in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConveyorError(Exception):
+    """Raised for every failure Conveyor itself reports; the base of the tree."""
+
+    status = 500
+    title = "Internal error"
+    slug = "internal"
+
+    def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = errors or []
+
+
+class ValidationFailed(ConveyorError):
+    """Raised when a request or payload does not match its model."""
+
+    status = 422
+    title = "Validation failed"
+    slug = "validation"
+
+
+class UnknownJobType(ValidationFailed):
+    """Raised when a job names a type that is not registered."""
+
+    title = "Unknown job type"
+    slug = "unknown-job-type"
+
+
+class NotFound(ConveyorError):
+    """Raised when an object does not exist or belongs to another tenant."""
+
+    status = 404
+    title = "Not found"
+    slug = "not-found"
+
+
+class Unauthorized(ConveyorError):
+    """Raised when a request carries no valid credentials."""
+
+    status = 401
+    title = "Unauthorized"
+    slug = "unauthorized"
+
+
+class ServiceUnavailable(ConveyorError):
+    """Raised when a dependency (database, broker) cannot be reached."""
+
+    status = 503
+    title = "Service unavailable"
+    slug = "unavailable"
+
+
+class JobFailed(ConveyorError):
+    """Raised by a job to fail its attempt with a clear message."""
+
+    title = "Job failed"
+    slug = "job-failed"
+
+
+class MalformedRequest(ConveyorError):
+    """Raised when a request body is not valid JSON."""
+
+    status = 400
+    title = "Malformed request"
+    slug = "malformed-request"
+
+
+class UnsupportedMediaType(ConveyorError):
+    """Raised when a JSON endpoint receives another content type."""
+
+    status = 415
+    title = "Unsupported media type"
+    slug = "unsupported-media-type"

@@ -1,0 +1,1 @@
+"""Platform job types; business domains live in their own packages."""

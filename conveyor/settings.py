@@ -1,0 +1,72 @@
+"""Typed settings, read once from `CONVEYOR_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SECRET = "dev-insecure-secret-change-me"  # noqa: S105 - refused outside development
+MIN_SECRET_LENGTH = 32
+
+
+class Settings(BaseSettings):
+    """Every knob Conveyor has; documented one by one in `.env.example`."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", env_file=".env", extra="ignore")
+
+    env: Literal["development", "test", "production"] = "development"
+    secret_key: str = DEFAULT_SECRET
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/conveyor"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Separate URLs let an operator move the broker to RabbitMQ or another Redis.
+    broker_url: str | None = None
+    result_backend_url: str | None = None
+    db_pool_size: int = Field(default=10, ge=1)
+    db_pool_max_overflow: int = Field(default=10, ge=0)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Seconds the result backend keeps a job's live state; the ledger keeps the rest.
+    result_expires: int = Field(default=24 * 3600, ge=60)
+    # A message not acknowledged within this many seconds is redelivered by Redis.
+    visibility_timeout: int = Field(default=3600, ge=60)
+    default_queue: str = "default"
+    job_modules: list[str] = ["conveyor.jobtypes.system"]
+    log_level: str = "INFO"
+    flower_user: str = "admin"
+    flower_password: str = ""
+    data_dir: str = ".conveyor"
+
+    @model_validator(mode="after")
+    def _refuse_weak_secrets(self) -> Settings:
+        if self.env == "production" and (
+            self.secret_key == DEFAULT_SECRET or len(self.secret_key) < MIN_SECRET_LENGTH
+        ):
+            msg = (
+                "CONVEYOR_SECRET_KEY must be set to a random value of at least "
+                f"{MIN_SECRET_LENGTH} characters in production"
+            )
+            raise ValueError(msg)
+        if self.env == "production" and not self.flower_password:
+            raise ValueError("CONVEYOR_FLOWER_PASSWORD must be set in production")
+        return self
+
+    @cached_property
+    def sqlalchemy_url(self) -> str:
+        """Return the database URL with the psycopg 3 driver SQLAlchemy needs."""
+        url = self.database_url
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url.removeprefix(prefix)
+        return url
+
+    @property
+    def broker(self) -> str:
+        """Return the Celery broker URL (the Redis URL unless set apart)."""
+        return self.broker_url or self.redis_url
+
+    @property
+    def result_backend(self) -> str:
+        """Return the Celery result backend URL (the Redis URL unless set apart)."""
+        return self.result_backend_url or self.redis_url

@@ -1,0 +1,125 @@
+"""End to end: HTTP submit, a real Celery worker on real Redis, the poll shows the outcome."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from celery.contrib.testing.worker import start_worker
+from redis import Redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from conveyor.bootstrap import Identity
+from conveyor.broker import CeleryPublisher, Message, create_celery
+from conveyor.models import JobEvent
+from conveyor.settings import Settings
+from tests.conftest import wait_for
+from tests.factories import job_factory
+from worker.app import PROMOTE_TASK, create_celery_app
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def worker(settings: Settings) -> Iterator[Any]:
+    """Run a real Celery worker (thread pool) consuming this run's queue."""
+    import celery.contrib.testing.tasks  # noqa: F401 - registers the ping task start_worker needs
+
+    app = create_celery_app(settings)
+    with start_worker(
+        app, pool="threads", concurrency=2, perform_ping_check=False, shutdown_timeout=30
+    ):
+        yield app
+    app.conveyor.engine.dispose()
+
+
+def finished(client: Any, auth: dict[str, str], job_id: str) -> dict[str, Any] | None:
+    body: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()
+    return body if body["state"] in {"succeeded", "failed"} else None
+
+
+def submit(client: Any, auth: dict[str, str], type_name: str, payload: dict[str, Any]) -> str:
+    response = client.post("/v1/jobs", json={"type": type_name, "payload": payload}, headers=auth)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    job_id: str = response.get_json()["id"]
+    return job_id
+
+
+def test_a_job_runs_to_success_with_its_result_and_progress(
+    worker: Any, client: Any, auth: dict[str, str]
+) -> None:
+    job_id = submit(client, auth, "system.sleep", {"seconds": 1.5})
+
+    def progress_seen() -> dict[str, Any] | None:
+        body: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()
+        return body["progress"] if body["state"] == "running" and body["progress"] else None
+
+    progress = wait_for(progress_seen)
+    assert 0 < progress["done"] <= progress["total"]
+    body = wait_for(lambda: finished(client, auth, job_id))
+    assert body["state"] == "succeeded"
+    assert body["result"]["slept"] >= 1.5
+    assert body["attempts"] == 1
+    assert body["error"] is None
+    assert body["progress"] is None
+    assert body["created_at"] <= body["started_at"] <= body["finished_at"]
+
+
+def test_a_failing_job_ends_failed_with_its_message(
+    worker: Any, client: Any, auth: dict[str, str]
+) -> None:
+    job_id = submit(client, auth, "system.fail", {"message": "card declined"})
+    body = wait_for(lambda: finished(client, auth, job_id))
+    assert body["state"] == "failed"
+    assert body["error"] == {"type": "JobFailed", "message": "card declined"}
+    assert "Traceback" not in str(body)
+
+
+def test_the_same_message_delivered_three_times_runs_once(
+    worker: Any,
+    client: Any,
+    auth: dict[str, str],
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    redis_client: Redis,
+) -> None:
+    job_id = submit(client, auth, "system.sleep", {"seconds": 0.2})
+    publisher = CeleryPublisher(create_celery(settings, name="dup", with_result_backend=False))
+    message = Message(uuid.UUID(job_id), "system.sleep", settings.default_queue)
+    publisher.publish([message, message])
+    wait_for(lambda: finished(client, auth, job_id))
+    # Every delivery consumed and acknowledged: nothing waits or sits unacked in Redis.
+    wait_for(
+        lambda: redis_client.llen(settings.default_queue) == 0 and not redis_client.hlen("unacked")
+    )
+    body = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()
+    assert (body["state"], body["attempts"]) == ("succeeded", 1)
+    with sessions() as session:
+        runs = session.scalar(
+            select(func.count()).where(
+                JobEvent.job_id == uuid.UUID(job_id), JobEvent.to_state == "running"
+            )
+        )
+    assert runs == 1
+
+
+def test_a_job_whose_publish_was_lost_is_promoted_and_runs(
+    worker: Any,
+    client: Any,
+    auth: dict[str, str],
+    identity: Identity,
+    sessions: sessionmaker[Session],
+) -> None:
+    # As if the broker was down at submit: committed, never published.
+    with sessions.begin() as session:
+        job = job_factory(session, identity.tenant.id)
+        job.queue = worker.conveyor.settings.default_queue
+        job.created_at = datetime.now(UTC) - timedelta(minutes=1)
+    assert worker.tasks[PROMOTE_TASK]() == 1
+    body = wait_for(lambda: finished(client, auth, str(job.id)))
+    assert body["state"] == "succeeded"
+    assert worker.tasks[PROMOTE_TASK]() == 0

@@ -1,0 +1,184 @@
+"""The lifecycle core on real PostgreSQL: submit, claim, finish, promote."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from conveyor.errors import NotFound, UnknownJobType, ValidationFailed
+from conveyor.jobs import (
+    ClaimedJob,
+    claim_job,
+    fail_job,
+    get_job,
+    mark_published,
+    promote_due_jobs,
+    retry_delay,
+    succeed_job,
+)
+from conveyor.models import Job, JobEvent
+from conveyor.states import JobState
+from tests.factories import job_factory, tenant_factory
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def events(session: Session, job: Job) -> list[tuple[str | None, str, int]]:
+    rows = session.execute(
+        select(JobEvent.from_state, JobEvent.to_state, JobEvent.attempt)
+        .where(JobEvent.job_id == job.id)
+        .order_by(JobEvent.id)
+    )
+    return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def test_submit_writes_a_queued_job_and_its_first_event(db_session: Session) -> None:
+    job = job_factory(db_session, type_name="system.sleep", payload={"seconds": 1})
+    assert job.state == JobState.QUEUED
+    assert job.payload == {"seconds": 1.0}
+    assert job.attempt == 0
+    assert events(db_session, job) == [(None, "queued", 0)]
+
+
+def test_submit_rejects_unknown_type_and_bad_payload(db_session: Session) -> None:
+    with pytest.raises(UnknownJobType):
+        job_factory(db_session, type_name="nope")
+    with pytest.raises(ValidationFailed) as info:
+        job_factory(db_session, type_name="system.sleep", payload={"seconds": -1})
+    assert info.value.errors[0]["field"] == "payload.seconds"
+    assert db_session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def test_claim_takes_a_queued_job_once(db_session: Session) -> None:
+    job = job_factory(db_session)
+    claimed = claim_job(db_session, job.id, "w1", NOW)
+    assert claimed is not None
+    assert claimed.attempt == 1
+    assert claim_job(db_session, job.id, "w2", NOW) is None
+    db_session.refresh(job)
+    assert (job.state, job.worker, job.started_at) == ("running", "w1", NOW)
+
+
+def test_succeed_is_guarded_by_state_and_attempt(db_session: Session) -> None:
+    job = job_factory(db_session)
+    claimed = claim_job(db_session, job.id, "w1", NOW)
+    assert claimed is not None
+    stale = ClaimedJob(**{**claimed.__dict__, "attempt": claimed.attempt + 1})
+    assert succeed_job(db_session, stale, {"x": 1}, NOW) is False
+    assert succeed_job(db_session, claimed, {"x": 1}, NOW) is True
+    assert succeed_job(db_session, claimed, {"x": 2}, NOW) is False
+    db_session.refresh(job)
+    assert (job.state, job.result, job.finished_at) == ("succeeded", {"x": 1}, NOW)
+    assert events(db_session, job)[-1] == ("running", "succeeded", 1)
+
+
+def test_failure_retries_until_max_attempts_then_fails(db_session: Session) -> None:
+    job = job_factory(db_session)
+    job.max_attempts = 2
+    db_session.flush()
+    first = claim_job(db_session, job.id, "w1", NOW)
+    assert first is not None
+    assert fail_job(db_session, first, RuntimeError("boom"), NOW) == JobState.RETRYING
+    db_session.refresh(job)
+    assert job.scheduled_for is not None
+    assert NOW <= job.scheduled_for <= NOW + timedelta(seconds=2)
+    assert claim_job(db_session, job.id, "w1", NOW) is None  # not queued until promoted
+
+    promoted = promote_due_jobs(db_session, NOW + timedelta(seconds=3))
+    assert [j.id for j in promoted] == [job.id]
+    second = claim_job(db_session, job.id, "w1", NOW)
+    assert second is not None
+    assert second.attempt == 2
+    assert fail_job(db_session, second, RuntimeError("boom again"), NOW) == JobState.FAILED
+    db_session.refresh(job)
+    assert (job.state, job.error_type, job.error_message) == (
+        "failed",
+        "RuntimeError",
+        "boom again",
+    )
+    assert [e[1] for e in events(db_session, job)] == [
+        "queued",
+        "running",
+        "retrying",
+        "queued",
+        "running",
+        "failed",
+    ]
+
+
+def test_non_retryable_failure_fails_at_once(db_session: Session) -> None:
+    job = job_factory(db_session)
+    job.max_attempts = 5
+    db_session.flush()
+    claimed = claim_job(db_session, job.id, "w1", NOW)
+    assert claimed is not None
+    assert fail_job(db_session, claimed, ValueError(""), NOW, retryable=False) == JobState.FAILED
+    db_session.refresh(job)
+    assert job.error_message == "ValueError"  # an empty message falls back to the type
+
+
+def test_retry_delay_is_bounded_by_exponential_ceiling() -> None:
+    for attempt, ceiling in [(1, 2), (2, 4), (3, 8), (20, 300)]:
+        delays = [retry_delay(attempt).total_seconds() for _ in range(200)]
+        assert all(0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling / 2  # jitter spreads over the range
+
+
+def test_promoter_republishes_only_stale_unpublished_queued_jobs(db_session: Session) -> None:
+    published = job_factory(db_session)
+    lost = job_factory(db_session)
+    mark_published(db_session, [published.id], NOW)
+    db_session.execute(
+        Job.__table__.update()
+        .where(Job.id.in_([published.id, lost.id]))
+        .values(created_at=NOW - timedelta(minutes=1))
+    )
+    assert [j.id for j in promote_due_jobs(db_session, NOW)] == [lost.id]
+    # Promoted jobs count as published, so the next pass leaves them alone.
+    assert promote_due_jobs(db_session, NOW) == []
+
+
+def test_get_job_hides_other_tenants_jobs(db_session: Session) -> None:
+    job = job_factory(db_session)
+    other = tenant_factory(db_session, "Other")
+    assert get_job(db_session, job.id, job.tenant_id).id == job.id
+    with pytest.raises(NotFound):
+        get_job(db_session, job.id, other.id)
+
+
+def test_concurrent_claims_of_one_job_have_exactly_one_winner(
+    committed: None, sessions: sessionmaker[Session]
+) -> None:
+    with sessions.begin() as session:
+        job_id = job_factory(session).id
+    contenders = 16
+    barrier = threading.Barrier(contenders)
+    results: list[ClaimedJob | None] = []
+    lock = threading.Lock()
+
+    def contend(n: int) -> None:
+        barrier.wait()
+        with sessions.begin() as session:
+            outcome = claim_job(session, job_id, f"w{n}", datetime.now(UTC))
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=contend, args=(n,)) for n in range(contenders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    winners = [r for r in results if r is not None]
+    assert len(results) == contenders
+    assert len(winners) == 1
+    with sessions() as session:
+        job = session.get_one(Job, job_id)
+        assert (job.state, job.attempt) == ("running", 1)
+        running_events = session.scalar(
+            select(func.count()).where(JobEvent.job_id == job_id, JobEvent.to_state == "running")
+        )
+        assert running_events == 1

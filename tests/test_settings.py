@@ -1,0 +1,45 @@
+"""Settings: driver URLs rewritten, weak secrets refused in production."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from conveyor.settings import DEFAULT_SECRET, Settings
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://u@h/db", "postgres://u@h/db", "postgresql+psycopg://u@h/db"]
+)
+def test_database_url_gets_the_psycopg_driver(url: str) -> None:
+    assert Settings(database_url=url).sqlalchemy_url == "postgresql+psycopg://u@h/db"
+
+
+def test_broker_and_backend_default_to_the_redis_url() -> None:
+    settings = Settings(redis_url="redis://r:1/0")
+    assert (settings.broker, settings.result_backend) == ("redis://r:1/0", "redis://r:1/0")
+    moved = Settings(redis_url="redis://r:1/0", broker_url="amqp://mq//")
+    assert moved.broker == "amqp://mq//"
+
+
+@pytest.mark.parametrize("secret", [DEFAULT_SECRET, "short-secret"])
+def test_production_refuses_default_or_short_secret(secret: str) -> None:
+    with pytest.raises(ValidationError, match="CONVEYOR_SECRET_KEY"):
+        Settings(env="production", secret_key=secret, flower_password="pw")
+
+
+def test_production_requires_a_flower_password() -> None:
+    with pytest.raises(ValidationError, match="CONVEYOR_FLOWER_PASSWORD"):
+        Settings(env="production", secret_key="s" * 40)
+
+
+def test_production_starts_with_strong_secrets() -> None:
+    assert Settings(env="production", secret_key="s" * 40, flower_password="pw").env == "production"
+
+
+def test_settings_come_from_conveyor_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_MAX_BODY_BYTES", "2048")
+    monkeypatch.setenv("CONVEYOR_JOB_MODULES", '["a.b", "c.d"]')
+    settings = Settings()
+    assert settings.max_body_bytes == 2048
+    assert settings.job_modules == ["a.b", "c.d"]

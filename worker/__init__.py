@@ -1,0 +1,1 @@
+"""The Celery side: the app factory, the task runner and the housekeeping tasks."""

@@ -1,0 +1,119 @@
+"""Run one delivery of a job: claim it, run its function, finish it."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Task
+from pydantic import BaseModel
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from conveyor.errors import ValidationFailed
+from conveyor.jobs import ClaimedJob, claim_job, fail_job, succeed_job
+from conveyor.progress import PROGRESS_STATE, progress_meta
+from conveyor.registry import JobContext, JobRegistry
+from conveyor.settings import Settings
+
+logger = logging.getLogger(__name__)
+# Progress is written at most this often per job, so chatty jobs stay cheap.
+PROGRESS_INTERVAL = 0.25
+
+
+def utcnow() -> datetime:
+    """Return the current time, timezone-aware."""
+    return datetime.now(UTC)
+
+
+@dataclass
+class WorkerServices:
+    """What every task in a worker process shares."""
+
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    registry: JobRegistry
+    name: str = field(default_factory=socket.gethostname)
+
+
+class LostOwnership(Exception):
+    """Raised to roll back a job's writes when its attempt no longer owns the row."""
+
+
+@dataclass
+class ProgressWriter:
+    """Stores a job's progress in the result backend, throttled."""
+
+    task: Task
+    job_id: str
+    _last: float = 0.0
+
+    def __call__(self, done: int, total: int | None = None, message: str | None = None) -> None:
+        """Record progress unless the last write was moments ago (the final step always)."""
+        now = time.monotonic()
+        if now - self._last < PROGRESS_INTERVAL and done != total:
+            return
+        self._last = now
+        try:
+            self.task.update_state(
+                task_id=self.job_id, state=PROGRESS_STATE, meta=progress_meta(done, total, message)
+            )
+        except Exception:  # progress is best effort; the job itself must not fail for it
+            logger.warning("could not store progress of job %s", self.job_id, exc_info=True)
+
+
+def _as_result(value: BaseModel | dict[str, Any] | None) -> dict[str, Any] | None:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return value
+
+
+def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
+    """Claim, run and finish one job; return what happened, for the task's log line."""
+    try:
+        job_id = uuid.UUID(raw_job_id)
+    except ValueError:
+        logger.error("dropping message with malformed job id %r", raw_job_id)
+        return "malformed"
+    with services.sessions.begin() as session:
+        claimed = claim_job(session, job_id, services.name, utcnow())
+    if claimed is None:
+        # A redelivery, a duplicate publish or a cancelled job: acknowledge and skip.
+        logger.info("job %s is not queued; skipping this delivery", job_id)
+        return "skipped"
+    try:
+        _run_and_succeed(services, task, claimed)
+    except LostOwnership:
+        logger.warning("job %s attempt %s lost its claim; rolled back", job_id, claimed.attempt)
+        return "lost"
+    except Exception as exc:
+        with services.sessions.begin() as session:
+            outcome = fail_job(
+                session, claimed, exc, utcnow(), retryable=not isinstance(exc, ValidationFailed)
+            )
+        logger.info("job %s attempt %s failed: %s -> %s", job_id, claimed.attempt, exc, outcome)
+        return str(outcome)
+    return "succeeded"
+
+
+def _run_and_succeed(services: WorkerServices, task: Task, claimed: ClaimedJob) -> None:
+    """Run the job and succeed it in one transaction: its writes and its success commit together."""
+    job_type = services.registry.get(claimed.type)
+    payload = job_type.parse_payload(claimed.payload)
+    with services.sessions.begin() as session:
+        ctx = JobContext(
+            job_id=claimed.id,
+            tenant_id=claimed.tenant_id,
+            attempt=claimed.attempt,
+            session=session,
+            report_progress=ProgressWriter(task, str(claimed.id)),
+        )
+        result = _as_result(job_type.func(ctx, payload))
+        if not succeed_job(session, claimed, result, utcnow()):
+            raise LostOwnership(str(claimed.id))
