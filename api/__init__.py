@@ -6,12 +6,14 @@ from flask import Flask
 
 from api import errors, health, jobs, requests
 from api.services import Services
+from conveyor.logs import configure_logging
 from conveyor.settings import Settings
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
     """Build the API for `settings` (read from the environment when omitted)."""
     settings = settings or Settings()
+    configure_logging(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]

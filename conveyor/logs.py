@@ -8,10 +8,9 @@ from conveyor.settings import Settings
 
 
 def configure_logging(settings: Settings) -> None:
-    """Send every logger, Celery's and warnings included, to stderr at the configured level."""
+    """Send every logger, Celery's and warnings included, to stderr (unless already set up)."""
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(processName)s: %(message)s",
-        force=True,
     )
     logging.captureWarnings(True)

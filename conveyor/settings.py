@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -36,6 +35,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     flower_user: str = "admin"
     flower_password: str = ""
+    flower_address: str = "127.0.0.1"
+    flower_port: int = 5555
     data_dir: str = ".conveyor"
 
     @model_validator(mode="after")
@@ -52,7 +53,7 @@ class Settings(BaseSettings):
             raise ValueError("CONVEYOR_FLOWER_PASSWORD must be set in production")
         return self
 
-    @cached_property
+    @property
     def sqlalchemy_url(self) -> str:
         """Return the database URL with the psycopg 3 driver SQLAlchemy needs."""
         url = self.database_url

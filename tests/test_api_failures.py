@@ -1,0 +1,85 @@
+"""The API when its dependencies fail: durable accept, 503s, and no traceback for a 500."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from api import create_app
+from conveyor.models import Job
+from conveyor.settings import Settings
+from tests.test_api import assert_problem
+from worker.flower import flower_environment
+
+DEAD_REDIS = "redis://127.0.0.1:1/0"
+
+
+def test_broker_down_at_submit_still_accepts_the_job_durably(
+    settings: Settings, auth: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    app = create_app(settings.model_copy(update={"broker_url": DEAD_REDIS}))
+    response = app.test_client().post("/v1/jobs", json={"type": "system.noop"}, headers=auth)
+    assert response.status_code == 202
+    with sessions() as session:
+        job = session.get_one(Job, uuid.UUID(response.get_json()["id"]))
+    # Unconfirmed publish: the promoter (tested end to end) re-publishes it.
+    assert (job.state, job.published_at) == ("queued", None)
+    app.extensions["conveyor"].engine.dispose()
+
+
+@pytest.fixture
+def broken_app(settings: Settings, tmp_path: Any) -> Any:
+    broken = settings.model_copy(
+        update={
+            "database_url": f"postgresql://postgres@/nowhere?host={tmp_path}",
+            "redis_url": DEAD_REDIS,
+        }
+    )
+    return create_app(broken)
+
+
+def test_readiness_names_each_failed_dependency(broken_app: Any) -> None:
+    response = broken_app.test_client().get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["checks"] == {"database": "unavailable", "redis": "unavailable"}
+    assert broken_app.test_client().get("/healthz").status_code == 200
+
+
+def test_database_down_is_a_503_with_retry_after(broken_app: Any) -> None:
+    response = broken_app.test_client().post(
+        "/v1/jobs", json={"type": "system.noop"}, headers={"Authorization": "Bearer cvk_a_b"}
+    )
+    body = assert_problem(response, 503)
+    assert response.headers["Retry-After"] == "5"
+    assert "nowhere" not in str(body)
+
+
+def test_an_unexpected_error_is_a_bare_500(app: Any) -> None:
+    def explode() -> None:
+        raise RuntimeError("SELECT secret FROM internals")
+
+    app.add_url_rule("/explode", view_func=explode)
+    response = app.test_client().get("/explode")
+    body = assert_problem(response, 500)
+    assert "SELECT" not in response.get_data(as_text=True)
+    assert "Traceback" not in response.get_data(as_text=True)
+    assert body["title"] == "Internal error"
+
+
+def test_flower_gets_auth_and_persistence_from_settings(tmp_path: Any) -> None:
+    env = flower_environment(
+        Settings(flower_password="pw", data_dir=str(tmp_path / "d"), flower_port=5999)
+    )
+    assert env["FLOWER_BASIC_AUTH"] == "admin:pw"
+    assert env["FLOWER_PORT"] == "5999"
+    assert env["FLOWER_PERSISTENT"] == "true"
+    assert env["FLOWER_DB"] == str(tmp_path / "d" / "flower.db")
+    assert (tmp_path / "d").is_dir()
+
+
+def test_flower_refuses_to_start_without_a_password() -> None:
+    with pytest.raises(SystemExit, match="refusing"):
+        flower_environment(Settings(flower_password=""))
