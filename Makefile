@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synced
 
-.PHONY: run test lint format bench clean install
+.PHONY: run test lint format clean install
 
 install: $(STAMP)
 

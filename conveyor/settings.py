@@ -28,8 +28,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     # Seconds the result backend keeps a job's live state; the ledger keeps the rest.
     result_expires: int = Field(default=24 * 3600, ge=60)
-    # A message not acknowledged within this many seconds is redelivered by Redis.
-    visibility_timeout: int = Field(default=3600, ge=60)
+    # A message not acknowledged within this many seconds is redelivered by Redis;
+    # the worker refuses job types whose hard time limit does not fit inside it.
+    visibility_timeout: int = Field(default=7200, ge=60)
     default_queue: str = "default"
     job_modules: list[str] = ["conveyor.jobtypes.system"]
     log_level: str = "INFO"

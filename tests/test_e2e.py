@@ -123,3 +123,9 @@ def test_a_job_whose_publish_was_lost_is_promoted_and_runs(
     body = wait_for(lambda: finished(client, auth, str(job.id)))
     assert body["state"] == "succeeded"
     assert worker.tasks[PROMOTE_TASK]() == 0
+
+
+def test_a_job_type_that_outruns_the_visibility_timeout_is_refused(settings: Settings) -> None:
+    # system.sleep's hard limit is 3700 s.
+    with pytest.raises(ValueError, match=r"system\.sleep may run 3700"):
+        create_celery_app(settings.model_copy(update={"visibility_timeout": 3600}))

@@ -57,6 +57,14 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
 
 def _register_job_task(app: Celery, services: WorkerServices, job_type: JobType) -> None:
     """Register a task named after the job type, so Flower shows jobs by type."""
+    limit = job_type.time_limit
+    if limit is not None and limit >= services.settings.visibility_timeout:
+        # Redis would hand the message to a second worker while the first still runs it.
+        msg = (
+            f"job type {job_type.name} may run {limit}s, longer than the broker's "
+            f"visibility timeout ({services.settings.visibility_timeout}s)"
+        )
+        raise ValueError(msg)
 
     def execute(task: Task, job_id: str) -> str:
         return run_job(services, task, job_id)
