@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import errors, health, jobs, requests
+from api import auth, errors, health, identity, jobs, keys, limits, requests, users
 from api.services import Services
 from conveyor.logs import configure_logging
 from conveyor.settings import Settings
@@ -20,6 +20,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.extensions["conveyor"] = services or Services.from_settings(settings)
     requests.init_app(app)
     errors.init_app(app)
-    app.register_blueprint(health.bp)
-    app.register_blueprint(jobs.bp)
+    auth.init_app(app, settings)
+    limits.init_app(app, settings, identity.signin)
+    for blueprint in (health.bp, identity.signin, identity.bp, users.bp, keys.bp, jobs.bp):
+        app.register_blueprint(blueprint)
     return app

@@ -1,28 +1,113 @@
-"""Who is calling. The seam the identity issue replaces: `authenticate()` returns a Principal."""
+"""Who is calling: `Authorization: Bearer <access token or API key>` becomes a Principal."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from flask import g, request
+import jwt
+from flask import Flask, g, request
+from flask_jwt_extended import JWTManager, create_access_token, create_refresh_token, decode_token
+from flask_jwt_extended.exceptions import JWTExtendedException
+from sqlalchemy.orm import Session
 
 from api.services import services
-from conveyor.auth import Principal, authenticate_api_key
+from conveyor.auth import KEY_SCHEME, Principal, authenticate_api_key
 from conveyor.errors import Unauthorized
+from conveyor.models import User
+from conveyor.roles import Permission, Role, check_permission
+from conveyor.settings import Settings
+from conveyor.tokens import active_user_for_token, record_refresh_token
+
+
+def init_app(app: Flask, settings: Settings) -> None:
+    """Configure flask-jwt-extended: HS256 only, short access tokens, rotating refresh tokens."""
+    app.config.update(
+        JWT_SECRET_KEY=settings.secret_key,
+        JWT_ALGORITHM="HS256",
+        JWT_DECODE_ALGORITHMS=["HS256"],
+        JWT_ACCESS_TOKEN_EXPIRES=timedelta(minutes=settings.access_token_minutes),
+        JWT_REFRESH_TOKEN_EXPIRES=timedelta(days=settings.refresh_token_days),
+        JWT_TOKEN_LOCATION=["headers"],
+    )
+    JWTManager(app)
+
+
+def decode(token: str, expected_type: str) -> dict[str, Any]:
+    """Verify a JWT's signature, expiry and type, or raise `Unauthorized`."""
+    try:
+        claims: dict[str, Any] = decode_token(token)
+    except (jwt.PyJWTError, JWTExtendedException, ValueError) as exc:
+        raise Unauthorized("the token is invalid or expired") from exc
+    if claims.get("type") != expected_type:
+        raise Unauthorized(f"an {expected_type} token is required")
+    return claims
+
+
+def issue_tokens(
+    session: Session, user: User, family_id: uuid.UUID | None = None
+) -> dict[str, Any]:
+    """Issue an access token and a refresh token of one family (a new family per login)."""
+    family = family_id or uuid.uuid4()
+    claims = {"tid": str(user.tenant_id), "fam": str(family)}
+    access = create_access_token(identity=str(user.id), additional_claims=claims)
+    refresh = create_refresh_token(identity=str(user.id), additional_claims=claims)
+    refresh_claims = decode_token(refresh)
+    record_refresh_token(
+        session,
+        user.id,
+        family,
+        refresh_claims["jti"],
+        datetime.fromtimestamp(refresh_claims["exp"], UTC),
+    )
+    lifetime = services().settings.access_token_minutes * 60
+    return {
+        "access_token": access,
+        "refresh_token": refresh,
+        "token_type": "bearer",
+        "expires_in": lifetime,
+    }
+
+
+def _principal_from_jwt(session: Session, token: str) -> Principal:
+    claims = decode(token, "access")
+    try:
+        user_id, family = uuid.UUID(claims["sub"]), uuid.UUID(claims["fam"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise Unauthorized("the token is invalid or expired") from exc
+    # Role and activity come from the database, so a demotion or deactivation bites at once.
+    user = active_user_for_token(session, user_id, family)
+    if user is None:
+        raise Unauthorized("the token is revoked or its user deactivated")
+    return Principal(
+        tenant_id=user.tenant_id, role=Role(user.role), user_id=user.id, token_family=family
+    )
 
 
 def authenticate() -> Principal:
-    """Return the caller's principal from `Authorization: Bearer <API key>`, once per request."""
+    """Return the caller's principal, once per request, or raise `Unauthorized`."""
     if "principal" in g:
         found: Principal = g.principal
         return found
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("send 'Authorization: Bearer <API key>'")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthorized("send 'Authorization: Bearer <access token or API key>'")
     svc = services()
-    with svc.sessions() as session:
-        principal = authenticate_api_key(
-            session, svc.settings.secret_key, token.strip(), datetime.now(UTC)
-        )
+    with svc.sessions.begin() as session:
+        if token.startswith(f"{KEY_SCHEME}_"):
+            principal = authenticate_api_key(
+                session, svc.settings.secret_key, token, datetime.now(UTC)
+            )
+        else:
+            principal = _principal_from_jwt(session, token)
     g.principal = principal
+    return principal
+
+
+def authorize(permission: Permission) -> Principal:
+    """Authenticate the caller and check that their role holds `permission`."""
+    principal = authenticate()
+    check_permission(principal.role, permission)
     return principal

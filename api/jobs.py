@@ -3,38 +3,30 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from datetime import UTC, datetime
 
 from flask import Blueprint, Response, jsonify, url_for
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
-from api.auth import authenticate
-from api.requests import parse_body
+from api.auth import authorize
+from api.requests import parse_body, parse_id
 from api.schemas import JobOut, SubmitJob
 from api.services import services
 from conveyor.broker import Message
-from conveyor.errors import NotFound
 from conveyor.jobs import get_job, mark_published, submit_job
 from conveyor.progress import read_progress
+from conveyor.roles import Permission
 from conveyor.states import JobState
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
 
-def _parse_id(raw: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(raw)
-    except ValueError:
-        raise NotFound(f"there is no job {raw}") from None
-
-
 @bp.post("")
 def create() -> tuple[Response, int, dict[str, str]]:
     """Validate and store a job, then publish its id; 202 with its location."""
-    principal = authenticate()
+    principal = authorize(Permission.SUBMIT)
     body = parse_body(SubmitJob)
     svc = services()
     with svc.sessions.begin() as session:
@@ -62,10 +54,10 @@ def create() -> tuple[Response, int, dict[str, str]]:
 @bp.get("/<job_id>")
 def show(job_id: str) -> Response:
     """Return a job from the ledger, with live progress from the result backend while it runs."""
-    principal = authenticate()
+    principal = authorize(Permission.READ)
     svc = services()
     with svc.sessions() as session:
-        job = get_job(session, _parse_id(job_id), principal.tenant_id)
+        job = get_job(session, parse_id(job_id, "job"), principal.tenant_id)
     progress = None
     if job.state == JobState.RUNNING:
         try:

@@ -9,7 +9,7 @@ from typing import TypeVar
 from flask import Flask, Response, g, request
 from pydantic import BaseModel, ValidationError
 
-from conveyor.errors import MalformedRequest, UnsupportedMediaType, ValidationFailed
+from conveyor.errors import MalformedRequest, NotFound, UnsupportedMediaType, ValidationFailed
 
 M = TypeVar("M", bound=BaseModel)
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -50,3 +50,11 @@ def parse_body(model: type[M]) -> M:
             for err in exc.errors(include_url=False, include_input=False)
         ]
         raise ValidationFailed("the request body is not valid", errors=errors) from exc
+
+
+def parse_id(raw: str, what: str) -> uuid.UUID:
+    """Parse an id from the URL; a malformed one is simply an object that does not exist."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise NotFound(f"there is no {what} {raw}") from None

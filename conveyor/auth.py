@@ -6,26 +6,31 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from conveyor.errors import Unauthorized
-from conveyor.models import ApiKey
+from conveyor.errors import NotFound, Unauthorized, ValidationFailed
+from conveyor.models import ApiKey, User
+from conveyor.roles import Role, check_grant
 
 KEY_SCHEME = "cvk"
+# `last_used_at` is written at most this often per key, so reads stay reads.
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: the tenant they act for and their role."""
+    """Who is calling: the tenant they act for, their role, and the person behind them."""
 
     tenant_id: uuid.UUID
-    role: str
-    api_key_id: uuid.UUID | None = None
+    role: Role
     user_id: uuid.UUID | None = None
+    api_key_id: uuid.UUID | None = None
+    token_family: uuid.UUID | None = None
 
 
 @dataclass(frozen=True)
@@ -52,16 +57,85 @@ def generate_api_key(signing_key: str) -> NewApiKey:
 def authenticate_api_key(
     session: Session, signing_key: str, token: str, now: datetime
 ) -> Principal:
-    """Return the principal a key token stands for, or raise `Unauthorized`."""
+    """Return the principal a key token stands for, or raise `Unauthorized`.
+
+    A key never acts above its creator's current role, and stops with its creator.
+    """
     scheme, _, rest = token.partition("_")
     prefix, _, secret = rest.partition("_")
     if scheme != KEY_SCHEME or not prefix or not secret:
         raise Unauthorized("the API key is malformed")
-    key = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+    row = session.execute(
+        select(ApiKey, User.role, User.is_active)
+        .outerjoin(User, User.id == ApiKey.created_by)
+        .where(ApiKey.prefix == prefix)
+    ).one_or_none()
     # Compare even when no key matched, so timing does not reveal which prefixes exist.
-    stored = key.secret_hash if key is not None else "0" * 64
-    if not hmac.compare_digest(stored, hash_secret(signing_key, secret)) or key is None:
+    stored = row.ApiKey.secret_hash if row is not None else "0" * 64
+    if not hmac.compare_digest(stored, hash_secret(signing_key, secret)) or row is None:
         raise Unauthorized("the API key is not valid")
+    key: ApiKey = row.ApiKey
     if key.revoked_at is not None or (key.expires_at is not None and key.expires_at <= now):
         raise Unauthorized("the API key is revoked or expired")
-    return Principal(tenant_id=key.tenant_id, role=key.role, api_key_id=key.id)
+    role = Role(key.role)
+    if key.created_by is not None:
+        if not row.is_active:
+            raise Unauthorized("the API key's creator is deactivated")
+        role = min(role, Role(row.role), key=lambda r: r.rank)
+    if key.last_used_at is None or key.last_used_at <= now - LAST_USED_RESOLUTION:
+        session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
+    return Principal(tenant_id=key.tenant_id, role=role, user_id=key.created_by, api_key_id=key.id)
+
+
+def create_api_key(
+    session: Session,
+    signing_key: str,
+    creator: Principal,
+    *,
+    name: str,
+    role: Role,
+    expires_at: datetime | None,
+    now: datetime,
+) -> tuple[ApiKey, str]:
+    """Issue a key in the creator's tenant, never above the creator's role, with its token."""
+    check_grant(creator.role, role)
+    if expires_at is not None and expires_at <= now:
+        raise ValidationFailed(
+            "the expiry is in the past", errors=[{"field": "expires_at", "message": "in the past"}]
+        )
+    new_key = generate_api_key(signing_key)
+    key = ApiKey(
+        tenant_id=creator.tenant_id,
+        created_by=creator.user_id,
+        name=name,
+        prefix=new_key.prefix,
+        secret_hash=new_key.secret_hash,
+        role=role,
+        expires_at=expires_at,
+    )
+    session.add(key)
+    session.flush()
+    return key, new_key.token
+
+
+def list_api_keys(session: Session, tenant_id: uuid.UUID) -> Sequence[ApiKey]:
+    """Return the tenant's keys that are not revoked, newest first."""
+    return session.scalars(
+        select(ApiKey)
+        .where(ApiKey.tenant_id == tenant_id, ApiKey.revoked_at.is_(None))
+        .order_by(ApiKey.created_at.desc(), ApiKey.id)
+    ).all()
+
+
+def revoke_api_key(
+    session: Session, tenant_id: uuid.UUID, key_id: uuid.UUID, now: datetime
+) -> None:
+    """Revoke one of the tenant's keys at once; another tenant's key is `NotFound`."""
+    revoked = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, ApiKey.tenant_id == tenant_id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=now)
+        .returning(ApiKey.id)
+    ).one_or_none()
+    if revoked is None:
+        raise NotFound(f"there is no API key {key_id}")

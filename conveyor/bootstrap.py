@@ -1,13 +1,16 @@
-"""Create a tenant with an admin user and an API key: the dev set-up and test factories."""
+"""Create a tenant with an admin user and an API key: the CLI, `make run` and test factories."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from conveyor.auth import generate_api_key
+from conveyor.auth import Principal, create_api_key
+from conveyor.identity import register_tenant
 from conveyor.models import ApiKey, Tenant, User
+from conveyor.roles import Role
 
 
 @dataclass(frozen=True)
@@ -21,24 +24,25 @@ class Identity:
 
 
 def create_tenant_identity(
-    session: Session, signing_key: str, *, tenant_name: str, email: str, role: str = "admin"
+    session: Session,
+    signing_key: str,
+    *,
+    tenant_name: str,
+    email: str,
+    password: str | None = None,
+    key_role: Role = Role.ADMIN,
+    now: datetime,
 ) -> Identity:
-    """Insert a tenant, a user and an API key holding `role`; the caller commits."""
-    tenant = Tenant(name=tenant_name)
-    session.add(tenant)
-    session.flush()
-    user = User(tenant_id=tenant.id, email=email.strip().lower(), role=role)
-    session.add(user)
-    session.flush()
-    new_key = generate_api_key(signing_key)
-    api_key = ApiKey(
-        tenant_id=tenant.id,
-        created_by=user.id,
-        name=f"{tenant_name} key",
-        prefix=new_key.prefix,
-        secret_hash=new_key.secret_hash,
-        role=role,
+    """Insert a tenant, its admin and an API key holding `key_role`; the caller commits."""
+    tenant, user = register_tenant(session, tenant_name, email, password)
+    creator = Principal(tenant_id=tenant.id, role=Role.ADMIN, user_id=user.id)
+    api_key, token = create_api_key(
+        session,
+        signing_key,
+        creator,
+        name=f"{tenant_name} {key_role} key",
+        role=key_role,
+        expires_at=None,
+        now=now,
     )
-    session.add(api_key)
-    session.flush()
-    return Identity(tenant, user, api_key, new_key.token)
+    return Identity(tenant, user, api_key, token)

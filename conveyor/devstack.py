@@ -19,19 +19,23 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from sqlalchemy import select
 
-from conveyor.bootstrap import create_tenant_identity
+from conveyor.cli import create_tenant
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.embedded import EmbeddedPostgres, EmbeddedRedis, create_database
+from conveyor.errors import Conflict
 from conveyor.models import ApiKey
+from conveyor.roles import Role
 from conveyor.settings import Settings
 
 logger = logging.getLogger("conveyor.devstack")
 PROCESSES = ("web", "worker", "beat", "flower")
 DEFAULT_API_BIND = "127.0.0.1:8000"
 DEV_EMAIL = "admin@conveyor.local"
+DEV_TENANT: dict[str, Any] = {"name": "Development", "password": None, "key_role": Role.ADMIN}
 
 
 @dataclass(frozen=True)
@@ -40,32 +44,41 @@ class DevCredentials:
 
     tenant_id: str
     email: str
+    password: str
     api_key: str
     flower_password: str
 
 
+def _load(path: Path) -> DevCredentials | None:
+    try:
+        return DevCredentials(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def ensure_dev_credentials(settings: Settings, path: Path) -> tuple[DevCredentials, bool]:
     """Reuse the saved dev identity while its key exists, else create one; True if created."""
-    engine = create_db_engine(settings)
-    try:
-        if path.exists():
-            saved = DevCredentials(**json.loads(path.read_text()))
-            prefix = saved.api_key.split("_")[1]
+    saved = _load(path)
+    if saved is not None:
+        engine = create_db_engine(settings)
+        try:
             with create_session_factory(engine)() as session:
-                if session.scalar(select(ApiKey.id).where(ApiKey.prefix == prefix)):
+                prefix = saved.api_key.split("_")[1]
+                live = ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None)
+                if session.scalar(select(ApiKey.id).where(*live)):
                     return saved, False
-        with create_session_factory(engine).begin() as session:
-            identity = create_tenant_identity(
-                session, settings.secret_key, tenant_name="Development", email=DEV_EMAIL
-            )
-        created = DevCredentials(
-            tenant_id=str(identity.tenant.id),
-            email=DEV_EMAIL,
-            api_key=identity.token,
-            flower_password=settings.flower_password or secrets.token_urlsafe(12),
+        finally:
+            engine.dispose()
+    # The same code path as `conveyor create-tenant`, the operators' command.
+    try:
+        fields = create_tenant(settings, **DEV_TENANT, email=DEV_EMAIL)
+    except Conflict:  # the previous dev admin still exists, with a key we no longer know
+        fields = create_tenant(
+            settings, **DEV_TENANT, email=f"admin-{secrets.token_hex(3)}@conveyor.local"
         )
-    finally:
-        engine.dispose()
+    created = DevCredentials(
+        **fields, flower_password=settings.flower_password or secrets.token_urlsafe(12)
+    )
     path.write_text(json.dumps(created.__dict__, indent=2))
     path.chmod(0o600)
     return created, True
@@ -79,7 +92,8 @@ def banner(creds: DevCredentials, created: bool, api_url: str, flower_port: int)
 ================================ Conveyor is up ================================
   API      {api_url}   (/healthz, /readyz)
   Flower   http://127.0.0.1:{flower_port}   user admin, password {creds.flower_password}
-  Tenant   {creds.tenant_id}, admin {creds.email} ({first})
+  Tenant   {creds.tenant_id} ({first})
+  Admin    {creds.email}, password {creds.password}
   API key  {creds.api_key}
 
 Submit a job and poll it:

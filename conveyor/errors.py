@@ -78,3 +78,19 @@ class UnsupportedMediaType(ConveyorError):
     status = 415
     title = "Unsupported media type"
     slug = "unsupported-media-type"
+
+
+class Forbidden(ConveyorError):
+    """Raised when the caller's role does not allow the action (within its own tenant)."""
+
+    status = 403
+    title = "Forbidden"
+    slug = "forbidden"
+
+
+class Conflict(ConveyorError):
+    """Raised when a request conflicts with the current state (a taken email, a job's state)."""
+
+    status = 409
+    title = "Conflict"
+    slug = "conflict"

@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     visibility_timeout: int = Field(default=7200, ge=60)
     default_queue: str = "default"
     job_modules: list[str] = ["conveyor.jobtypes.system"]
+    # `open`: anyone may register a tenant; `invite`: admins add users. Default by env.
+    signup: Literal["open", "invite"] | None = None
+    access_token_minutes: int = Field(default=15, ge=1, le=24 * 60)
+    refresh_token_days: int = Field(default=30, ge=1, le=365)
+    # Flask-Limiter strings for sign-in and sign-up, per client IP and per email.
+    auth_rate_limit_ip: str = "30/minute"
+    auth_rate_limit_email: str = "10/minute"
+    # Namespace of rate-limit counters in Redis; shared by every API instance.
+    rate_limit_prefix: str = "conveyor-rl"
     log_level: str = "INFO"
     flower_user: str = "admin"
     flower_password: str = ""
@@ -53,6 +62,11 @@ class Settings(BaseSettings):
         if self.env == "production" and not self.flower_password:
             raise ValueError("CONVEYOR_FLOWER_PASSWORD must be set in production")
         return self
+
+    @property
+    def signup_open(self) -> bool:
+        """Return whether self-service registration is allowed."""
+        return (self.signup or ("invite" if self.env == "production" else "open")) == "open"
 
     @property
     def sqlalchemy_url(self) -> str:

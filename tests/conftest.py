@@ -6,6 +6,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from conveyor.embedded import create_database, drop_database, embedded_services
 from conveyor.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = "job_events, jobs, api_keys, users, tenants"
+TABLES = "job_events, jobs, refresh_tokens, api_keys, users, tenants"
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +74,11 @@ def settings(server_urls: tuple[str, str], make_database: Callable[[], str]) -> 
         default_queue=f"conveyor-test-{uuid.uuid4().hex[:8]}",
         secret_key="test-secret-" + "x" * 32,
         db_pool_size=5,
+        # Every test client is 127.0.0.1: keep the shared limits out of the way, and give
+        # this run counters of its own. The limits themselves are tested with tight ones.
+        auth_rate_limit_ip="10000/minute",
+        auth_rate_limit_email="10000/minute",
+        rate_limit_prefix=f"rl-{uuid.uuid4().hex[:8]}",
     )
 
 
@@ -116,7 +122,11 @@ def identity(committed: None, sessions: sessionmaker[Session], settings: Setting
     """Return a committed tenant with an admin API key."""
     with sessions.begin() as session:
         return create_tenant_identity(
-            session, settings.secret_key, tenant_name="Acme", email="admin@acme.test"
+            session,
+            settings.secret_key,
+            tenant_name="Acme",
+            email="admin@acme.test",
+            now=datetime.now(UTC),
         )
 
 
@@ -159,3 +169,32 @@ def client(app: Any) -> Any:
 def auth(identity: Identity) -> dict[str, str]:
     """Return headers carrying the test tenant's API key."""
     return {"Authorization": f"Bearer {identity.token}"}
+
+
+@pytest.fixture
+def role_tokens(
+    identity: Identity, sessions: sessionmaker[Session], settings: Settings
+) -> dict[str, str]:
+    """Return an API key token per role, all in the test tenant, created by its admin."""
+    from conveyor.auth import Principal, create_api_key
+    from conveyor.roles import Role
+
+    admin = Principal(tenant_id=identity.tenant.id, role=Role.ADMIN, user_id=identity.user.id)
+    tokens = {}
+    with sessions.begin() as session:
+        for role in Role:
+            _, tokens[role.value] = create_api_key(
+                session,
+                settings.secret_key,
+                admin,
+                name=f"{role} key",
+                role=role,
+                expires_at=None,
+                now=datetime.now(UTC),
+            )
+    return tokens
+
+
+def bearer(token: str) -> dict[str, str]:
+    """Return an Authorization header for `token`."""
+    return {"Authorization": f"Bearer {token}"}

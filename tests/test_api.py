@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -147,7 +148,11 @@ def test_another_tenants_job_is_404(
     job_id = client.post("/v1/jobs", json={"type": "system.noop"}, headers=auth).get_json()["id"]
     with sessions.begin() as session:
         other = create_tenant_identity(
-            session, settings.secret_key, tenant_name="Other", email="x@other.test"
+            session,
+            settings.secret_key,
+            tenant_name="Other",
+            email="x@other.test",
+            now=datetime.now(UTC),
         )
     response = client.get(f"/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {other.token}"})
     assert_problem(response, 404)

@@ -1,0 +1,64 @@
+"""Roles and the one permission table every endpoint consults."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from conveyor.errors import Forbidden
+
+
+class Role(StrEnum):
+    """What a user or key may do within its tenant, from most to least powerful."""
+
+    ADMIN = "admin"
+    OPERATOR = "operator"
+    MEMBER = "member"
+    VIEWER = "viewer"
+
+    @property
+    def rank(self) -> int:
+        """Return a number that grows with the role's power."""
+        return len(Role) - list(Role).index(self)
+
+
+class Permission(StrEnum):
+    """An action an endpoint guards."""
+
+    SUBMIT = "submit"
+    READ = "read"
+    CANCEL = "cancel"
+    RETRY = "retry"
+    MANAGE_SCHEDULES = "manage_schedules"
+    MANAGE_KEYS = "manage_keys"
+    MANAGE_USERS = "manage_users"
+    SEE_QUEUES = "see_queues"
+
+
+PERMISSIONS: dict[Role, frozenset[Permission]] = {
+    Role.ADMIN: frozenset(Permission),
+    Role.OPERATOR: frozenset(
+        {
+            Permission.SUBMIT,
+            Permission.READ,
+            Permission.CANCEL,
+            Permission.RETRY,
+            Permission.MANAGE_SCHEDULES,
+            Permission.MANAGE_KEYS,
+            Permission.SEE_QUEUES,
+        }
+    ),
+    Role.MEMBER: frozenset({Permission.SUBMIT, Permission.READ}),
+    Role.VIEWER: frozenset({Permission.READ}),
+}
+
+
+def check_permission(role: str, permission: Permission) -> None:
+    """Raise `Forbidden` unless `role` holds `permission`."""
+    if permission not in PERMISSIONS[Role(role)]:
+        raise Forbidden(f"the {role} role may not {permission.value.replace('_', ' ')}")
+
+
+def check_grant(granter: str, granted: str) -> None:
+    """Raise `Forbidden` if `granter` would hand out a role above its own."""
+    if Role(granted).rank > Role(granter).rank:
+        raise Forbidden(f"a {granter} cannot grant the {granted} role")

@@ -1,0 +1,97 @@
+"""Every endpoint by every role (and no credentials): the status each must get."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.conftest import bearer
+
+ROLES = ["admin", "operator", "member", "viewer", None]
+
+
+def _submit(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.post("/v1/jobs", json={"type": "system.noop"}, headers=headers)
+
+
+def _read_job(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.get(f"/v1/jobs/{ctx['job_id']}", headers=headers)
+
+
+def _me(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.get("/v1/me", headers=headers)
+
+
+def _add_user(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    body = {"email": f"{uuid.uuid4().hex[:8]}@example.com", "password": "x" * 12, "role": "viewer"}
+    return client.post("/v1/users", json=body, headers=headers)
+
+
+def _list_users(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.get("/v1/users", headers=headers)
+
+
+def _change_user(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.patch(f"/v1/users/{ctx['user_id']}", json={"role": "viewer"}, headers=headers)
+
+
+def _create_key(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.post("/v1/api-keys", json={"name": "svc", "role": "viewer"}, headers=headers)
+
+
+def _list_keys(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.get("/v1/api-keys", headers=headers)
+
+
+def _revoke_key(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    admin = bearer(ctx["tokens"]["admin"])
+    victim = client.post("/v1/api-keys", json={"name": "v", "role": "viewer"}, headers=admin)
+    return client.delete(f"/v1/api-keys/{victim.get_json()['id']}", headers=headers)
+
+
+def _logout_with_key(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.post("/v1/auth/logout", headers=headers)
+
+
+Call = Callable[[Any, dict[str, str], dict[str, Any]], Any]
+# expected status for admin, operator, member, viewer, no credentials
+MATRIX: dict[str, tuple[Call, tuple[int, int, int, int, int]]] = {
+    "POST /v1/jobs": (_submit, (202, 202, 202, 403, 401)),
+    "GET /v1/jobs/{id}": (_read_job, (200, 200, 200, 200, 401)),
+    "GET /v1/me": (_me, (200, 200, 200, 200, 401)),
+    "POST /v1/users": (_add_user, (201, 403, 403, 403, 401)),
+    "GET /v1/users": (_list_users, (200, 403, 403, 403, 401)),
+    "PATCH /v1/users/{id}": (_change_user, (200, 403, 403, 403, 401)),
+    "POST /v1/api-keys": (_create_key, (201, 201, 403, 403, 401)),
+    "GET /v1/api-keys": (_list_keys, (200, 200, 403, 403, 401)),
+    "DELETE /v1/api-keys/{id}": (_revoke_key, (204, 204, 403, 403, 401)),
+    "POST /v1/auth/logout": (_logout_with_key, (422, 422, 422, 422, 401)),
+}
+
+
+@pytest.mark.parametrize("endpoint", MATRIX)
+def test_every_role_gets_the_expected_status(
+    endpoint: str, client: Any, role_tokens: dict[str, str], identity: Any
+) -> None:
+    call, expected = MATRIX[endpoint]
+    admin = bearer(role_tokens["admin"])
+    job_id = client.post("/v1/jobs", json={"type": "system.noop"}, headers=admin).get_json()["id"]
+    target = client.post(
+        "/v1/users",
+        json={
+            "email": f"t{uuid.uuid4().hex[:6]}@example.com",
+            "password": "y" * 12,
+            "role": "member",
+        },
+        headers=admin,
+    ).get_json()
+    assert "id" in target, target
+    ctx = {"job_id": job_id, "user_id": target["id"], "tokens": role_tokens}
+    got = []
+    for role in ROLES:
+        headers = bearer(role_tokens[role]) if role else {}
+        got.append(call(client, headers, ctx).status_code)
+    assert tuple(got) == expected, dict(zip(ROLES, got, strict=True))
