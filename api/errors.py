@@ -6,7 +6,9 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, json
+from sqlalchemy.exc import DataError
 from sqlalchemy.exc import OperationalError as DatabaseError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 from api.requests import request_id
@@ -39,17 +41,37 @@ def init_app(app: Flask) -> None:
     def _conveyor_error(exc: ConveyorError) -> Response:
         if exc.status >= 500:
             logger.error("request %s failed: %s", request_id(), exc, exc_info=exc)
-        return problem(exc.status, exc.title, exc.detail, exc.slug, exc.errors)
+        response = problem(exc.status, exc.title, exc.detail, exc.slug, exc.errors)
+        if exc.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         slug = (exc.name or "error").lower().replace(" ", "-")
-        return problem(status, exc.name, exc.description or exc.name, slug)
+        response = problem(status, exc.name, exc.description or exc.name, slug)
+        # Keep what Werkzeug says besides the body, such as `Allow` on a 405.
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
+
+    @app.errorhandler(DataError)
+    def _unstorable(exc: DataError) -> Response:
+        # Values PostgreSQL refuses to store, such as NUL characters in text or JSON.
+        logger.info("request %s: unstorable data: %s", request_id(), exc.orig)
+        return problem(
+            422,
+            "Unstorable data",
+            "the request holds a value the database cannot store (for example a NUL character)",
+            "unstorable-data",
+        )
 
     @app.errorhandler(DatabaseError)
-    def _database_down(exc: DatabaseError) -> Response:
-        logger.warning("request %s: database unavailable: %s", request_id(), exc.orig)
+    @app.errorhandler(PoolTimeout)
+    def _database_down(exc: Exception) -> Response:
+        logger.warning("request %s: database unavailable: %s", request_id(), exc)
         response = problem(
             503, "Service unavailable", "the database is unavailable; try again", "unavailable"
         )

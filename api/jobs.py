@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, jsonify, url_for
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
 
 from api.auth import authorize
 from api.requests import parse_body, parse_id
@@ -45,8 +46,12 @@ def create() -> tuple[Response, int, dict[str, str]]:
         # The job is durable in the ledger with no published_at; the promoter re-publishes it.
         logger.warning("publish of job %s failed; the promoter will retry", job.id, exc_info=True)
     else:
-        with svc.sessions.begin() as session:
-            mark_published(session, [job.id], datetime.now(UTC))
+        try:
+            with svc.sessions.begin() as session:
+                mark_published(session, [job.id], datetime.now(UTC))
+        except SQLAlchemyError:
+            # The job is stored and published; at worst the promoter publishes it again.
+            logger.warning("could not mark job %s published", job.id, exc_info=True)
     location = url_for("jobs.show", job_id=job.id)
     return jsonify(JobOut.from_job(job).model_dump(mode="json")), 202, {"Location": location}
 

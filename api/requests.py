@@ -39,7 +39,10 @@ def parse_body(model: type[M]) -> M:
     """Parse the JSON body into `model`, raising a 4xx that names what is wrong."""
     if request.mimetype != "application/json":
         raise UnsupportedMediaType("send the body as application/json")
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:  # absurdly deep nesting, within the size limit
+        body = None
     if body is None:
         raise MalformedRequest("the body is not valid JSON")
     try:

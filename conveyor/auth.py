@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import uuid
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from conveyor.models import ApiKey, User
 from conveyor.roles import Role, check_grant
 
 KEY_SCHEME = "cvk"
+_PREFIX = re.compile(r"[0-9a-f]{12}")
 # `last_used_at` is written at most this often per key, so reads stay reads.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
@@ -63,7 +65,7 @@ def authenticate_api_key(
     """
     scheme, _, rest = token.partition("_")
     prefix, _, secret = rest.partition("_")
-    if scheme != KEY_SCHEME or not prefix or not secret:
+    if scheme != KEY_SCHEME or not _PREFIX.fullmatch(prefix) or not secret:
         raise Unauthorized("the API key is malformed")
     row = session.execute(
         select(ApiKey, User.role, User.is_active)

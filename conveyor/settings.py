@@ -31,6 +31,17 @@ class Settings(BaseSettings):
     # A message not acknowledged within this many seconds is redelivered by Redis;
     # the worker refuses job types whose hard time limit does not fit inside it.
     visibility_timeout: int = Field(default=7200, ge=60)
+    # Hard time limit (seconds) for job types that set none; must fit the visibility timeout.
+    default_time_limit: int = Field(default=1800, ge=1)
+    # A running job's worker refreshes its heartbeat this often; after `heartbeat_timeout`
+    # seconds of silence the reaper retries or fails the job (its worker is gone).
+    heartbeat_interval: float = Field(default=10.0, gt=0)
+    heartbeat_timeout: float = Field(default=120.0, gt=0)
+    # Seconds between housekeeping passes in beat (promote due jobs, reap lost ones).
+    housekeeping_interval: float = Field(default=1.0, gt=0)
+    # A queued job still unclaimed this long after its publish is published again, in case
+    # the broker lost it (a Redis restart without persistence); duplicates are skipped.
+    republish_after: int = Field(default=900, ge=10)
     default_queue: str = "default"
     job_modules: list[str] = ["conveyor.jobtypes.system"]
     # `open`: anyone may register a tenant; `invite`: admins add users. Default by env.

@@ -50,7 +50,9 @@ def test_readiness_names_each_failed_dependency(broken_app: Any) -> None:
 
 def test_database_down_is_a_503_with_retry_after(broken_app: Any) -> None:
     response = broken_app.test_client().post(
-        "/v1/jobs", json={"type": "system.noop"}, headers={"Authorization": "Bearer cvk_a_b"}
+        "/v1/jobs",
+        json={"type": "system.noop"},
+        headers={"Authorization": "Bearer cvk_0123456789ab_secret"},
     )
     body = assert_problem(response, 503)
     assert response.headers["Retry-After"] == "5"
@@ -83,3 +85,24 @@ def test_flower_gets_auth_and_persistence_from_settings(tmp_path: Any) -> None:
 def test_flower_refuses_to_start_without_a_password() -> None:
     with pytest.raises(SystemExit, match="refusing"):
         flower_environment(Settings(flower_password=""))
+
+
+def test_absurdly_nested_json_is_a_400(client: Any, auth: dict[str, str]) -> None:
+    body = '{"a":' * 50_000 + "1" + "}" * 50_000
+    response = client.post("/v1/jobs", data=body, content_type="application/json", headers=auth)
+    assert_problem(response, 400)
+
+
+def test_a_nul_character_is_a_422_and_writes_nothing(
+    client: Any, auth: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    body = {"type": "system.fail", "payload": {"message": "a\u0000b"}}
+    assert_problem(client.post("/v1/jobs", json=body, headers=auth), 422)
+    with sessions() as session:
+        assert session.query(Job).count() == 0
+
+
+def test_problem_responses_keep_their_protocol_headers(client: Any) -> None:
+    not_allowed = client.delete("/healthz")
+    assert "GET" in not_allowed.headers["Allow"]
+    assert client.get("/v1/me").headers["WWW-Authenticate"] == "Bearer"

@@ -51,9 +51,19 @@ def request(url: str, headers: dict[str, str], body: dict[str, Any] | None = Non
         return json.load(response)
 
 
+def server_pids(data_dir: Path) -> list[int]:
+    """Return the embedded PostgreSQL and Valkey pids from their pid files."""
+    pids = []
+    for pidfile in (data_dir / "pgdata" / "postmaster.pid", data_dir / "redis" / "valkey.pid"):
+        if pidfile.exists():
+            pids.append(int(pidfile.read_text().split()[0]))
+    return pids
+
+
 @contextmanager
 def devstack(data_dir: Path, api_port: int, flower_port: int) -> Iterator[list[str]]:
-    """Run `python -m conveyor.devstack run` as `make run` does; SIGTERM it on the way out."""
+    """Run `python -m conveyor.devstack run` as `make run` does; SIGTERM it on the way out
+    and check that every process it started, directly or not, is gone."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env.update(
         CONVEYOR_DATA_DIR=str(data_dir),
@@ -73,8 +83,13 @@ def devstack(data_dir: Path, api_port: int, flower_port: int) -> Iterator[list[s
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")))  # type: ignore[union-attr]
     reader.start()
+    started: list[psutil.Process] = []
     try:
         wait_for(lambda: any("Conveyor is up" in line for line in lines), timeout=90)
+        launcher = psutil.Process(proc.pid)
+        started = [*launcher.children(recursive=True), *map(psutil.Process, server_pids(data_dir))]
+        # api, worker (parent and child), beat, flower, honcho, both servers at the least
+        assert len(started) >= 8, started
         yield lines
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -82,15 +97,8 @@ def devstack(data_dir: Path, api_port: int, flower_port: int) -> Iterator[list[s
         reader.join(timeout=10)
         proc.stdout.close()  # type: ignore[union-attr]
     assert proc.returncode == 0, "".join(lines[-40:])
-
-
-def processes_using(data_dir: Path) -> list[str]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if str(data_dir) in cmdline:
-            found.append(cmdline)
-    return found
+    _, alive = psutil.wait_procs(started, timeout=10)
+    assert alive == [], [p.cmdline() for p in alive]
 
 
 @pytest.mark.e2e
@@ -102,6 +110,10 @@ def test_make_run_serves_a_job_stops_cleanly_and_keeps_jobs(tmp_path: Path) -> N
         creds = json.loads((data_dir / "dev-credentials.json").read_text())
         assert any(creds["api_key"] in line for line in output)
         auth = {"Authorization": f"Bearer {creds['api_key']}", "Content-Type": "application/json"}
+        assert any(creds["password"] in line for line in output)
+        signin = {"email": creds["email"], "password": creds["password"]}
+        login = request(f"{api}/v1/auth/login", {"Content-Type": "application/json"}, signin)
+        assert login["token_type"] == "bearer"
         job = request(f"{api}/v1/jobs", auth, {"type": "system.noop"})
         done = wait_for(
             lambda: request(f"{api}/v1/jobs/{job['id']}", auth)["state"] == "succeeded",
@@ -115,10 +127,8 @@ def test_make_run_serves_a_job_stops_cleanly_and_keeps_jobs(tmp_path: Path) -> N
         denied.value.close()
         basic = b64encode(f"admin:{creds['flower_password']}".encode()).decode()
         assert request(flower, {"Authorization": f"Basic {basic}"}) is not None
-    assert processes_using(data_dir) == []
     assert not (data_dir / "pgdata" / "postmaster.pid").exists()
 
     with devstack(data_dir, api_port, flower_port) as output:
         assert any("from .conveyor/dev-credentials.json" in line for line in output)
         assert request(f"{api}/v1/jobs/{job['id']}", auth)["state"] == "succeeded"
-    assert processes_using(data_dir) == []

@@ -15,11 +15,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
 from conveyor.broker import CeleryPublisher, Message, create_celery
-from conveyor.models import JobEvent
+from conveyor.models import Job, JobEvent
 from conveyor.settings import Settings
 from tests.conftest import wait_for
 from tests.factories import job_factory
-from worker.app import PROMOTE_TASK, create_celery_app
+from worker.app import create_celery_app
+from worker.housekeeping import Housekeeper
 
 pytestmark = pytest.mark.e2e
 
@@ -119,10 +120,64 @@ def test_a_job_whose_publish_was_lost_is_promoted_and_runs(
         job = job_factory(session, identity.tenant.id)
         job.queue = worker.conveyor.settings.default_queue
         job.created_at = datetime.now(UTC) - timedelta(minutes=1)
-    assert worker.tasks[PROMOTE_TASK]() == 1
+    housekeeper = Housekeeper.for_app(worker)
+    assert housekeeper.run_once() == (1, 0)
     body = wait_for(lambda: finished(client, auth, str(job.id)))
     assert body["state"] == "succeeded"
-    assert worker.tasks[PROMOTE_TASK]() == 0
+    assert housekeeper.run_once() == (0, 0)
+
+
+def test_a_due_retry_is_promoted_and_claimed(
+    worker: Any,
+    client: Any,
+    auth: dict[str, str],
+    identity: Identity,
+    sessions: sessionmaker[Session],
+) -> None:
+    # Promote publishes only after its commit; published earlier, the worker's claim would
+    # see the job still `retrying`, skip the message and strand the job.
+    ids = []
+    with sessions.begin() as session:
+        for _ in range(5):
+            job = job_factory(session, identity.tenant.id)
+            job.queue = worker.conveyor.settings.default_queue
+            job.state = "retrying"
+            job.scheduled_for = datetime.now(UTC) - timedelta(seconds=1)
+            ids.append(str(job.id))
+    assert Housekeeper.for_app(worker).run_once() == (5, 0)
+    for job_id in ids:
+        assert (
+            wait_for(lambda job_id=job_id: finished(client, auth, job_id))["state"] == "succeeded"
+        )
+
+
+def test_a_job_killed_mid_run_is_reaped_and_retried(
+    worker: Any,
+    client: Any,
+    auth: dict[str, str],
+    identity: Identity,
+    sessions: sessionmaker[Session],
+) -> None:
+    # As if its worker died by SIGKILL: running, claimed long ago, heartbeat silent.
+    with sessions.begin() as session:
+        job = job_factory(session, identity.tenant.id)
+        job.queue = worker.conveyor.settings.default_queue
+        job.state = "running"
+        job.attempt = 1
+        job.max_attempts = 2
+        job.heartbeat_at = datetime.now(UTC) - timedelta(hours=1)
+    assert Housekeeper.for_app(worker).run_once() == (0, 1)
+    with sessions.begin() as session:  # skip the backoff
+        session.get_one(Job, job.id).scheduled_for = datetime.now(UTC)
+    assert Housekeeper.for_app(worker).run_once() == (1, 0)
+    body = wait_for(lambda: finished(client, auth, str(job.id)))
+    assert (body["state"], body["attempts"]) == ("succeeded", 2)
+
+
+def test_job_types_without_a_limit_get_the_default_hard_limit(worker: Any) -> None:
+    settings = worker.conveyor.settings
+    assert worker.tasks["system.noop"].time_limit == settings.default_time_limit
+    assert worker.tasks["system.sleep"].time_limit == 3700
 
 
 def test_a_job_type_that_outruns_the_visibility_timeout_is_refused(settings: Settings) -> None:

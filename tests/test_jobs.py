@@ -12,11 +12,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from conveyor.errors import NotFound, UnknownJobType, ValidationFailed
 from conveyor.jobs import (
     ClaimedJob,
+    beat_heartbeats,
     claim_job,
     fail_job,
     get_job,
     mark_published,
     promote_due_jobs,
+    reap_stale_jobs,
     retry_delay,
     succeed_job,
 )
@@ -137,9 +139,30 @@ def test_promoter_republishes_only_stale_unpublished_queued_jobs(db_session: Ses
         .where(Job.id.in_([published.id, lost.id]))
         .values(created_at=NOW - timedelta(minutes=1))
     )
-    assert [j.id for j in promote_due_jobs(db_session, NOW)] == [lost.id]
-    # Promoted jobs count as published, so the next pass leaves them alone.
+    promoted = promote_due_jobs(db_session, NOW)
+    assert [j.id for j in promoted] == [lost.id]
+    assert promoted[0].published_at is None  # published only after the caller's commit
+    mark_published(db_session, [lost.id], NOW)
     assert promote_due_jobs(db_session, NOW) == []
+    # Published long ago and still unclaimed: the broker may have lost it; publish again.
+    later = NOW + timedelta(seconds=901)
+    assert {j.id for j in promote_due_jobs(db_session, later)} == {published.id, lost.id}
+
+
+def test_reaper_retries_or_fails_jobs_whose_heartbeat_stopped(db_session: Session) -> None:
+    retried, failed, alive = (job_factory(db_session) for _ in range(3))
+    retried.max_attempts = 2
+    db_session.flush()
+    for job in (retried, failed, alive):
+        assert claim_job(db_session, job.id, "w1", NOW) is not None
+    beat_heartbeats(db_session, [alive.id], NOW + timedelta(seconds=100))
+    reaped = dict(reap_stale_jobs(db_session, NOW + timedelta(seconds=121), stale_after=120))
+    assert reaped == {retried.id: JobState.RETRYING, failed.id: JobState.FAILED}
+    db_session.refresh(failed)
+    assert (failed.error_type, failed.state) == ("WorkerLost", "failed")
+    assert "no heartbeat for 120s" in (failed.error_message or "")
+    db_session.refresh(alive)
+    assert alive.state == "running"
 
 
 def test_get_job_hides_other_tenants_jobs(db_session: Session) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -13,10 +17,11 @@ from typing import Any
 from celery import Task
 from pydantic import BaseModel
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.errors import ValidationFailed
-from conveyor.jobs import ClaimedJob, claim_job, fail_job, succeed_job
+from conveyor.jobs import ClaimedJob, beat_heartbeats, claim_job, fail_job, succeed_job
 from conveyor.progress import PROGRESS_STATE, progress_meta
 from conveyor.registry import JobContext, JobRegistry
 from conveyor.settings import Settings
@@ -31,6 +36,52 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class Heartbeats:
+    """One thread per worker process refreshes the heartbeat of the jobs it is running.
+
+    The reaper takes back a running job whose heartbeat goes quiet, so a killed worker,
+    an OOM kill or a hard time limit never leaves a job `running` for ever.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], interval: float) -> None:
+        self._sessions = sessions
+        self._interval = interval
+        self._running: set[uuid.UUID] = set()
+        self._lock = threading.Lock()
+        self._owner_pid = 0
+
+    @contextmanager
+    def running(self, job_id: uuid.UUID) -> Iterator[None]:
+        """Keep `job_id`'s heartbeat fresh for the duration of the block."""
+        self._ensure_thread()
+        with self._lock:
+            self._running.add(job_id)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.discard(job_id)
+
+    def _ensure_thread(self) -> None:
+        # Threads do not survive fork: each pool child starts its own on its first job.
+        if self._owner_pid != os.getpid():
+            self._owner_pid = os.getpid()
+            threading.Thread(target=self._pump, name="conveyor-heartbeat", daemon=True).start()
+
+    def _pump(self) -> None:
+        while True:
+            time.sleep(self._interval)
+            with self._lock:
+                job_ids = list(self._running)
+            if not job_ids:
+                continue
+            try:
+                with self._sessions.begin() as session:
+                    beat_heartbeats(session, job_ids, utcnow())
+            except SQLAlchemyError:
+                logger.warning("could not refresh heartbeats", exc_info=True)
+
+
 @dataclass
 class WorkerServices:
     """What every task in a worker process shares."""
@@ -40,6 +91,10 @@ class WorkerServices:
     sessions: sessionmaker[Session]
     registry: JobRegistry
     name: str = field(default_factory=socket.gethostname)
+    heartbeats: Heartbeats = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.heartbeats = Heartbeats(self.sessions, self.settings.heartbeat_interval)
 
 
 class LostOwnership(Exception):
@@ -88,18 +143,34 @@ def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
         logger.info("job %s is not queued; skipping this delivery", job_id)
         return "skipped"
     try:
-        _run_and_succeed(services, task, claimed)
+        with services.heartbeats.running(job_id):
+            _run_and_succeed(services, task, claimed)
     except LostOwnership:
         logger.warning("job %s attempt %s lost its claim; rolled back", job_id, claimed.attempt)
         return "lost"
     except Exception as exc:
+        logger.warning("job %s attempt %s raised", job_id, claimed.attempt, exc_info=True)
         with services.sessions.begin() as session:
             outcome = fail_job(
-                session, claimed, exc, utcnow(), retryable=not isinstance(exc, ValidationFailed)
+                session,
+                claimed,
+                public_error(exc),
+                utcnow(),
+                retryable=not isinstance(exc, ValidationFailed),
             )
-        logger.info("job %s attempt %s failed: %s -> %s", job_id, claimed.attempt, exc, outcome)
         return str(outcome)
     return "succeeded"
+
+
+class DatabaseError(Exception):
+    """Stands in for a database exception whose text (SQL, parameters, hosts) stays private."""
+
+
+def public_error(exc: Exception) -> Exception:
+    """Return the error as clients may see it: database errors lose their SQL and hosts."""
+    if isinstance(exc, SQLAlchemyError):
+        return DatabaseError(f"a database error occurred ({type(exc).__name__}); see the logs")
+    return exc
 
 
 def _run_and_succeed(services: WorkerServices, task: Task, claimed: ClaimedJob) -> None:

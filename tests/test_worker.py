@@ -1,0 +1,115 @@
+"""Worker internals on real PostgreSQL: heartbeats, the housekeeping loop, error hygiene."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from conveyor.bootstrap import Identity
+from conveyor.jobs import claim_job
+from conveyor.models import Job
+from conveyor.settings import Settings
+from tests.conftest import wait_for
+from tests.factories import job_factory
+from worker.app import create_celery_app
+from worker.housekeeping import Housekeeper
+from worker.runner import Heartbeats, public_error
+
+
+def test_heartbeats_refresh_running_jobs_until_they_end(
+    identity: Identity, sessions: sessionmaker[Session]
+) -> None:
+    with sessions.begin() as session:
+        job_id = job_factory(session, identity.tenant.id).id
+        claim_job(session, job_id, "w1", datetime.now(UTC) - timedelta(hours=1))
+
+    def heartbeat() -> datetime | None:
+        with sessions() as session:
+            return session.get_one(Job, job_id).heartbeat_at
+
+    stale = heartbeat()
+    assert stale is not None
+    heartbeats = Heartbeats(sessions, interval=0.05)
+    with heartbeats.running(job_id):
+        wait_for(lambda: (heartbeat() or stale) > stale + timedelta(minutes=59))
+    after = heartbeat()
+    heartbeats_seen = {heartbeat() for _ in range(5)}
+    # Out of the block the job is no longer refreshed (one pass may have been under way).
+    assert len(heartbeats_seen - {after}) <= 1
+
+
+def test_database_errors_reach_clients_without_sql() -> None:
+    raw = IntegrityError("INSERT INTO secrets VALUES (%(x)s)", {"x": "pw"}, Exception("dup"))
+    public = public_error(raw)
+    assert type(public).__name__ == "DatabaseError"
+    assert "INSERT" not in str(public)
+    assert "IntegrityError" in str(public)
+    plain = ValueError("bad amount")
+    assert public_error(plain) is plain
+
+
+def test_the_housekeeping_loop_promotes_on_its_own(
+    settings: Settings, identity: Identity, sessions: sessionmaker[Session], redis_client: Any
+) -> None:
+    queue = f"hk-{uuid.uuid4().hex[:8]}"
+    app = create_celery_app(
+        settings.model_copy(update={"housekeeping_interval": 0.05, "default_queue": queue})
+    )
+    with sessions.begin() as session:
+        job = job_factory(session, identity.tenant.id)
+        job.queue = queue
+        job.state = "retrying"
+        job.scheduled_for = datetime.now(UTC)
+    housekeeper = Housekeeper.for_app(app)
+    housekeeper.start()
+
+    def published() -> bool:
+        with sessions() as session:
+            return session.get_one(Job, job.id).published_at is not None
+
+    try:
+        wait_for(published)
+    finally:
+        housekeeper.stop()
+        app.conveyor.engine.dispose()
+    assert redis_client.llen(queue) == 1
+    redis_client.delete(queue)
+
+
+def test_the_housekeeping_loop_survives_a_failing_pass(settings: Settings) -> None:
+    app = create_celery_app(
+        settings.model_copy(
+            update={
+                "housekeeping_interval": 0.01,
+                "database_url": "postgresql://nobody@/nowhere?host=/nonexistent",
+            }
+        )
+    )
+    housekeeper = Housekeeper.for_app(app)
+    calls = []
+    original = housekeeper.run_once
+
+    def counting() -> tuple[int, int]:
+        calls.append(1)
+        return original()
+
+    housekeeper.run_once = counting  # type: ignore[method-assign]
+    housekeeper.start()
+    try:
+        wait_for(lambda: len(calls) >= 3)
+    finally:
+        housekeeper.stop()
+        app.conveyor.engine.dispose()
+
+
+@pytest.mark.parametrize("limit", [7200, 9000])
+def test_a_default_limit_beyond_the_visibility_timeout_is_refused(
+    settings: Settings, limit: int
+) -> None:
+    with pytest.raises(ValueError, match="visibility timeout"):
+        create_celery_app(settings.model_copy(update={"default_time_limit": limit}))
