@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import auth, errors, health, identity, jobs, keys, limits, requests, users
+from api import (
+    auth,
+    errors,
+    health,
+    identity,
+    job_control,
+    job_types,
+    jobs,
+    keys,
+    limits,
+    requests,
+    users,
+)
 from api.services import Services
 from conveyor.logs import configure_logging
 from conveyor.settings import Settings
@@ -22,6 +34,16 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     errors.init_app(app)
     auth.init_app(app, settings)
     limits.init_app(app, settings, identity.signin)
-    for blueprint in (health.bp, identity.signin, identity.bp, users.bp, keys.bp, jobs.bp):
+    blueprints = (
+        health.bp,
+        identity.signin,
+        identity.bp,
+        users.bp,
+        keys.bp,
+        job_types.bp,
+        jobs.bp,
+        job_control.bp,
+    )
+    for blueprint in blueprints:
         app.register_blueprint(blueprint)
     return app

@@ -1,64 +1,122 @@
-"""`/v1/jobs`: submit a job and poll it."""
+"""`/v1/jobs`: submit jobs (one, or a batch), list them, read one and its history."""
 
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from flask import Blueprint, Response, jsonify, url_for
-from kombu.exceptions import OperationalError as BrokerError
+from flask import Blueprint, Response, jsonify, request, url_for
 from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.wrappers import Response as ResponseBase
 
 from api.auth import authorize
-from api.requests import parse_body, parse_id
-from api.schemas import JobOut, SubmitJob
+from api.publishing import publish_committed
+from api.requests import parse_body, parse_id, parse_query
+from api.schemas import EventOut, JobBatch, JobListQuery, JobOut
 from api.services import services
-from conveyor.broker import Message
-from conveyor.jobs import get_job, mark_published, submit_job
+from conveyor.errors import ValidationFailed
 from conveyor.progress import read_progress
+from conveyor.queries import get_job, list_events, list_jobs
 from conveyor.roles import Permission
 from conveyor.states import JobState
+from conveyor.submit import JobRequest, claim_idempotency_key, submit_jobs
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def _idempotency_key() -> str | None:
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is not None and not 1 <= len(key) <= 255:
+        raise ValidationFailed(
+            "the Idempotency-Key must be 1 to 255 characters",
+            errors=[{"field": IDEMPOTENCY_HEADER, "message": "1 to 255 characters"}],
+        )
+    return key
 
 
 @bp.post("")
 def create() -> tuple[Response, int, dict[str, str]]:
-    """Validate and store a job, then publish its id; 202 with its location."""
+    """Store a job and publish its id: 202, or 200 with the original for a repeated key."""
     principal = authorize(Permission.SUBMIT)
-    body = parse_body(SubmitJob)
+    body = parse_body(JobRequest)
+    key = _idempotency_key()
+    svc = services()
+    now = datetime.now(UTC)
+    job_id = uuid.uuid4()
+    with svc.sessions.begin() as session:
+        original = None
+        if key is not None:
+            original = claim_idempotency_key(
+                session,
+                principal.tenant_id,
+                key,
+                body.fingerprint(),
+                job_id,
+                now=now,
+                retention=timedelta(hours=svc.settings.idempotency_retention_hours),
+            )
+        if original is not None:
+            job = get_job(session, original, principal.tenant_id)
+        else:
+            (job,) = submit_jobs(
+                session,
+                svc.registry,
+                [body],
+                tenant_id=principal.tenant_id,
+                default_queue=svc.settings.default_queue,
+                now=now,
+                ids=[job_id],
+            )
+    location = {"Location": url_for("jobs.show", job_id=job.id)}
+    if original is not None:
+        return jsonify(JobOut.of(job).model_dump(mode="json")), 200, location
+    publish_committed(svc, [job])
+    return jsonify(JobOut.of(job).model_dump(mode="json")), 202, location
+
+
+@bp.post("/batch")
+def create_batch() -> tuple[Response, int]:
+    """Store up to 1,000 jobs in one transaction, all or none, and publish them together."""
+    principal = authorize(Permission.SUBMIT)
+    body = parse_body(JobBatch)
     svc = services()
     with svc.sessions.begin() as session:
-        job = submit_job(
+        jobs = submit_jobs(
             session,
             svc.registry,
+            body.jobs,
             tenant_id=principal.tenant_id,
-            type_name=body.type,
-            payload=body.payload,
             default_queue=svc.settings.default_queue,
+            now=datetime.now(UTC),
         )
-    # Commit first, then publish: a worker must never receive an id it cannot see yet.
-    try:
-        svc.publisher.publish([Message(job.id, job.type, job.queue)])
-    except (BrokerError, RedisError, OSError):
-        # The job is durable in the ledger with no published_at; the promoter re-publishes it.
-        logger.warning("publish of job %s failed; the promoter will retry", job.id, exc_info=True)
-    else:
-        try:
-            with svc.sessions.begin() as session:
-                mark_published(session, [job.id], datetime.now(UTC))
-        except SQLAlchemyError:
-            # The job is stored and published; at worst the promoter publishes it again.
-            logger.warning("could not mark job %s published", job.id, exc_info=True)
-    location = url_for("jobs.show", job_id=job.id)
-    return jsonify(JobOut.from_job(job).model_dump(mode="json")), 202, {"Location": location}
+    publish_committed(svc, jobs)
+    return jsonify(items=[JobOut.of(job).model_dump(mode="json") for job in jobs]), 202
+
+
+@bp.get("")
+def index() -> Response:
+    """List the tenant's jobs, newest first, filtered, a page at a time."""
+    principal = authorize(Permission.READ)
+    query = parse_query(JobListQuery)
+    with services().sessions() as session:
+        jobs, next_cursor = list_jobs(
+            session, principal.tenant_id, query.filters(), limit=query.limit, cursor=query.cursor
+        )
+        items = [JobOut.of(job).model_dump(mode="json") for job in jobs]
+    links = {}
+    if next_cursor is not None:
+        args: dict[str, Any] = {**request.args.to_dict(), "cursor": next_cursor}
+        links["next"] = url_for("jobs.index", **args)
+    return jsonify(items=items, next_cursor=next_cursor, links=links)
 
 
 @bp.get("/<job_id>")
-def show(job_id: str) -> Response:
-    """Return a job from the ledger, with live progress from the result backend while it runs."""
+def show(job_id: str) -> ResponseBase:
+    """Return a job with live progress while it runs; `ETag`, and `304` when unchanged."""
     principal = authorize(Permission.READ)
     svc = services()
     with svc.sessions() as session:
@@ -69,4 +127,15 @@ def show(job_id: str) -> Response:
             progress = read_progress(svc.redis, job.id)
         except RedisError:
             logger.warning("progress of job %s unavailable", job.id, exc_info=True)
-    return jsonify(JobOut.from_job(job, progress).model_dump(mode="json"))
+    response = jsonify(JobOut.of(job, progress).model_dump(mode="json"))
+    response.add_etag()
+    return response.make_conditional(request)
+
+
+@bp.get("/<job_id>/events")
+def events(job_id: str) -> Response:
+    """Return a job's history: every transition, with each attempt's error and timings."""
+    principal = authorize(Permission.READ)
+    with services().sessions() as session:
+        history = list_events(session, parse_id(job_id, "job"), principal.tenant_id)
+        return jsonify(items=[EventOut.of(e).model_dump(mode="json") for e in history])

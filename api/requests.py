@@ -45,14 +45,23 @@ def parse_body(model: type[M]) -> M:
         body = None
     if body is None:
         raise MalformedRequest("the body is not valid JSON")
+    return _validate(model, body, "the request body is not valid")
+
+
+def parse_query(model: type[M]) -> M:
+    """Parse the query string into `model`, raising a 422 that names each wrong parameter."""
+    return _validate(model, request.args.to_dict(), "the query parameters are not valid")
+
+
+def _validate(model: type[M], data: object, detail: str) -> M:
     try:
-        return model.model_validate(body)
+        return model.model_validate(data)
     except ValidationError as exc:
         errors = [
             {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"]}
             for err in exc.errors(include_url=False, include_input=False)
         ]
-        raise ValidationFailed("the request body is not valid", errors=errors) from exc
+        raise ValidationFailed(detail, errors=errors) from exc
 
 
 def parse_id(raw: str, what: str) -> uuid.UUID:

@@ -7,8 +7,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from celery import Celery
+from redis import Redis
 
+from conveyor.models import Job
 from conveyor.settings import Settings
+
+PRIORITY_LEVELS = range(10)
+PRIORITY_SEPARATOR = ":"
 
 
 def create_celery(settings: Settings, *, name: str, with_result_backend: bool) -> Celery:
@@ -35,7 +40,15 @@ def create_celery(settings: Settings, *, name: str, with_result_backend: bool) -
         # Redis redelivers unacked messages after this long. It must outlast the longest
         # job's hard time limit, or a slow job would be delivered to a second worker while
         # it still runs (the claim guard still stops it from running twice).
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout,
+            # Redis has no message priority: kombu keeps one list per level, `queue:N`,
+            # and reads lower N first. Ten levels carry Conveyor's ten priorities.
+            "priority_steps": list(PRIORITY_LEVELS),
+            "sep": PRIORITY_SEPARATOR,
+            # With `-Q critical,default,low` a worker drains queues in that order.
+            "queue_order_strategy": "priority",
+        },
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         # honcho starts processes in no order: wait for the broker instead of crashing.
         broker_connection_retry_on_startup=True,
@@ -60,6 +73,22 @@ class Message:
     job_id: uuid.UUID
     task_name: str
     queue: str
+    # Conveyor's priority: 0 to 9, 9 runs first.
+    priority: int = 0
+
+    @classmethod
+    def of(cls, job: Job) -> Message:
+        """Return the message that runs `job`."""
+        return cls(job.id, job.type, job.queue, job.priority)
+
+
+def queue_depth(redis: Redis, queue: str) -> int:
+    """Count the messages waiting in a Redis-broker queue, over all its priority lists."""
+    names = [queue, *(f"{queue}{PRIORITY_SEPARATOR}{n}" for n in PRIORITY_LEVELS if n)]
+    with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.llen(name)
+        return sum(pipe.execute())
 
 
 class CeleryPublisher:
@@ -67,6 +96,11 @@ class CeleryPublisher:
 
     def __init__(self, app: Celery) -> None:
         self._app = app
+        # Redis reads priority 0 first; AMQP brokers deliver the highest number first.
+        self._redis = str(app.conf.broker_url).startswith(("redis", "rediss", "valkey"))
+
+    def _broker_priority(self, priority: int) -> int:
+        return max(PRIORITY_LEVELS) - priority if self._redis else priority
 
     def publish(self, messages: Iterable[Message]) -> None:
         """Send one message per job, with the job id as both task id and only argument."""
@@ -78,6 +112,7 @@ class CeleryPublisher:
                     args=[job_id],
                     task_id=job_id,
                     queue=message.queue,
+                    priority=self._broker_priority(message.priority),
                     producer=producer,
                     ignore_result=True,
                 )

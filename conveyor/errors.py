@@ -58,10 +58,22 @@ class ServiceUnavailable(ConveyorError):
 
 
 class JobFailed(ConveyorError):
-    """Raised by a job to fail its attempt with a clear message."""
+    """Raised by a job to fail its attempt with a clear message (retried if attempts remain)."""
 
     title = "Job failed"
     slug = "job-failed"
+
+
+class PermanentError(JobFailed):
+    """Raised by a job whose failure no retry can fix: it fails at once."""
+
+
+class JobCancelled(ConveyorError):
+    """Raised inside a running job when someone asked it to stop."""
+
+    status = 409
+    title = "Job cancelled"
+    slug = "job-cancelled"
 
 
 class MalformedRequest(ConveyorError):

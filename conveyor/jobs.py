@@ -1,8 +1,8 @@
-"""The job lifecycle: submit, claim, finish and promote, each one guarded UPDATE.
+"""The job lifecycle after submit: claim, finish, promote, expire, reap; one guarded UPDATE each.
 
-Functions here flush and never commit: the caller (a request handler, the task
-runner, the promoter) owns the transaction. Every transition writes one
-`job_events` row beside the guarded `UPDATE ... WHERE state IN (...)`.
+Functions here flush and never commit: the caller (a request handler, the task runner,
+the housekeeper) owns the transaction. Every transition writes one `job_events` row
+beside the guarded `UPDATE ... WHERE state IN (...)`.
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from conveyor.errors import NotFound
 from conveyor.models import Job, JobEvent
-from conveyor.registry import JobRegistry
-from conveyor.states import JobState, sources_of
+from conveyor.registry import RetryPolicy
+from conveyor.states import NOT_STARTED, JobState, sources_of
 
 ERROR_MESSAGE_LIMIT = 2000
 
@@ -35,9 +34,11 @@ class ClaimedJob:
     payload: dict[str, Any]
     attempt: int
     max_attempts: int
+    started_at: datetime | None
+    worker: str | None = None
 
 
-def _record(
+def record_event(
     session: Session,
     job_id: uuid.UUID,
     source: JobState | None,
@@ -45,43 +46,12 @@ def _record(
     attempt: int,
     detail: dict[str, Any] | None = None,
 ) -> None:
+    """Append one transition to a job's history."""
     session.execute(
         insert(JobEvent).values(
-            job_id=job_id,
-            from_state=source,
-            to_state=target,
-            attempt=attempt,
-            detail=detail,
+            job_id=job_id, from_state=source, to_state=target, attempt=attempt, detail=detail
         )
     )
-
-
-def submit_job(
-    session: Session,
-    registry: JobRegistry,
-    *,
-    tenant_id: uuid.UUID,
-    type_name: str,
-    payload: dict[str, Any],
-    default_queue: str,
-) -> Job:
-    """Validate and insert a queued job and its first event; the caller publishes after commit."""
-    job_type = registry.get(type_name)
-    parsed = job_type.parse_payload(payload)
-    job = Job(
-        id=uuid.uuid4(),
-        tenant_id=tenant_id,
-        type=job_type.name,
-        queue=job_type.queue or default_queue,
-        state=JobState.QUEUED,
-        payload=parsed.model_dump(mode="json"),
-        attempt=0,
-        max_attempts=job_type.max_attempts,
-    )
-    session.add(job)
-    session.flush()
-    _record(session, job.id, None, JobState.QUEUED, 0)
-    return job
 
 
 def mark_published(session: Session, job_ids: Sequence[uuid.UUID], now: datetime) -> None:
@@ -94,32 +64,44 @@ def mark_published(session: Session, job_ids: Sequence[uuid.UUID], now: datetime
     )
 
 
-def get_job(session: Session, job_id: uuid.UUID, tenant_id: uuid.UUID) -> Job:
-    """Return the tenant's job, or raise `NotFound` (also for another tenant's job)."""
-    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
-    if job is None:
-        raise NotFound(f"there is no job {job_id}")
-    return job
-
-
 def claim_job(session: Session, job_id: uuid.UUID, worker: str, now: datetime) -> ClaimedJob | None:
-    """Take a queued job for one attempt; `None` means a duplicate or a job no longer queued."""
+    """Take a queued, unexpired job for one attempt; `None` means there is nothing to run.
+
+    That covers a duplicate or redelivered message, a cancelled job, and an expired one
+    (the housekeeper marks those `expired`).
+    """
     row = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state.in_(sources_of(JobState.RUNNING)))
+        .where(
+            Job.id == job_id,
+            Job.state.in_(sources_of(JobState.RUNNING)),
+            or_(Job.expires_at.is_(None), Job.expires_at > now),
+        )
         .values(
             state=JobState.RUNNING,
             attempt=Job.attempt + 1,
             started_at=now,
             heartbeat_at=now,
             worker=worker,
+            cancel_requested_at=None,
         )
-        .returning(Job.id, Job.tenant_id, Job.type, Job.payload, Job.attempt, Job.max_attempts)
+        .returning(
+            Job.id,
+            Job.tenant_id,
+            Job.type,
+            Job.payload,
+            Job.attempt,
+            Job.max_attempts,
+            Job.started_at,
+            Job.worker,
+        )
     ).one_or_none()
     if row is None:
         return None
     claimed = ClaimedJob(*row)
-    _record(session, job_id, JobState.QUEUED, JobState.RUNNING, claimed.attempt, {"worker": worker})
+    record_event(
+        session, job_id, JobState.QUEUED, JobState.RUNNING, claimed.attempt, {"worker": worker}
+    )
     return claimed
 
 
@@ -139,20 +121,36 @@ def _finish(
     ).one_or_none()
     if owned is None:
         return False
-    _record(session, job.id, JobState.RUNNING, target, job.attempt, detail)
+    record_event(session, job.id, JobState.RUNNING, target, job.attempt, detail)
     return True
+
+
+def _timings(job: ClaimedJob, now: datetime) -> dict[str, Any]:
+    started = job.started_at
+    return {
+        "worker": job.worker,
+        "started_at": started.isoformat() if started else None,
+        "seconds": round((now - started).total_seconds(), 3) if started else None,
+    }
 
 
 def succeed_job(
     session: Session, job: ClaimedJob, result: dict[str, Any] | None, now: datetime
 ) -> bool:
     """Finish an attempt as `succeeded` with its result."""
-    return _finish(session, job, JobState.SUCCEEDED, result=result, finished_at=now)
+    return _finish(
+        session, job, JobState.SUCCEEDED, _timings(job, now), result=result, finished_at=now
+    )
 
 
-def retry_delay(attempt: int, base: float = 2.0, cap: float = 300.0) -> timedelta:
+def cancel_running_job(session: Session, job: ClaimedJob, now: datetime) -> bool:
+    """Finish an attempt that stopped because someone cancelled it."""
+    return _finish(session, job, JobState.CANCELLED, _timings(job, now), finished_at=now)
+
+
+def retry_delay(attempt: int, policy: RetryPolicy) -> timedelta:
     """Return an exponential backoff with full jitter for the attempt just failed."""
-    ceiling = min(cap, base * 2 ** max(0, attempt - 1))
+    ceiling = min(policy.backoff_cap, policy.backoff_base * 2 ** max(0, attempt - 1))
     return timedelta(seconds=random.uniform(0, ceiling))  # noqa: S311 - jitter, not crypto
 
 
@@ -162,16 +160,21 @@ def fail_job(
     error: BaseException,
     now: datetime,
     *,
+    policy: RetryPolicy | None = None,
     retryable: bool = True,
 ) -> JobState | None:
-    """Finish a failed attempt: `retrying` with a backoff while attempts remain, else `failed`."""
+    """Finish a failed attempt: `retrying` with a backoff while attempts remain, else `failed`.
+
+    The event keeps the attempt's error, worker and timings; `None` means the attempt no
+    longer owned the job.
+    """
     error_type = type(error).__name__
     message = str(error)[:ERROR_MESSAGE_LIMIT] or error_type
-    detail = {"error_type": error_type, "error_message": message}
+    detail = {"error_type": error_type, "error_message": message, **_timings(job, now)}
     values: dict[str, Any] = {"error_type": error_type, "error_message": message}
     if retryable and job.attempt < job.max_attempts:
         target = JobState.RETRYING
-        values["scheduled_for"] = now + retry_delay(job.attempt)
+        values["scheduled_for"] = now + retry_delay(job.attempt, policy or RetryPolicy())
         values["published_at"] = None
     else:
         target = JobState.FAILED
@@ -216,6 +219,7 @@ def promote_due_jobs(
                     & (Job.published_at <= now - timedelta(seconds=republish_after))
                 )
             )
+            .where(or_(Job.expires_at.is_(None), Job.expires_at > now))
             .order_by(queued_since, Job.id)
             .limit(batch_size)
             .with_for_update(skip_locked=True)
@@ -223,21 +227,46 @@ def promote_due_jobs(
     )
     for job in jobs:
         if job.state != JobState.QUEUED:
-            _record(session, job.id, JobState(job.state), JobState.QUEUED, job.attempt)
+            record_event(session, job.id, JobState(job.state), JobState.QUEUED, job.attempt)
         job.state = JobState.QUEUED
         job.published_at = None
     session.flush()
     return jobs
 
 
-def beat_heartbeats(session: Session, job_ids: Sequence[uuid.UUID], now: datetime) -> None:
-    """Record that these running jobs' worker is alive."""
+def expire_jobs(session: Session, now: datetime, *, batch_size: int = 500) -> int:
+    """Mark jobs that did not start before their `expires_at` as `expired`."""
+    rows = session.execute(
+        select(Job.id, Job.state, Job.attempt)
+        .where(Job.state.in_(NOT_STARTED), Job.expires_at <= now)
+        .limit(batch_size)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not rows:
+        return 0
     session.execute(
+        update(Job)
+        .where(Job.id.in_([r.id for r in rows]))
+        .values(state=JobState.EXPIRED, finished_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    for row in rows:
+        record_event(session, row.id, JobState(row.state), JobState.EXPIRED, row.attempt)
+    return len(rows)
+
+
+def beat_heartbeats(
+    session: Session, job_ids: Sequence[uuid.UUID], now: datetime
+) -> set[uuid.UUID]:
+    """Record that these running jobs' worker is alive; return those asked to cancel."""
+    rows = session.execute(
         update(Job)
         .where(Job.id.in_(job_ids), Job.state == JobState.RUNNING)
         .values(heartbeat_at=now)
+        .returning(Job.id, Job.cancel_requested_at)
         .execution_options(synchronize_session=False)
-    )
+    ).all()
+    return {row.id for row in rows if row.cancel_requested_at is not None}
 
 
 class WorkerLost(Exception):
@@ -249,7 +278,16 @@ def reap_stale_jobs(
 ) -> list[tuple[uuid.UUID, JobState]]:
     """Fail or retry running jobs whose worker stopped sending heartbeats."""
     rows = session.execute(
-        select(Job.id, Job.tenant_id, Job.type, Job.payload, Job.attempt, Job.max_attempts)
+        select(
+            Job.id,
+            Job.tenant_id,
+            Job.type,
+            Job.payload,
+            Job.attempt,
+            Job.max_attempts,
+            Job.started_at,
+            Job.worker,
+        )
         .where(
             Job.state == JobState.RUNNING,
             Job.heartbeat_at < now - timedelta(seconds=stale_after),
@@ -265,3 +303,34 @@ def reap_stale_jobs(
         if outcome is not None:
             reaped.append((row.id, outcome))
     return reaped
+
+
+def overdue_cancellations(
+    session: Session, now: datetime, *, grace: float, batch_size: int = 100
+) -> list[uuid.UUID]:
+    """Cancel running jobs that ignored a cancel request for `grace` seconds; return them.
+
+    The caller revokes their tasks with terminate, so the process running them stops.
+    """
+    rows = session.execute(
+        select(Job.id, Job.attempt)
+        .where(
+            Job.state == JobState.RUNNING,
+            Job.cancel_requested_at <= now - timedelta(seconds=grace),
+        )
+        .limit(batch_size)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for row in rows:
+        session.execute(
+            update(Job).where(Job.id == row.id).values(state=JobState.CANCELLED, finished_at=now)
+        )
+        record_event(
+            session,
+            row.id,
+            JobState.RUNNING,
+            JobState.CANCELLED,
+            row.attempt,
+            {"reason": f"did not stop within {grace:.0f}s of the cancel request; terminated"},
+        )
+    return [row.id for row in rows]

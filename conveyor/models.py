@@ -18,7 +18,7 @@ from sqlalchemy import (
     Text,
     func,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from conveyor.states import JobState
@@ -93,7 +93,12 @@ class Job(Base):
     __table_args__ = (
         CheckConstraint(f"state IN ({STATE_VALUES})", name="state"),
         CheckConstraint("attempt >= 0", name="attempt"),
-        Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
+        CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
+        # Keyset pagination of a tenant's jobs, newest first.
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_jobs_tags", "tags", postgresql_using="gin"),
+        # Retention pruning walks finished jobs oldest first.
+        Index("ix_jobs_finished", "finished_at", postgresql_where="finished_at IS NOT NULL"),
         # The promoter scans only unfinished work, so the index holds only that.
         Index(
             "ix_jobs_pending",
@@ -110,15 +115,22 @@ class Job(Base):
     type: Mapped[str] = mapped_column(String(200))
     queue: Mapped[str] = mapped_column(String(100))
     state: Mapped[str] = mapped_column(String(20))
+    priority: Mapped[int] = mapped_column(SmallInteger, default=0, server_default="0")
     payload: Mapped[dict[str, Any]]
+    tags: Mapped[list[str]] = mapped_column(ARRAY(String(64)), default=list, server_default="{}")
+    # `metadata` is taken by SQLAlchemy's declarative base; the column keeps the API's name.
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict, server_default="{}")
+    schedule_id: Mapped[uuid.UUID | None]
     result: Mapped[dict[str, Any] | None]
     error_type: Mapped[str | None] = mapped_column(String(200))
     error_message: Mapped[str | None] = mapped_column(Text)
     attempt: Mapped[int] = mapped_column(SmallInteger, default=0, server_default="0")
     max_attempts: Mapped[int] = mapped_column(SmallInteger, default=1, server_default="1")
     scheduled_for: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     published_at: Mapped[datetime | None]
+    cancel_requested_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
@@ -156,3 +168,19 @@ class RefreshToken(Base):
     expires_at: Mapped[datetime]
     used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+
+
+class IdempotencyKey(Base):
+    """A client's `Idempotency-Key`, remembered per tenant for the retention window."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # SHA-256 of the canonical request, to tell a retry from a different request.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    # No foreign key: the job may be pruned before its key, and the key is claimed first.
+    job_id: Mapped[uuid.UUID]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)

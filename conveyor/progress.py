@@ -13,10 +13,10 @@ PROGRESS_STATE = "PROGRESS"
 RESULT_KEY_PREFIX = "celery-task-meta-"
 
 
-def progress_meta(done: int, total: int | None, message: str | None) -> dict[str, Any]:
+def progress_meta(current: int, total: int | None, message: str | None) -> dict[str, Any]:
     """Build the progress document a worker stores and the API returns."""
-    percent = round(100 * done / total, 1) if total else None
-    return {"done": done, "total": total, "percent": percent, "message": message}
+    percent = round(100 * current / total, 1) if total else None
+    return {"current": current, "total": total, "percent": percent, "message": message}
 
 
 def read_progress(redis: Redis, job_id: uuid.UUID) -> dict[str, Any] | None:

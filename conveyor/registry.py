@@ -5,20 +5,20 @@ from __future__ import annotations
 import importlib
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 
-from conveyor.errors import UnknownJobType, ValidationFailed
+from conveyor.errors import JobCancelled, UnknownJobType, ValidationFailed
 
 
 class ProgressReporter(Protocol):
     """Receives a running job's progress; the worker sends it to the result backend."""
 
-    def __call__(self, done: int, total: int | None = None, message: str | None = None) -> None:
-        """Record that `done` of `total` units are finished."""
+    def __call__(self, current: int, total: int | None, message: str | None) -> None:
+        """Record that `current` of `total` units are done."""
 
 
 @dataclass(frozen=True)
@@ -29,23 +29,52 @@ class JobContext:
     tenant_id: uuid.UUID
     attempt: int
     session: Session
-    report_progress: ProgressReporter
+    reporter: ProgressReporter
+    cancel_requested: Callable[[], bool] = lambda: False
+
+    def progress(self, current: int, total: int | None = None, message: str | None = None) -> None:
+        """Report progress; raise `JobCancelled` here if someone asked the job to stop."""
+        if self.cancel_requested():
+            raise JobCancelled("cancelled on request")
+        self.reporter(current, total, message)
+
+    def cancelled(self) -> bool:
+        """Return whether someone asked this job to stop (for jobs that poll instead)."""
+        return self.cancel_requested()
 
 
 JobFunction = Callable[[JobContext, Any], BaseModel | dict[str, Any] | None]
 
 
 @dataclass(frozen=True)
+class RetryPolicy:
+    """How often a job type runs before it fails, and how long it waits in between."""
+
+    max_attempts: int = 1
+    backoff_base: float = 2.0
+    backoff_cap: float = 300.0
+
+
+@dataclass(frozen=True)
 class JobType:
-    """A registered job type: its function, payload model and execution policy."""
+    """A registered job type: its function, models and execution policy."""
 
     name: str
     func: JobFunction
     payload_model: type[BaseModel]
+    result_model: type[BaseModel] | None = None
     queue: str | None = None
-    max_attempts: int = 1
+    # Further queues a submitter may pick for this type (the first is `queue`).
+    extra_queues: tuple[str, ...] = ()
+    priority: int = 0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     soft_time_limit: float | None = None
     time_limit: float | None = None
+    cancellable: bool = True
+
+    def queues(self, default_queue: str) -> tuple[str, ...]:
+        """Return the queues this type may run on, its own first."""
+        return (self.queue or default_queue, *self.extra_queues)
 
     def parse_payload(self, payload: Any) -> BaseModel:
         """Validate `payload` against the type's model, naming each wrong field."""
@@ -73,10 +102,14 @@ class JobRegistry:
         name: str,
         *,
         payload: type[BaseModel],
+        result: type[BaseModel] | None = None,
         queue: str | None = None,
-        max_attempts: int = 1,
+        extra_queues: tuple[str, ...] = (),
+        priority: int = 0,
+        retry: RetryPolicy | None = None,
         soft_time_limit: float | None = None,
         time_limit: float | None = None,
+        cancellable: bool = True,
     ) -> Callable[[JobFunction], JobFunction]:
         """Register the decorated function as job type `name`."""
 
@@ -84,7 +117,17 @@ class JobRegistry:
             if name in self._types:
                 raise ValueError(f"job type {name!r} is registered twice")
             self._types[name] = JobType(
-                name, func, payload, queue, max_attempts, soft_time_limit, time_limit
+                name=name,
+                func=func,
+                payload_model=payload,
+                result_model=result,
+                queue=queue,
+                extra_queues=extra_queues,
+                priority=priority,
+                retry=retry or RetryPolicy(),
+                soft_time_limit=soft_time_limit,
+                time_limit=time_limit,
+                cancellable=cancellable,
             )
             return func
 

@@ -42,6 +42,16 @@ class Settings(BaseSettings):
     # A queued job still unclaimed this long after its publish is published again, in case
     # the broker lost it (a Redis restart without persistence); duplicates are skipped.
     republish_after: int = Field(default=900, ge=10)
+    # Cancelled jobs that keep running this long are revoked with terminate.
+    cancel_grace_seconds: float = Field(default=30.0, gt=0)
+    # Largest JSON result a job may return; a larger one fails the job, clearly.
+    max_result_bytes: int = Field(default=256 * 1024, ge=1024)
+    # Finished jobs (with their events) are deleted this long after they finish.
+    job_retention_days: float = Field(default=30.0, gt=0)
+    # How long an Idempotency-Key keeps returning its first job.
+    idempotency_retention_hours: float = Field(default=24.0, gt=0)
+    # Queues a worker consumes first, in order; other queues come after, by name.
+    queue_order: list[str] = ["critical", "default", "low"]
     default_queue: str = "default"
     job_modules: list[str] = ["conveyor.jobtypes.system"]
     # `open`: anyone may register a tenant; `invite`: admins add users. Default by env.

@@ -40,3 +40,9 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 def sources_of(target: JobState) -> frozenset[JobState]:
     """Return the states from which `target` may be entered (for guarded UPDATEs)."""
     return frozenset(src for src, dests in TRANSITIONS.items() if target in dests)
+
+
+# Terminal states a person may send back to the queue (`POST /v1/jobs/{id}/retry`).
+RETRYABLE_BY_HAND = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})
+# States in which a job has not started yet: cancelled at once, expired when due.
+NOT_STARTED = frozenset({JobState.SCHEDULED, JobState.QUEUED, JobState.RETRYING})

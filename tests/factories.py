@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from conveyor.jobs import submit_job
 from conveyor.models import Job, Tenant
 from conveyor.registry import load_job_types
+from conveyor.submit import JobRequest, submit_jobs
 
 QUEUE = "factory-queue"
 
@@ -27,14 +28,17 @@ def job_factory(
     tenant_id: uuid.UUID | None = None,
     type_name: str = "system.noop",
     payload: dict[str, Any] | None = None,
+    **options: Any,
 ) -> Job:
     """Submit a job through the real submit path (and a tenant for it when none is given)."""
     tenant_id = tenant_id or tenant_factory(session).id
-    return submit_job(
+    request = JobRequest(type=type_name, payload=payload or {}, **options)
+    (job,) = submit_jobs(
         session,
         load_job_types(["conveyor.jobtypes.system"]),
+        [request],
         tenant_id=tenant_id,
-        type_name=type_name,
-        payload=payload or {},
         default_queue=QUEUE,
+        now=datetime.now(UTC),
     )
+    return job

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import create_tenant_identity
+from conveyor.broker import queue_depth
 from conveyor.models import Job, JobEvent
 from conveyor.settings import Settings
 
@@ -23,7 +24,7 @@ def job_count(sessions: sessionmaker[Session]) -> int:
 
 
 def published(redis_client: Redis, settings: Settings) -> int:
-    return int(redis_client.llen(settings.default_queue))
+    return queue_depth(redis_client, settings.default_queue)
 
 
 def assert_problem(response: Any, status: int) -> dict[str, Any]:
@@ -52,14 +53,14 @@ def test_submit_stores_publishes_and_points_to_the_job(
     assert response.headers["Location"] == f"/v1/jobs/{body['id']}"
     assert (body["type"], body["state"], body["attempts"]) == ("system.noop", "queued", 0)
     assert published(redis_client, settings) == before + 1
-    message = json.loads(redis_client.lindex(settings.default_queue, 0) or b"{}")
+    message = json.loads(redis_client.lindex(f"{settings.default_queue}:9", 0) or b"{}")
     assert message["headers"]["id"] == body["id"]
     assert message["headers"]["task"] == "system.noop"
     with sessions() as session:
         job = session.get_one(Job, uuid.UUID(body["id"]))
         assert job.published_at is not None
         assert session.scalar(select(func.count()).where(JobEvent.job_id == job.id)) == 1
-    redis_client.delete(settings.default_queue)
+    redis_client.delete(f"{settings.default_queue}:9")
 
 
 def test_poll_returns_the_job_and_its_fields(client: Any, auth: dict[str, str]) -> None:

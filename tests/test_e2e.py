@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
-from conveyor.broker import CeleryPublisher, Message, create_celery
+from conveyor.broker import CeleryPublisher, Message, create_celery, queue_depth
 from conveyor.models import Job, JobEvent
 from conveyor.settings import Settings
 from tests.conftest import wait_for
@@ -60,7 +60,9 @@ def test_a_job_runs_to_success_with_its_result_and_progress(
         return body["progress"] if body["state"] == "running" and body["progress"] else None
 
     progress = wait_for(progress_seen)
-    assert 0 < progress["done"] <= progress["total"]
+    assert 0 < progress["current"] <= progress["total"]
+    assert progress["message"].startswith("slept ")
+    assert progress["eta_seconds"] is not None
     body = wait_for(lambda: finished(client, auth, job_id))
     assert body["state"] == "succeeded"
     assert body["result"]["slept"] >= 1.5
@@ -95,7 +97,10 @@ def test_the_same_message_delivered_three_times_runs_once(
     wait_for(lambda: finished(client, auth, job_id))
     # Every delivery consumed and acknowledged: nothing waits or sits unacked in Redis.
     wait_for(
-        lambda: redis_client.llen(settings.default_queue) == 0 and not redis_client.hlen("unacked")
+        lambda: (
+            queue_depth(redis_client, settings.default_queue) == 0
+            and not redis_client.hlen("unacked")
+        )
     )
     body = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()
     assert (body["state"], body["attempts"]) == ("succeeded", 1)

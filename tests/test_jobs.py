@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from datetime import UTC, datetime, timedelta
 
@@ -15,7 +16,6 @@ from conveyor.jobs import (
     beat_heartbeats,
     claim_job,
     fail_job,
-    get_job,
     mark_published,
     promote_due_jobs,
     reap_stale_jobs,
@@ -23,6 +23,8 @@ from conveyor.jobs import (
     succeed_job,
 )
 from conveyor.models import Job, JobEvent
+from conveyor.queries import get_job
+from conveyor.registry import RetryPolicy
 from conveyor.states import JobState
 from tests.factories import job_factory, tenant_factory
 
@@ -69,7 +71,7 @@ def test_succeed_is_guarded_by_state_and_attempt(db_session: Session) -> None:
     job = job_factory(db_session)
     claimed = claim_job(db_session, job.id, "w1", NOW)
     assert claimed is not None
-    stale = ClaimedJob(**{**claimed.__dict__, "attempt": claimed.attempt + 1})
+    stale = dataclasses.replace(claimed, attempt=claimed.attempt + 1)
     assert succeed_job(db_session, stale, {"x": 1}, NOW) is False
     assert succeed_job(db_session, claimed, {"x": 1}, NOW) is True
     assert succeed_job(db_session, claimed, {"x": 2}, NOW) is False
@@ -125,7 +127,7 @@ def test_non_retryable_failure_fails_at_once(db_session: Session) -> None:
 
 def test_retry_delay_is_bounded_by_exponential_ceiling() -> None:
     for attempt, ceiling in [(1, 2), (2, 4), (3, 8), (20, 300)]:
-        delays = [retry_delay(attempt).total_seconds() for _ in range(200)]
+        delays = [retry_delay(attempt, RetryPolicy()).total_seconds() for _ in range(200)]
         assert all(0 <= d <= ceiling for d in delays)
         assert max(delays) > ceiling / 2  # jitter spreads over the range
 

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
+from conveyor.broker import queue_depth
 from conveyor.jobs import claim_job
 from conveyor.models import Job
 from conveyor.settings import Settings
@@ -77,8 +78,8 @@ def test_the_housekeeping_loop_promotes_on_its_own(
     finally:
         housekeeper.stop()
         app.conveyor.engine.dispose()
-    assert redis_client.llen(queue) == 1
-    redis_client.delete(queue)
+    assert queue_depth(redis_client, queue) == 1
+    redis_client.delete(f"{queue}:9")
 
 
 def test_the_housekeeping_loop_survives_a_failing_pass(settings: Settings) -> None:

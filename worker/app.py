@@ -32,8 +32,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         registry=load_job_types(settings.job_modules),
     )
     app.conveyor = services
-    queues = {settings.default_queue} | {jt.queue for jt in services.registry if jt.queue}
-    app.conf.task_queues = [Queue(name) for name in sorted(queues)]
+    app.conf.task_queues = [Queue(name) for name in consumed_queues(settings, services)]
     for job_type in services.registry:
         _register_job_task(app, services, job_type)
 
@@ -51,6 +50,15 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         configure_logging(settings)
 
     return app
+
+
+def consumed_queues(settings: Settings, services: WorkerServices) -> list[str]:
+    """Return every queue a job type may run on, in the order workers should drain them."""
+    names = {settings.default_queue}
+    for job_type in services.registry:
+        names.update(job_type.queues(settings.default_queue))
+    first = [name for name in settings.queue_order if name in names]
+    return first + sorted(names - set(first))
 
 
 def _register_job_task(app: Celery, services: WorkerServices, job_type: JobType) -> None:

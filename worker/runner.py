@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from celery import Task
@@ -20,8 +22,15 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.errors import ValidationFailed
-from conveyor.jobs import ClaimedJob, beat_heartbeats, claim_job, fail_job, succeed_job
+from conveyor.errors import JobCancelled, PermanentError, ValidationFailed
+from conveyor.jobs import (
+    ClaimedJob,
+    beat_heartbeats,
+    cancel_running_job,
+    claim_job,
+    fail_job,
+    succeed_job,
+)
 from conveyor.progress import PROGRESS_STATE, progress_meta
 from conveyor.registry import JobContext, JobRegistry
 from conveyor.settings import Settings
@@ -29,6 +38,7 @@ from conveyor.settings import Settings
 logger = logging.getLogger(__name__)
 # Progress is written at most this often per job, so chatty jobs stay cheap.
 PROGRESS_INTERVAL = 0.25
+SUCCESS_STATE = "SUCCESS"
 
 
 def utcnow() -> datetime:
@@ -47,6 +57,7 @@ class Heartbeats:
         self._sessions = sessions
         self._interval = interval
         self._running: set[uuid.UUID] = set()
+        self._cancel_requested: set[uuid.UUID] = set()
         self._lock = threading.Lock()
         self._owner_pid = 0
 
@@ -61,6 +72,11 @@ class Heartbeats:
         finally:
             with self._lock:
                 self._running.discard(job_id)
+                self._cancel_requested.discard(job_id)
+
+    def cancel_requested(self, job_id: uuid.UUID) -> bool:
+        """Return whether the last heartbeat learned that someone asked `job_id` to stop."""
+        return job_id in self._cancel_requested
 
     def _ensure_thread(self) -> None:
         # Threads do not survive fork: each pool child starts its own on its first job.
@@ -77,7 +93,9 @@ class Heartbeats:
                 continue
             try:
                 with self._sessions.begin() as session:
-                    beat_heartbeats(session, job_ids, utcnow())
+                    cancelled = beat_heartbeats(session, job_ids, utcnow())
+                with self._lock:
+                    self._cancel_requested |= cancelled & self._running
             except SQLAlchemyError:
                 logger.warning("could not refresh heartbeats", exc_info=True)
 
@@ -109,24 +127,33 @@ class ProgressWriter:
     job_id: str
     _last: float = 0.0
 
-    def __call__(self, done: int, total: int | None = None, message: str | None = None) -> None:
+    def __call__(self, current: int, total: int | None, message: str | None) -> None:
         """Record progress unless the last write was moments ago (the final step always)."""
         now = time.monotonic()
-        if now - self._last < PROGRESS_INTERVAL and done != total:
+        if now - self._last < PROGRESS_INTERVAL and current != total:
             return
         self._last = now
         try:
             self.task.update_state(
-                task_id=self.job_id, state=PROGRESS_STATE, meta=progress_meta(done, total, message)
+                task_id=self.job_id,
+                state=PROGRESS_STATE,
+                meta=progress_meta(current, total, message),
             )
         except Exception:  # progress is best effort; the job itself must not fail for it
             logger.warning("could not store progress of job %s", self.job_id, exc_info=True)
 
 
-def _as_result(value: BaseModel | dict[str, Any] | None) -> dict[str, Any] | None:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    return value
+class ResultTooLarge(PermanentError):
+    """Raised when a job returns more JSON than `max_result_bytes`."""
+
+
+def _as_result(value: BaseModel | dict[str, Any] | None, limit: int) -> dict[str, Any] | None:
+    result = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    if result is not None:
+        size = len(json.dumps(result, separators=(",", ":")))
+        if size > limit:
+            raise ResultTooLarge(f"the result is {size} bytes; the limit is {limit}")
+    return result
 
 
 def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
@@ -139,15 +166,20 @@ def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
     with services.sessions.begin() as session:
         claimed = claim_job(session, job_id, services.name, utcnow())
     if claimed is None:
-        # A redelivery, a duplicate publish or a cancelled job: acknowledge and skip.
+        # A redelivery, a duplicate publish, a cancelled or expired job: ack and skip.
         logger.info("job %s is not queued; skipping this delivery", job_id)
         return "skipped"
+    job_type = services.registry.get(claimed.type)
     try:
         with services.heartbeats.running(job_id):
-            _run_and_succeed(services, task, claimed)
+            result = _run_and_succeed(services, task, claimed)
     except LostOwnership:
         logger.warning("job %s attempt %s lost its claim; rolled back", job_id, claimed.attempt)
         return "lost"
+    except JobCancelled:
+        with services.sessions.begin() as session:
+            cancel_running_job(session, claimed, utcnow())
+        return "cancelled"
     except Exception as exc:
         logger.warning("job %s attempt %s raised", job_id, claimed.attempt, exc_info=True)
         with services.sessions.begin() as session:
@@ -156,10 +188,20 @@ def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
                 claimed,
                 public_error(exc),
                 utcnow(),
-                retryable=not isinstance(exc, ValidationFailed),
+                policy=job_type.retry,
+                retryable=not isinstance(exc, ValidationFailed | PermanentError),
             )
         return str(outcome)
+    _store_result(task, str(job_id), result)
     return "succeeded"
+
+
+def _store_result(task: Task, job_id: str, result: dict[str, Any] | None) -> None:
+    """Leave the final result in the result backend too, where it expires with `result_expires`."""
+    try:
+        task.backend.store_result(job_id, result, SUCCESS_STATE)
+    except Exception:  # the ledger has the result; the backend copy is a convenience
+        logger.warning("could not store the result of job %s", job_id, exc_info=True)
 
 
 class DatabaseError(Exception):
@@ -173,7 +215,9 @@ def public_error(exc: Exception) -> Exception:
     return exc
 
 
-def _run_and_succeed(services: WorkerServices, task: Task, claimed: ClaimedJob) -> None:
+def _run_and_succeed(
+    services: WorkerServices, task: Task, claimed: ClaimedJob
+) -> dict[str, Any] | None:
     """Run the job and succeed it in one transaction: its writes and its success commit together."""
     job_type = services.registry.get(claimed.type)
     payload = job_type.parse_payload(claimed.payload)
@@ -183,8 +227,10 @@ def _run_and_succeed(services: WorkerServices, task: Task, claimed: ClaimedJob) 
             tenant_id=claimed.tenant_id,
             attempt=claimed.attempt,
             session=session,
-            report_progress=ProgressWriter(task, str(claimed.id)),
+            reporter=ProgressWriter(task, str(claimed.id)),
+            cancel_requested=partial(services.heartbeats.cancel_requested, claimed.id),
         )
-        result = _as_result(job_type.func(ctx, payload))
+        result = _as_result(job_type.func(ctx, payload), services.settings.max_result_bytes)
         if not succeed_job(session, claimed, result, utcnow()):
             raise LostOwnership(str(claimed.id))
+    return result

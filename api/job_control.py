@@ -1,0 +1,77 @@
+"""Cancel and retry: `/v1/jobs/{id}/cancel`, `/v1/jobs/{id}/retry`, `/v1/jobs/retry`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from api.auth import authorize
+from api.publishing import publish_committed
+from api.requests import parse_body, parse_id
+from api.schemas import BulkRetry, JobOut
+from api.services import services
+from conveyor.auth import Principal
+from conveyor.control import cancel_job, retry_job, retry_jobs
+from conveyor.roles import Permission
+
+bp = Blueprint("job_control", __name__, url_prefix="/v1/jobs")
+
+
+def _actor(principal: Principal) -> dict[str, Any]:
+    """Who did it, for the job's history."""
+    return {
+        "user_id": str(principal.user_id) if principal.user_id else None,
+        "api_key_id": str(principal.api_key_id) if principal.api_key_id else None,
+    }
+
+
+@bp.post("/<job_id>/cancel")
+def cancel(job_id: str) -> tuple[Response, int]:
+    """Cancel a waiting job at once (200), or ask a running one to stop (202)."""
+    principal = authorize(Permission.CANCEL)
+    svc = services()
+    with svc.sessions.begin() as session:
+        job, outcome = cancel_job(
+            session,
+            svc.registry,
+            principal.tenant_id,
+            parse_id(job_id, "job"),
+            datetime.now(UTC),
+            _actor(principal),
+        )
+        body = {"outcome": outcome, "job": JobOut.of(job).model_dump(mode="json")}
+    return jsonify(body), 200 if outcome == "cancelled" else 202
+
+
+@bp.post("/<job_id>/retry")
+def retry(job_id: str) -> tuple[Response, int]:
+    """Run a failed, cancelled or expired job again, with a fresh attempt budget."""
+    principal = authorize(Permission.RETRY)
+    svc = services()
+    with svc.sessions.begin() as session:
+        job = retry_job(
+            session, svc.registry, principal.tenant_id, parse_id(job_id, "job"), _actor(principal)
+        )
+    publish_committed(svc, [job])
+    return jsonify(JobOut.of(job).model_dump(mode="json")), 202
+
+
+@bp.post("/retry")
+def retry_many() -> Response:
+    """Run again every dead job matching the filters (failed ones by default), up to `limit`."""
+    principal = authorize(Permission.RETRY)
+    body = parse_body(BulkRetry)
+    svc = services()
+    with svc.sessions.begin() as session:
+        jobs = retry_jobs(
+            session,
+            svc.registry,
+            principal.tenant_id,
+            body.filters(),
+            _actor(principal),
+            limit=body.limit,
+        )
+    publish_committed(svc, jobs)
+    return jsonify(retried=len(jobs), ids=[str(job.id) for job in jobs])

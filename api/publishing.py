@@ -1,0 +1,41 @@
+"""Publish queued jobs after their transaction committed, and note that the broker has them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime
+
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
+from sqlalchemy.exc import SQLAlchemyError
+
+from api.services import Services
+from conveyor.broker import Message
+from conveyor.jobs import mark_published
+from conveyor.models import Job
+from conveyor.states import JobState
+
+logger = logging.getLogger(__name__)
+
+
+def publish_committed(svc: Services, jobs: Iterable[Job]) -> None:
+    """Publish the queued ones among `jobs` (all committed); failures are left to the promoter.
+
+    Commit first, then publish: a worker must never receive an id it cannot see yet.
+    """
+    messages = [Message.of(job) for job in jobs if job.state == JobState.QUEUED]
+    if not messages:
+        return
+    try:
+        svc.publisher.publish(messages)
+    except (BrokerError, RedisError, OSError):
+        # The jobs are durable with no published_at; the promoter publishes them soon.
+        logger.warning("publish of %d jobs failed; the promoter will retry", len(messages))
+        return
+    try:
+        with svc.sessions.begin() as session:
+            mark_published(session, [m.job_id for m in messages], datetime.now(UTC))
+    except SQLAlchemyError:
+        # Stored and published; at worst the promoter publishes them once more.
+        logger.warning("could not mark %d jobs published", len(messages), exc_info=True)
