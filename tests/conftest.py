@@ -74,6 +74,8 @@ def settings(server_urls: tuple[str, str], make_database: Callable[[], str]) -> 
         default_queue=f"conveyor-test-{uuid.uuid4().hex[:8]}",
         secret_key="test-secret-" + "x" * 32,
         db_pool_size=5,
+        # Quick heartbeats so cancel requests reach running jobs within a test's patience.
+        heartbeat_interval=0.2,
         # Every test client is 127.0.0.1: keep the shared limits out of the way, and give
         # this run counters of its own. The limits themselves are tested with tight ones.
         auth_rate_limit_ip="10000/minute",
@@ -198,3 +200,19 @@ def role_tokens(
 def bearer(token: str) -> dict[str, str]:
     """Return an Authorization header for `token`."""
     return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="module")
+def worker(settings: Settings) -> Iterator[Any]:
+    """Run a real Celery worker (thread pool) consuming this run's queue."""
+    import celery.contrib.testing.tasks  # noqa: F401 - registers the ping task start_worker needs
+    from celery.contrib.testing.worker import start_worker
+
+    from worker.app import create_celery_app
+
+    app = create_celery_app(settings)
+    with start_worker(
+        app, pool="threads", concurrency=2, perform_ping_check=False, shutdown_timeout=30
+    ):
+        yield app
+    app.conveyor.engine.dispose()

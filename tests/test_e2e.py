@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from celery.contrib.testing.worker import start_worker
 from redis import Redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,19 +21,6 @@ from worker.app import create_celery_app
 from worker.housekeeping import Housekeeper
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def worker(settings: Settings) -> Iterator[Any]:
-    """Run a real Celery worker (thread pool) consuming this run's queue."""
-    import celery.contrib.testing.tasks  # noqa: F401 - registers the ping task start_worker needs
-
-    app = create_celery_app(settings)
-    with start_worker(
-        app, pool="threads", concurrency=2, perform_ping_check=False, shutdown_timeout=30
-    ):
-        yield app
-    app.conveyor.engine.dispose()
 
 
 def finished(client: Any, auth: dict[str, str], job_id: str) -> dict[str, Any] | None:

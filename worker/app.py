@@ -78,6 +78,8 @@ def _register_job_task(app: Celery, services: WorkerServices, job_type: JobType)
     app.task(
         name=job_type.name,
         bind=True,
+        # Not shared: each app's task closes over that app's services.
+        shared=False,
         ignore_result=True,
         soft_time_limit=job_type.soft_time_limit,
         time_limit=limit,
