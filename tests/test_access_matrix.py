@@ -56,11 +56,55 @@ def _logout_with_key(client: Any, headers: dict[str, str], ctx: dict[str, Any]) 
     return client.post("/v1/auth/logout", headers=headers)
 
 
+def _batch(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.post("/v1/jobs/batch", json={"jobs": [{"type": "system.noop"}]}, headers=headers)
+
+
+def _list_jobs(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.get("/v1/jobs", headers=headers)
+
+
+def _events(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.get(f"/v1/jobs/{ctx['job_id']}/events", headers=headers)
+
+
+def _job_types(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.get("/v1/job-types", headers=headers)
+
+
+def _delayed_job(client: Any, ctx: dict[str, Any]) -> str:
+    admin = bearer(ctx["tokens"]["admin"])
+    body = {"type": "system.noop", "delay_seconds": 3600}
+    job_id: str = client.post("/v1/jobs", json=body, headers=admin).get_json()["id"]
+    return job_id
+
+
+def _cancel(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.post(f"/v1/jobs/{_delayed_job(client, ctx)}/cancel", headers=headers)
+
+
+def _retry(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    job_id = _delayed_job(client, ctx)
+    client.post(f"/v1/jobs/{job_id}/cancel", headers=bearer(ctx["tokens"]["admin"]))
+    return client.post(f"/v1/jobs/{job_id}/retry", headers=headers)
+
+
+def _bulk_retry(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.post("/v1/jobs/retry", json={}, headers=headers)
+
+
 Call = Callable[[Any, dict[str, str], dict[str, Any]], Any]
 # expected status for admin, operator, member, viewer, no credentials
 MATRIX: dict[str, tuple[Call, tuple[int, int, int, int, int]]] = {
     "POST /v1/jobs": (_submit, (202, 202, 202, 403, 401)),
+    "POST /v1/jobs/batch": (_batch, (202, 202, 202, 403, 401)),
+    "GET /v1/jobs": (_list_jobs, (200, 200, 200, 200, 401)),
     "GET /v1/jobs/{id}": (_read_job, (200, 200, 200, 200, 401)),
+    "GET /v1/jobs/{id}/events": (_events, (200, 200, 200, 200, 401)),
+    "POST /v1/jobs/{id}/cancel": (_cancel, (200, 200, 403, 403, 401)),
+    "POST /v1/jobs/{id}/retry": (_retry, (202, 202, 403, 403, 401)),
+    "POST /v1/jobs/retry": (_bulk_retry, (200, 200, 403, 403, 401)),
+    "GET /v1/job-types": (_job_types, (200, 200, 200, 200, 401)),
     "GET /v1/me": (_me, (200, 200, 200, 200, 401)),
     "POST /v1/users": (_add_user, (201, 403, 403, 403, 401)),
     "GET /v1/users": (_list_users, (200, 403, 403, 403, 401)),

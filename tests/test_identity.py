@@ -292,6 +292,19 @@ def test_tenant_walls_hide_other_tenants_objects(
     their_key = client.post("/v1/api-keys", json={"name": "k", "role": "viewer"}, headers=theirs)
     their_users = client.get("/v1/users", headers=theirs).get_json()["items"]
     assert_problem(client.get(f"/v1/jobs/{job['id']}", headers=mine), 404)
+    assert_problem(client.get(f"/v1/jobs/{job['id']}/events", headers=mine), 404)
+    assert_problem(client.post(f"/v1/jobs/{job['id']}/cancel", headers=mine), 404)
+    assert_problem(client.post(f"/v1/jobs/{job['id']}/retry", headers=mine), 404)
+    assert client.get("/v1/jobs", headers=mine).get_json()["items"] == []
+    client.post(f"/v1/jobs/{job['id']}/cancel", headers=theirs)
+    assert (
+        client.post("/v1/jobs/retry", json={"state": "cancelled"}, headers=mine).get_json()[
+            "retried"
+        ]
+        == 0
+    )
+    # Their job is untouched by all of that.
+    assert client.get(f"/v1/jobs/{job['id']}", headers=theirs).get_json()["state"] == "cancelled"
     assert_problem(client.delete(f"/v1/api-keys/{their_key.get_json()['id']}", headers=mine), 404)
     patch = client.patch(f"/v1/users/{their_users[0]['id']}", json={"role": "viewer"}, headers=mine)
     assert_problem(patch, 404)

@@ -315,3 +315,58 @@ def test_cancel_and_retry_in_the_wrong_state_are_409(client: Any, auth: dict[str
     assert retried.get_json()["state"] == "queued"
     bulk = client.post("/v1/jobs/retry", json={"state": "running"}, headers=auth)
     assert_problem(bulk, 409)
+
+
+def test_priorities_land_in_kombu_priority_lists(
+    client: Any, auth: dict[str, str], redis_client: Redis, settings: Settings
+) -> None:
+    queue = settings.default_queue
+    before = {name: redis_client.llen(name) for name in (queue, f"{queue}:4", f"{queue}:9")}
+    for priority in (9, 5, 0):
+        client.post("/v1/jobs", json={"type": "system.noop", "priority": priority}, headers=auth)
+    # Redis reads list `queue` (kombu level 0) first: Conveyor's 9 goes there.
+    assert redis_client.llen(queue) == before[queue] + 1
+    assert redis_client.llen(f"{queue}:4") == before[f"{queue}:4"] + 1
+    assert redis_client.llen(f"{queue}:9") == before[f"{queue}:9"] + 1
+    redis_client.delete(queue, f"{queue}:4", f"{queue}:9")
+
+
+def test_workers_drain_queues_in_the_configured_order(settings: Settings) -> None:
+    from worker.app import consumed_queues, create_celery_app
+
+    ordered = settings.model_copy(
+        update={"queue_order": ["critical", settings.default_queue, "low"]}
+    )
+    app = create_celery_app(ordered)
+    try:
+        assert consumed_queues(ordered, app.conveyor) == [settings.default_queue]
+        assert [q.name for q in app.conf.task_queues] == [settings.default_queue]
+        transport = app.conf.broker_transport_options
+        assert transport["queue_order_strategy"] == "priority"
+    finally:
+        app.conveyor.engine.dispose()
+
+
+def test_overdue_cancellations_are_cancelled_for_termination(db_session: Session) -> None:
+    from conveyor.jobs import overdue_cancellations
+    from tests.factories import job_factory
+
+    stubborn, polite = job_factory(db_session), job_factory(db_session)
+    now = datetime.now(UTC)
+    for job in (stubborn, polite):
+        claim_job(db_session, job.id, "w1", now)
+    stubborn.cancel_requested_at = now - timedelta(seconds=31)
+    polite.cancel_requested_at = now - timedelta(seconds=5)
+    db_session.flush()
+    assert overdue_cancellations(db_session, now, grace=30) == [stubborn.id]
+    db_session.refresh(stubborn)
+    db_session.refresh(polite)
+    assert (stubborn.state, polite.state) == ("cancelled", "running")
+    assert "terminated" in events_detail(db_session, stubborn)
+
+
+def events_detail(session: Session, job: Job) -> str:
+    from conveyor.models import JobEvent
+
+    rows = session.scalars(select(JobEvent.detail).where(JobEvent.job_id == job.id))
+    return " ".join(str(r) for r in rows)

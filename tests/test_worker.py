@@ -114,3 +114,27 @@ def test_a_default_limit_beyond_the_visibility_timeout_is_refused(
 ) -> None:
     with pytest.raises(ValueError, match="visibility timeout"):
         create_celery_app(settings.model_copy(update={"default_time_limit": limit}))
+
+
+def test_a_result_over_the_cap_fails_the_job_clearly() -> None:
+    from worker.runner import ResultTooLarge, _as_result
+
+    assert _as_result({"ok": True}, limit=1024) == {"ok": True}
+    with pytest.raises(ResultTooLarge, match="the limit is 1024"):
+        _as_result({"blob": "x" * 2000}, limit=1024)
+
+
+def test_the_final_result_is_left_in_the_result_backend(
+    worker: Any, client: Any, auth: dict[str, str], redis_client: Any
+) -> None:
+    import json
+
+    from tests.test_e2e import finished, submit
+
+    job_id = submit(client, auth, "system.sleep", {"seconds": 0})
+    wait_for(lambda: finished(client, auth, job_id))
+    stored = wait_for(lambda: redis_client.get(f"celery-task-meta-{job_id}"))
+    meta = json.loads(stored)
+    assert meta["status"] == "SUCCESS"
+    assert "slept" in meta["result"]
+    assert 0 < redis_client.ttl(f"celery-task-meta-{job_id}") <= worker.conf.result_expires

@@ -40,6 +40,7 @@ class Housekeeper:
     publisher: CeleryPublisher
     app: Celery
     _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
 
     @classmethod
     def for_app(cls, app: Celery) -> Housekeeper:
@@ -90,11 +91,16 @@ class Housekeeper:
 
     def start(self) -> None:
         """Run passes every `housekeeping_interval` seconds on a daemon thread."""
-        threading.Thread(target=self._loop, name="conveyor-housekeeping", daemon=True).start()
+        self._thread = threading.Thread(
+            target=self._loop, name="conveyor-housekeeping", daemon=True
+        )
+        self._thread.start()
 
-    def stop(self) -> None:
-        """Ask the loop to end after its current pass."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """End the loop after its current pass, and wait for that pass to finish."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def _loop(self) -> None:
         interval = self.services.settings.housekeeping_interval
