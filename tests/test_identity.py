@@ -361,3 +361,38 @@ def test_rate_limiting_fails_open_when_redis_is_down(
     assert login(client).status_code == 200
     assert login(client).status_code == 200
     app.extensions["conveyor"].engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/auth/refresh", {"refresh_token": "' OR 1=1 --"}, 401),
+        ("/v1/auth/refresh", {"refresh_token": "x" * 5000}, 422),
+        ("/v1/auth/login", {"email": "a@example.com"}, 422),
+        ("/v1/users", {"email": "u@example.com", "password": PASSWORD, "role": "superuser"}, 422),
+        ("/v1/users", {"email": "u@example.com", "password": PASSWORD}, 422),
+        (
+            "/v1/users",
+            {"email": "'; DROP TABLE users; --", "password": PASSWORD, "role": "viewer"},
+            422,
+        ),
+        ("/v1/api-keys", {"name": "k" * 201, "role": "viewer"}, 422),
+        ("/v1/api-keys", {"name": "k", "role": "root"}, 422),
+        ("/v1/api-keys", {"name": "'; DROP TABLE api_keys; --", "role": "viewer"}, 201),
+    ],
+)
+def test_hostile_auth_fields_are_refused_or_stored_inert(
+    tokens: dict[str, Any],
+    client: Any,
+    sessions: sessionmaker[Session],
+    path: str,
+    body: dict[str, Any],
+    status: int,
+) -> None:
+    before = counts(sessions)
+    response = client.post(path, json=body, headers=bearer(tokens["access_token"]))
+    assert response.status_code == status, response.get_json()
+    assert counts(sessions) == before
+    if status == 201:  # stored as plain data, and listed back verbatim
+        listed = client.get(path, headers=bearer(tokens["access_token"])).get_json()["items"]
+        assert listed[0]["name"] == body["name"]
