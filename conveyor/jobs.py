@@ -273,21 +273,33 @@ class WorkerLost(Exception):
     """Stands for a worker that stopped mid-job: killed, out of memory, or past its limit."""
 
 
+# The columns of a ClaimedJob, in its field order.
+_CLAIMED = (
+    Job.id,
+    Job.tenant_id,
+    Job.type,
+    Job.payload,
+    Job.attempt,
+    Job.max_attempts,
+    Job.started_at,
+    Job.worker,
+)
+
+
+def running_attempt(session: Session, job_id: uuid.UUID) -> ClaimedJob | None:
+    """Return the job's current attempt, locked, if it is running."""
+    row = session.execute(
+        select(*_CLAIMED).where(Job.id == job_id, Job.state == JobState.RUNNING).with_for_update()
+    ).one_or_none()
+    return ClaimedJob(*row) if row is not None else None
+
+
 def reap_stale_jobs(
     session: Session, now: datetime, *, stale_after: float, batch_size: int = 100
 ) -> list[tuple[uuid.UUID, JobState]]:
     """Fail or retry running jobs whose worker stopped sending heartbeats."""
     rows = session.execute(
-        select(
-            Job.id,
-            Job.tenant_id,
-            Job.type,
-            Job.payload,
-            Job.attempt,
-            Job.max_attempts,
-            Job.started_at,
-            Job.worker,
-        )
+        select(*_CLAIMED)
         .where(
             Job.state == JobState.RUNNING,
             Job.heartbeat_at < now - timedelta(seconds=stale_after),

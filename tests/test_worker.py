@@ -138,3 +138,24 @@ def test_the_final_result_is_left_in_the_result_backend(
     assert meta["status"] == "SUCCESS"
     assert "slept" in meta["result"]
     assert 0 < redis_client.ttl(f"celery-task-meta-{job_id}") <= worker.conf.result_expires
+
+
+def test_a_hard_time_limit_fails_the_attempt_at_once(
+    worker: Any, identity: Identity, sessions: sessionmaker[Session]
+) -> None:
+    from celery.exceptions import TimeLimitExceeded
+
+    with sessions.begin() as session:
+        job = job_factory(session, identity.tenant.id, max_attempts=2)
+        claim_job(session, job.id, "w1", datetime.now(UTC))
+    task = worker.tasks["system.noop"]
+    # What Celery's main process does when it kills a child past the hard limit.
+    task.on_failure(TimeLimitExceeded(1800), str(job.id), (str(job.id),), {}, None)
+    with sessions() as session:
+        retried = session.get_one(Job, job.id)
+        assert (retried.state, retried.error_type) == ("retrying", "TimeLimitExceeded")
+    # Any other failure of the task wrapper, or an unknown job, leaves the ledger alone.
+    task.on_failure(RuntimeError("x"), str(job.id), (), {}, None)
+    task.on_failure(TimeLimitExceeded(1), str(uuid.uuid4()), (), {}, None)
+    with sessions() as session:
+        assert session.get_one(Job, job.id).state == "retrying"

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
+from celery.exceptions import TimeLimitExceeded
 from celery.signals import beat_init, setup_logging, worker_process_init
 from kombu import Queue
 
@@ -15,7 +16,7 @@ from conveyor.logs import configure_logging
 from conveyor.registry import JobType, load_job_types
 from conveyor.settings import Settings
 from worker.housekeeping import Housekeeper
-from worker.runner import WorkerServices, run_job
+from worker.runner import WorkerServices, fail_timed_out, run_job
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,16 @@ def _register_job_task(app: Celery, services: WorkerServices, job_type: JobType)
     def execute(task: Task, job_id: str) -> str:
         return run_job(services, task, job_id)
 
+    class JobTask(Task):
+        def on_failure(self, exc: Exception, task_id: str, *_: Any) -> None:
+            # Celery calls this in the worker's main process when the hard time limit
+            # kills the child running the job; other failures never leave run_job.
+            if isinstance(exc, TimeLimitExceeded):
+                fail_timed_out(services, task_id, exc)
+
     app.task(
         name=job_type.name,
+        base=JobTask,
         bind=True,
         # Not shared: each app's task closes over that app's services.
         shared=False,

@@ -29,6 +29,7 @@ from conveyor.jobs import (
     cancel_running_job,
     claim_job,
     fail_job,
+    running_attempt,
     succeed_job,
 )
 from conveyor.progress import PROGRESS_STATE, progress_meta
@@ -234,3 +235,14 @@ def _run_and_succeed(
         if not succeed_job(session, claimed, result, utcnow()):
             raise LostOwnership(str(claimed.id))
     return result
+
+
+def fail_timed_out(services: WorkerServices, raw_job_id: str, error: Exception) -> None:
+    """Count a hard time limit as a failed attempt at once, rather than after the reaper."""
+    with services.sessions.begin() as session:
+        attempt = running_attempt(session, uuid.UUID(raw_job_id))
+        if attempt is None:
+            return
+        policy = services.registry.get(attempt.type).retry
+        outcome = fail_job(session, attempt, error, utcnow(), policy=policy)
+    logger.warning("job %s hit its hard time limit: now %s", raw_job_id, outcome)
