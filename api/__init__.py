@@ -15,6 +15,7 @@ from api import (
     keys,
     limits,
     requests,
+    schedules,
     users,
 )
 from api.services import Services
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         job_types.bp,
         jobs.bp,
         job_control.bp,
+        schedules.bp,
     )
     for blueprint in blueprints:
         app.register_blueprint(blueprint)

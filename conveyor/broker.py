@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from conveyor.settings import Settings
 
 PRIORITY_LEVELS = range(10)
 PRIORITY_SEPARATOR = ":"
+# Where kombu's Redis transport keeps delivered, not yet acknowledged messages.
+UNACKED_KEY = "unacked"
 
 
 def create_celery(settings: Settings, *, name: str, with_result_backend: bool) -> Celery:
@@ -89,6 +92,34 @@ def queue_depth(redis: Redis, queue: str) -> int:
         for name in names:
             pipe.llen(name)
         return sum(pipe.execute())
+
+
+def broker_task_ids(redis: Redis, queues: Iterable[str], limit: int) -> set[str] | None:
+    """Return the ids of every task waiting in or delivered from these Redis-broker queues.
+
+    Reads the priority lists and kombu's `unacked` hash. `None` when there are more than
+    `limit` messages: too many to read on a housekeeping pass, so nothing can be concluded.
+    """
+    names = [
+        f"{queue}{PRIORITY_SEPARATOR}{n}" if n else queue
+        for queue in queues
+        for n in PRIORITY_LEVELS
+    ]
+    with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.llen(name)
+        pipe.hlen(UNACKED_KEY)
+        sizes = pipe.execute()
+    if sum(sizes) > limit:
+        return None
+    raw: list[bytes | str] = []
+    for name, size in zip(names, sizes, strict=False):
+        if size:
+            raw.extend(redis.lrange(name, 0, -1))
+    # An unacked entry is [message, exchange, routing key].
+    unacked = [json.loads(entry)[0] for entry in redis.hvals(UNACKED_KEY)]
+    messages = [json.loads(body) for body in raw] + unacked
+    return {str(m.get("headers", {}).get("id")) for m in messages}
 
 
 class CeleryPublisher:

@@ -190,16 +190,14 @@ def promote_due_jobs(
     *,
     batch_size: int = 500,
     unpublished_after: float = 10.0,
-    republish_after: float = 900.0,
 ) -> list[Job]:
-    """Queue due jobs and take back queued jobs whose message may be lost, for publishing.
+    """Queue due jobs, and take back queued jobs whose publish was never confirmed.
 
-    Three kinds: scheduled/retrying jobs now due; queued jobs whose publish was never
-    confirmed (broker down at submit); and queued jobs published long ago and still not
-    claimed (the broker lost the message, or a delivery was acknowledged unrun). Each
-    comes back queued with `published_at` cleared: the caller commits, then publishes,
-    then marks them published. Publishing after the commit matters: a worker's claim only
-    sees committed rows, so an id published earlier would be skipped and lost.
+    Two kinds: scheduled/retrying jobs now due, and queued jobs with no `published_at`
+    (the broker was down at submit). Each comes back queued with `published_at` cleared:
+    the caller commits, then publishes, then marks them published. Publishing after the
+    commit matters: a worker's claim only sees committed rows, so an id published earlier
+    would be skipped and lost.
     Rows are locked with `FOR UPDATE SKIP LOCKED` so promoters never block each other.
     """
     waiting = (JobState.SCHEDULED, JobState.RETRYING)
@@ -213,10 +211,6 @@ def promote_due_jobs(
                     (Job.state == JobState.QUEUED)
                     & Job.published_at.is_(None)
                     & (queued_since <= now - timedelta(seconds=unpublished_after))
-                )
-                | (
-                    (Job.state == JobState.QUEUED)
-                    & (Job.published_at <= now - timedelta(seconds=republish_after))
                 )
             )
             .where(or_(Job.expires_at.is_(None), Job.expires_at > now))
@@ -232,6 +226,24 @@ def promote_due_jobs(
         job.published_at = None
     session.flush()
     return jobs
+
+
+def stale_queued_jobs(
+    session: Session, now: datetime, *, older_than: float, batch_size: int = 500
+) -> list[Job]:
+    """Return queued jobs published more than `older_than` seconds ago, locked."""
+    return list(
+        session.scalars(
+            select(Job)
+            .where(
+                Job.state == JobState.QUEUED,
+                Job.published_at <= now - timedelta(seconds=older_than),
+            )
+            .order_by(Job.published_at)
+            .limit(batch_size)
+            .with_for_update(skip_locked=True)
+        )
+    )
 
 
 def expire_jobs(session: Session, now: datetime, *, batch_size: int = 500) -> int:

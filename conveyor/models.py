@@ -16,6 +16,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     Text,
+    UniqueConstraint,
     func,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
@@ -97,6 +98,13 @@ class Job(Base):
         # Keyset pagination of a tenant's jobs, newest first.
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_tags", "tags", postgresql_using="gin"),
+        Index(
+            "uq_jobs_schedule_occurrence",
+            "schedule_id",
+            "schedule_occurrence",
+            unique=True,
+            postgresql_where="schedule_occurrence IS NOT NULL",
+        ),
         # Retention pruning walks finished jobs oldest first.
         Index("ix_jobs_finished", "finished_at", postgresql_where="finished_at IS NOT NULL"),
         # The promoter scans only unfinished work, so the index holds only that.
@@ -120,7 +128,12 @@ class Job(Base):
     tags: Mapped[list[str]] = mapped_column(ARRAY(String(64)), default=list, server_default="{}")
     # `metadata` is taken by SQLAlchemy's declarative base; the column keeps the API's name.
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict, server_default="{}")
-    schedule_id: Mapped[uuid.UUID | None]
+    schedule_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("schedules.id", ondelete="SET NULL")
+    )
+    # The occurrence a schedule fired this job for; unique per schedule, so two beats
+    # that both fire one occurrence still create one job.
+    schedule_occurrence: Mapped[datetime | None]
     result: Mapped[dict[str, Any] | None]
     error_type: Mapped[str | None] = mapped_column(String(200))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -184,3 +197,33 @@ class IdempotencyKey(Base):
     # No foreign key: the job may be pruned before its key, and the key is claimed first.
     job_id: Mapped[uuid.UUID]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+
+
+class Schedule(Base):
+    """A recurring job: a cron expression in a time zone, or a fixed interval."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name"),
+        CheckConstraint("(cron IS NULL) <> (interval_seconds IS NULL)", name="one_timing"),
+        CheckConstraint("interval_seconds IS NULL OR interval_seconds >= 1", name="interval"),
+        # Beat looks for enabled schedules that are due.
+        Index("ix_schedules_due", "next_run_at", postgresql_where="enabled"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    job_type: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[dict[str, Any]]
+    cron: Mapped[str | None] = mapped_column(String(200))
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    interval_seconds: Mapped[int | None]
+    enabled: Mapped[bool] = mapped_column(default=True, server_default="true")
+    misfire_policy: Mapped[str] = mapped_column(String(20), default="skip", server_default="skip")
+    overlap_policy: Mapped[str] = mapped_column(String(20), default="allow", server_default="allow")
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
+    next_run_at: Mapped[datetime]
+    last_job_id: Mapped[uuid.UUID | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())

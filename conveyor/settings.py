@@ -37,11 +37,21 @@ class Settings(BaseSettings):
     # seconds of silence the reaper retries or fails the job (its worker is gone).
     heartbeat_interval: float = Field(default=10.0, gt=0)
     heartbeat_timeout: float = Field(default=120.0, gt=0)
-    # Seconds between housekeeping passes in beat (promote due jobs, reap lost ones).
-    housekeeping_interval: float = Field(default=1.0, gt=0)
-    # A queued job still unclaimed this long after its publish is published again, in case
-    # the broker lost it (a Redis restart without persistence); duplicates are skipped.
-    republish_after: int = Field(default=900, ge=10)
+    # Beat's housekeeping, each task on its own interval (seconds): queue due jobs and
+    # unpublished ones; fire due schedules; reap jobs whose heartbeat stopped; re-drive
+    # queued jobs whose message the broker lost; prune rows past retention.
+    promote_interval: float = Field(default=1.0, gt=0)
+    schedule_interval: float = Field(default=1.0, gt=0)
+    reap_interval: float = Field(default=5.0, gt=0)
+    reconcile_interval: float = Field(default=60.0, gt=0)
+    prune_interval: float = Field(default=60.0, gt=0)
+    # A queued job published this long ago whose message is in neither the queue nor the
+    # unacked set is published again (a Redis restart without persistence loses them).
+    reconcile_after: int = Field(default=300, ge=1)
+    # The reconciler reads at most this many broker messages a pass; above it, it waits.
+    reconcile_scan_limit: int = Field(default=20_000, ge=1)
+    # A schedule occurrence older than this when beat gets to it counts as missed.
+    misfire_grace_seconds: float = Field(default=60.0, gt=0)
     # Cancelled jobs that keep running this long are revoked with terminate.
     cancel_grace_seconds: float = Field(default=30.0, gt=0)
     # Largest JSON result a job may return; a larger one fails the job, clearly.

@@ -83,6 +83,7 @@ def _job_row(
     default_queue: str,
     now: datetime,
     schedule_id: uuid.UUID | None,
+    schedule_occurrence: datetime | None = None,
 ) -> dict[str, Any]:
     """Validate one request against its type and return the values of its row."""
     try:
@@ -116,12 +117,29 @@ def _job_row(
         "tags": request.tags,
         "meta": request.metadata,
         "schedule_id": schedule_id,
+        "schedule_occurrence": schedule_occurrence,
         "attempt": 0,
         "max_attempts": request.max_attempts or job_type.retry.max_attempts,
         "scheduled_for": run_at if delayed else None,
         "expires_at": expires_at,
         "created_at": now,
     }
+
+
+def check_request(
+    registry: JobRegistry, request: JobRequest, *, default_queue: str, now: datetime
+) -> None:
+    """Validate a request as submit would, without writing anything (schedules store them)."""
+    _job_row(
+        registry,
+        request,
+        index=None,
+        job_id=uuid.uuid4(),
+        tenant_id=uuid.uuid4(),
+        default_queue=default_queue,
+        now=now,
+        schedule_id=None,
+    )
 
 
 def submit_jobs(
@@ -133,6 +151,7 @@ def submit_jobs(
     default_queue: str,
     now: datetime,
     schedule_id: uuid.UUID | None = None,
+    schedule_occurrence: datetime | None = None,
     ids: Sequence[uuid.UUID] | None = None,
 ) -> list[Job]:
     """Validate every request, then insert all the jobs and their first events, or none.
@@ -154,6 +173,7 @@ def submit_jobs(
             default_queue=default_queue,
             now=now,
             schedule_id=schedule_id,
+            schedule_occurrence=schedule_occurrence,
         )
         for n, request in enumerate(requests)
     ]

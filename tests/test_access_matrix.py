@@ -93,6 +93,38 @@ def _bulk_retry(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> An
     return client.post("/v1/jobs/retry", json={}, headers=headers)
 
 
+def _create_schedule(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    body = {"name": uuid.uuid4().hex, "job_type": "system.noop", "interval_seconds": 60}
+    return client.post("/v1/schedules", json=body, headers=headers)
+
+
+def _list_schedules(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.get("/v1/schedules", headers=headers)
+
+
+def _a_schedule(client: Any, ctx: dict[str, Any]) -> str:
+    created = _create_schedule(client, bearer(ctx["tokens"]["admin"]), ctx)
+    schedule_id: str = created.get_json()["id"]
+    return schedule_id
+
+
+def _show_schedule(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.get(f"/v1/schedules/{_a_schedule(client, ctx)}", headers=headers)
+
+
+def _change_schedule(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    path = f"/v1/schedules/{_a_schedule(client, ctx)}"
+    return client.patch(path, json={"enabled": False}, headers=headers)
+
+
+def _delete_schedule(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.delete(f"/v1/schedules/{_a_schedule(client, ctx)}", headers=headers)
+
+
+def _trigger_schedule(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.post(f"/v1/schedules/{_a_schedule(client, ctx)}/trigger", headers=headers)
+
+
 Call = Callable[[Any, dict[str, str], dict[str, Any]], Any]
 # expected status for admin, operator, member, viewer, no credentials
 MATRIX: dict[str, tuple[Call, tuple[int, int, int, int, int]]] = {
@@ -105,6 +137,12 @@ MATRIX: dict[str, tuple[Call, tuple[int, int, int, int, int]]] = {
     "POST /v1/jobs/{id}/retry": (_retry, (202, 202, 403, 403, 401)),
     "POST /v1/jobs/retry": (_bulk_retry, (200, 200, 403, 403, 401)),
     "GET /v1/job-types": (_job_types, (200, 200, 200, 200, 401)),
+    "POST /v1/schedules": (_create_schedule, (201, 201, 403, 403, 401)),
+    "GET /v1/schedules": (_list_schedules, (200, 200, 200, 200, 401)),
+    "GET /v1/schedules/{id}": (_show_schedule, (200, 200, 200, 200, 401)),
+    "PATCH /v1/schedules/{id}": (_change_schedule, (200, 200, 403, 403, 401)),
+    "DELETE /v1/schedules/{id}": (_delete_schedule, (204, 204, 403, 403, 401)),
+    "POST /v1/schedules/{id}/trigger": (_trigger_schedule, (202, 202, 403, 403, 401)),
     "GET /v1/me": (_me, (200, 200, 200, 200, 401)),
     "POST /v1/users": (_add_user, (201, 403, 403, 403, 401)),
     "GET /v1/users": (_list_users, (200, 403, 403, 403, 401)),

@@ -312,6 +312,18 @@ def test_tenant_walls_hide_other_tenants_objects(
     assert [u["email"] for u in my_users] == ["owner@example.com"]
     my_keys = client.get("/v1/api-keys", headers=mine).get_json()["items"]
     assert my_keys == []
+    schedule = client.post(
+        "/v1/schedules",
+        json={"name": "theirs", "job_type": "system.noop", "interval_seconds": 60},
+        headers=theirs,
+    ).get_json()
+    path = f"/v1/schedules/{schedule['id']}"
+    assert_problem(client.get(path, headers=mine), 404)
+    assert_problem(client.patch(path, json={"enabled": False}, headers=mine), 404)
+    assert_problem(client.post(f"{path}/trigger", headers=mine), 404)
+    assert_problem(client.delete(path, headers=mine), 404)
+    assert client.get("/v1/schedules", headers=mine).get_json()["items"] == []
+    assert client.get(path, headers=theirs).get_json()["enabled"] is True
 
 
 def test_malicious_authorization_headers_are_401(tokens: dict[str, Any], client: Any) -> None:

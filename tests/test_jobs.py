@@ -20,6 +20,7 @@ from conveyor.jobs import (
     promote_due_jobs,
     reap_stale_jobs,
     retry_delay,
+    stale_queued_jobs,
     succeed_job,
 )
 from conveyor.models import Job, JobEvent
@@ -132,7 +133,7 @@ def test_retry_delay_is_bounded_by_exponential_ceiling() -> None:
         assert max(delays) > ceiling / 2  # jitter spreads over the range
 
 
-def test_promoter_republishes_only_stale_unpublished_queued_jobs(db_session: Session) -> None:
+def test_promoter_takes_back_only_unpublished_queued_jobs(db_session: Session) -> None:
     published = job_factory(db_session)
     lost = job_factory(db_session)
     mark_published(db_session, [published.id], NOW)
@@ -146,9 +147,11 @@ def test_promoter_republishes_only_stale_unpublished_queued_jobs(db_session: Ses
     assert promoted[0].published_at is None  # published only after the caller's commit
     mark_published(db_session, [lost.id], NOW)
     assert promote_due_jobs(db_session, NOW) == []
-    # Published long ago and still unclaimed: the broker may have lost it; publish again.
-    later = NOW + timedelta(seconds=901)
-    assert {j.id for j in promote_due_jobs(db_session, later)} == {published.id, lost.id}
+    # Published long ago and still unclaimed: the reconciler checks the broker for them.
+    later = NOW + timedelta(seconds=301)
+    stale = stale_queued_jobs(db_session, later, older_than=300)
+    assert {j.id for j in stale} == {published.id, lost.id}
+    assert stale_queued_jobs(db_session, NOW, older_than=300) == []
 
 
 def test_reaper_retries_or_fails_jobs_whose_heartbeat_stopped(db_session: Session) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
-from conveyor.broker import queue_depth
+from conveyor.broker import Message, broker_task_ids, queue_depth
 from conveyor.jobs import claim_job
 from conveyor.models import Job
 from conveyor.settings import Settings
@@ -59,7 +61,7 @@ def test_the_housekeeping_loop_promotes_on_its_own(
 ) -> None:
     queue = f"hk-{uuid.uuid4().hex[:8]}"
     app = create_celery_app(
-        settings.model_copy(update={"housekeeping_interval": 0.05, "default_queue": queue})
+        settings.model_copy(update={"promote_interval": 0.05, "default_queue": queue})
     )
     with sessions.begin() as session:
         job = job_factory(session, identity.tenant.id)
@@ -82,30 +84,24 @@ def test_the_housekeeping_loop_promotes_on_its_own(
     redis_client.delete(f"{queue}:9")
 
 
-def test_the_housekeeping_loop_survives_a_failing_pass(settings: Settings) -> None:
-    app = create_celery_app(
-        settings.model_copy(
-            update={
-                "housekeeping_interval": 0.01,
-                "database_url": "postgresql://nobody@/nowhere?host=/nonexistent",
-            }
-        )
+def test_the_housekeeping_loop_survives_a_database_outage(settings: Settings) -> None:
+    from worker.housekeeping import Leadership
+
+    broken = settings.model_copy(
+        update={"database_url": "postgresql://nobody@/nowhere?host=/nonexistent"}
     )
+    app = create_celery_app(broken)
+    assert Leadership(app.conveyor).hold() is False  # no database, no leader
     housekeeper = Housekeeper.for_app(app)
-    calls = []
-    original = housekeeper.run_once
-
-    def counting() -> tuple[int, int]:
-        calls.append(1)
-        return original()
-
-    housekeeper.run_once = counting  # type: ignore[method-assign]
     housekeeper.start()
     try:
-        wait_for(lambda: len(calls) >= 3)
+        time.sleep(0.5)
+        assert housekeeper._thread is not None
+        assert housekeeper._thread.is_alive()
     finally:
         housekeeper.stop()
         app.conveyor.engine.dispose()
+    assert not housekeeper._thread.is_alive()
 
 
 @pytest.mark.parametrize("limit", [7200, 9000])
@@ -159,3 +155,37 @@ def test_a_hard_time_limit_fails_the_attempt_at_once(
     task.on_failure(TimeLimitExceeded(1), str(uuid.uuid4()), (), {}, None)
     with sessions() as session:
         assert session.get_one(Job, job.id).state == "retrying"
+
+
+def test_the_reconciler_redrives_a_job_whose_message_was_lost(
+    settings: Settings, identity: Identity, sessions: sessionmaker[Session], redis_client: Any
+) -> None:
+    queue = f"rc-{uuid.uuid4().hex[:8]}"
+    app = create_celery_app(settings.model_copy(update={"default_queue": queue}))
+    housekeeper = Housekeeper.for_app(app)
+    try:
+        with sessions.begin() as session:
+            kept, lost = (job_factory(session, identity.tenant.id) for _ in range(2))
+            for job in (kept, lost):
+                job.queue = queue
+        housekeeper.publisher.publish([Message.of(kept), Message.of(lost)])
+        for raw in redis_client.lrange(f"{queue}:9", 0, -1):  # the broker loses one message
+            if json.loads(raw)["headers"]["id"] == str(lost.id):
+                redis_client.lrem(f"{queue}:9", 0, raw)
+        with sessions.begin() as session:
+            for job_id in (kept.id, lost.id):
+                session.get_one(Job, job_id).published_at = datetime.now(UTC) - timedelta(hours=1)
+        assert queue_depth(redis_client, queue) == 1
+        assert housekeeper.reconcile() == 1
+        assert queue_depth(redis_client, queue) == 2
+        present = broker_task_ids(redis_client, [queue], limit=100)
+        assert present == {str(kept.id), str(lost.id)}
+        assert broker_task_ids(redis_client, [queue], limit=1) is None  # too deep to read
+        with sessions() as session:
+            assert session.get_one(Job, lost.id).published_at > datetime.now(UTC) - timedelta(
+                minutes=1
+            )
+        assert housekeeper.reconcile() == 0  # freshly published: nothing stale now
+    finally:
+        redis_client.delete(queue, *(f"{queue}:{n}" for n in range(1, 10)))
+        app.conveyor.engine.dispose()

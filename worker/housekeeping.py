@@ -1,7 +1,11 @@
-"""Housekeeping that beat runs in a thread of its own: promote due jobs, reap lost ones.
+"""Beat's housekeeping, in a thread of the beat process, run by one leader at a time.
 
-It runs inside the beat process rather than as tasks on the job queues, so a worker
-whose every process is busy with long jobs cannot starve it.
+It runs inside beat rather than as tasks on the job queues, so workers whose every process
+is busy with long jobs cannot starve it. Leadership is a PostgreSQL advisory lock held on
+a connection of its own: a second beat waits, and takes over on its next pass once the
+leader's connection is gone. Every task is batched, bounded and idempotent, so even two
+leaders at once (a network partition) would do no harm: promotion skips locked rows and a
+schedule occurrence has a unique key on its job.
 """
 
 from __future__ import annotations
@@ -9,74 +13,168 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 from celery import Celery
+from redis import Redis
+from sqlalchemy import Connection, func, select
+from sqlalchemy.exc import SQLAlchemyError
 
-from conveyor.broker import CeleryPublisher, Message
+from conveyor.broker import CeleryPublisher, Message, broker_task_ids
 from conveyor.jobs import (
     expire_jobs,
     mark_published,
     overdue_cancellations,
     promote_due_jobs,
     reap_stale_jobs,
+    stale_queued_jobs,
 )
+from conveyor.models import Job
 from conveyor.retention import prune
+from conveyor.schedules import fire_due_schedules
 from worker.runner import WorkerServices, utcnow
 
 logger = logging.getLogger(__name__)
+# pg_advisory_lock key: "conveyor" in ASCII, so it is unlikely to clash with another app's.
+LEADER_LOCK_KEY = 0x636F6E766579
+TICK = 0.1
 
 
-# Pruning deletes rows in bulk; once a minute is plenty.
-PRUNE_INTERVAL = 60.0
+class Leadership:
+    """Holds the advisory lock that makes one beat the housekeeping leader."""
+
+    def __init__(self, services: WorkerServices) -> None:
+        self._engine = services.engine
+        self._conn: Connection | None = None
+
+    def hold(self) -> bool:
+        """Keep or take the lead; `False` while another beat holds it."""
+        try:
+            if self._conn is not None:
+                self._conn.execute(select(1))  # still alive, and so is our lock
+                return True
+            conn = self._engine.connect()
+            if conn.execute(select(func.pg_try_advisory_lock(LEADER_LOCK_KEY))).scalar():
+                conn.commit()
+                self._conn = conn
+                logger.info("this beat leads housekeeping")
+                return True
+            conn.close()
+        except SQLAlchemyError:
+            logger.warning("lost the database; leadership dropped", exc_info=True)
+            self.release()
+        return False
+
+    def release(self) -> None:
+        """Give up the lead (closing the connection releases the lock)."""
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                conn.invalidate()  # never back to the pool while it may hold the lock
+                conn.close()
+            except SQLAlchemyError:
+                pass
 
 
 @dataclass
 class Housekeeper:
-    """Runs one housekeeping pass on demand, or passes in a loop on a daemon thread."""
+    """Runs housekeeping tasks on demand, or each on its interval on a daemon thread."""
 
     services: WorkerServices
     publisher: CeleryPublisher
     app: Celery
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
+    _redis: Redis | None = None
+    stats: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def for_app(cls, app: Celery) -> Housekeeper:
         """Build a housekeeper publishing through the worker app."""
         return cls(app.conveyor, CeleryPublisher(app), app)
 
-    def run_once(self) -> tuple[int, int]:
-        """Expire, promote, reap and terminate; return how many were promoted and reaped."""
-        settings = self.services.settings
+    def _count(self, name: str, n: int) -> int:
+        self.stats[name] = self.stats.get(name, 0) + n
+        return n
+
+    def _publish(self, messages: list[Message]) -> None:
+        """Publish after the jobs' commit, then mark them published."""
+        if not messages:
+            return
+        self.publisher.publish(messages)
+        with self.services.sessions.begin() as session:
+            mark_published(session, [m.job_id for m in messages], utcnow())
+
+    def promote(self) -> int:
+        """Expire late jobs, then queue due and unpublished ones; return how many were queued."""
         with self.services.sessions.begin() as session:
             expired = expire_jobs(session, utcnow())
-            jobs = promote_due_jobs(session, utcnow(), republish_after=settings.republish_after)
-            messages = [Message.of(j) for j in jobs]
-        if expired:
-            logger.info("expired %d jobs that did not start in time", expired)
-        if messages:
-            # After the commit (see promote_due_jobs); a failed publish is retried next pass.
-            self.publisher.publish(messages)
-            with self.services.sessions.begin() as session:
-                mark_published(session, [m.job_id for m in messages], utcnow())
-            logger.info("promoted %d jobs", len(messages))
+            messages = [Message.of(j) for j in promote_due_jobs(session, utcnow())]
+        self._count("expired", expired)
+        self._publish(messages)
+        if expired or messages:
+            logger.info("queued %d due jobs, expired %d late ones", len(messages), expired)
+        return self._count("promoted", len(messages))
+
+    def fire_schedules(self) -> int:
+        """Fire due schedule occurrences through the submit path; return how many jobs."""
+        settings = self.services.settings
+        with self.services.sessions.begin() as session:
+            jobs = fire_due_schedules(
+                session,
+                self.services.registry,
+                utcnow(),
+                default_queue=settings.default_queue,
+                misfire_grace=settings.misfire_grace_seconds,
+            )
+            messages = [Message.of(j) for j in jobs if j.state == "queued"]
+        self._publish(messages)
+        if jobs:
+            logger.info("fired %d schedule occurrences", len(jobs))
+        return self._count("fired", len(jobs))
+
+    def reap(self) -> int:
+        """Retry or fail jobs whose worker vanished; terminate ignored cancellations."""
+        settings = self.services.settings
         with self.services.sessions.begin() as session:
             reaped = reap_stale_jobs(session, utcnow(), stale_after=settings.heartbeat_timeout)
         for job_id, outcome in reaped:
             logger.warning("job %s lost its worker: now %s", job_id, outcome)
-        self._terminate_overdue_cancellations()
-        return len(messages), len(reaped)
-
-    def _terminate_overdue_cancellations(self) -> None:
-        grace = self.services.settings.cancel_grace_seconds
         with self.services.sessions.begin() as session:
-            overdue = overdue_cancellations(session, utcnow(), grace=grace)
+            overdue = overdue_cancellations(session, utcnow(), grace=settings.cancel_grace_seconds)
         if overdue:
             # The ledger already says cancelled; this stops the process still running it.
             self.app.control.revoke([str(i) for i in overdue], terminate=True, signal="SIGKILL")
             logger.warning("terminated %d jobs that ignored a cancel request", len(overdue))
+        return self._count("reaped", len(reaped))
+
+    def reconcile(self) -> int:
+        """Re-publish queued jobs whose message the broker no longer has; return how many."""
+        settings = self.services.settings
+        if not str(settings.broker).startswith(("redis", "valkey")):
+            return 0  # only a Redis broker can be looked into; AMQP brokers keep messages
+        self._redis = self._redis or Redis.from_url(settings.broker, socket_timeout=5)
+        with self.services.sessions.begin() as session:
+            stale = stale_queued_jobs(session, utcnow(), older_than=settings.reconcile_after)
+            if not stale:
+                return 0
+            present = broker_task_ids(
+                self._redis, {j.queue for j in stale}, settings.reconcile_scan_limit
+            )
+            if present is None:
+                logger.info("broker backlog too deep to reconcile this pass")
+                return 0
+            lost: list[Job] = [j for j in stale if str(j.id) not in present]
+            for job in lost:
+                job.published_at = None
+            messages = [Message.of(j) for j in lost]
+        self._publish(messages)
+        if messages:
+            logger.warning("re-drove %d queued jobs missing from the broker", len(messages))
+        return self._count("redriven", len(messages))
 
     def prune(self) -> dict[str, int]:
         """Delete one batch of each kind of row past its retention."""
@@ -89,27 +187,51 @@ class Housekeeper:
                 key_retention=timedelta(hours=settings.idempotency_retention_hours),
             )
 
+    def run_once(self) -> tuple[int, int]:
+        """Run every task once; return how many jobs were promoted and reaped."""
+        self.fire_schedules()
+        promoted = self.promote()
+        reaped = self.reap()
+        self.reconcile()
+        return promoted, reaped
+
+    def _tasks(self) -> list[tuple[Callable[[], Any], float]]:
+        settings = self.services.settings
+        return [
+            (self.fire_schedules, settings.schedule_interval),
+            (self.promote, settings.promote_interval),
+            (self.reap, settings.reap_interval),
+            (self.reconcile, settings.reconcile_interval),
+            (self.prune, settings.prune_interval),
+        ]
+
     def start(self) -> None:
-        """Run passes every `housekeeping_interval` seconds on a daemon thread."""
+        """Run each task on its interval on a daemon thread, while this beat leads."""
         self._thread = threading.Thread(
             target=self._loop, name="conveyor-housekeeping", daemon=True
         )
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """End the loop after its current pass, and wait for that pass to finish."""
+        """End the loop after its current task, wait for it, and give up the lead."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
-        interval = self.services.settings.housekeeping_interval
-        last_prune = 0.0
-        while not self._stop.wait(interval):
-            try:
-                self.run_once()
-                if time.monotonic() - last_prune >= PRUNE_INTERVAL:
-                    last_prune = time.monotonic()
-                    logger.info("pruned %s", self.prune())
-            except Exception:  # a database or broker outage: log it and try again next pass
-                logger.warning("housekeeping pass failed", exc_info=True)
+        leadership = Leadership(self.services)
+        next_run = dict.fromkeys(range(len(self._tasks())), 0.0)
+        try:
+            while not self._stop.wait(TICK):
+                if not leadership.hold():
+                    continue
+                for n, (task, interval) in enumerate(self._tasks()):
+                    if self._stop.is_set() or time.monotonic() < next_run[n]:
+                        continue
+                    next_run[n] = time.monotonic() + interval
+                    try:
+                        task()
+                    except Exception:  # an outage: log it; the task runs again next interval
+                        logger.warning("housekeeping %s failed", task.__name__, exc_info=True)
+        finally:
+            leadership.release()
