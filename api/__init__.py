@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+
 from flask import Flask
 
 from api import (
     auth,
     errors,
+    files,
     health,
     identity,
     job_control,
@@ -45,7 +48,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         jobs.bp,
         job_control.bp,
         schedules.bp,
+        files.bp,
     )
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
+    # Business domains add their routes by configuration, so the API never imports them.
+    for module in settings.api_modules:
+        app.register_blueprint(importlib.import_module(module).bp)
     return app

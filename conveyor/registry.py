@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
+from redis import Redis
 from sqlalchemy.orm import Session
 
 from conveyor.errors import JobCancelled, UnknownJobType, ValidationFailed
@@ -31,6 +32,10 @@ class JobContext:
     session: Session
     reporter: ProgressReporter
     cancel_requested: Callable[[], bool] = lambda: False
+    # Run a callable after the job's success commits (cache invalidation, notifications).
+    after_commit: Callable[[Callable[[], None]], None] = lambda _: None
+    # The result-backend Redis, for jobs that maintain caches the API reads.
+    redis: Redis | None = None
 
     def progress(self, current: int, total: int | None = None, message: str | None = None) -> None:
         """Report progress; raise `JobCancelled` here if someone asked the job to stop."""

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, ge=1)
     db_pool_max_overflow: int = Field(default=10, ge=0)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Largest file `POST /v1/uploads` accepts.
+    max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    # Modules that add API routes: each has a Flask blueprint `bp` (business domains).
+    api_modules: list[str] = ["worker.orders.api"]
     # Seconds the result backend keeps a job's live state; the ledger keeps the rest.
     result_expires: int = Field(default=24 * 3600, ge=60)
     # A message not acknowledged within this many seconds is redelivered by Redis;
@@ -63,7 +67,7 @@ class Settings(BaseSettings):
     # Queues a worker consumes first, in order; other queues come after, by name.
     queue_order: list[str] = ["critical", "default", "low"]
     default_queue: str = "default"
-    job_modules: list[str] = ["conveyor.jobtypes.system"]
+    job_modules: list[str] = ["conveyor.jobtypes.system", "worker.orders.jobs"]
     # `open`: anyone may register a tenant; `invite`: admins add users. Default by env.
     signup: Literal["open", "invite"] | None = None
     access_token_minutes: int = Field(default=15, ge=1, le=24 * 60)

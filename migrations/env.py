@@ -7,6 +7,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+# The sample business domain's tables (worker/orders); drop this line with the domain.
+import worker.orders.models  # noqa: F401
 from conveyor.models import Base
 from conveyor.settings import Settings
 

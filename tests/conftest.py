@@ -23,7 +23,10 @@ from conveyor.embedded import create_database, drop_database, embedded_services
 from conveyor.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = "job_events, jobs, refresh_tokens, api_keys, users, tenants"
+TABLES = (
+    "artifact_chunks, artifacts, upload_chunks, uploads, orders, daily_revenue, "
+    "job_events, jobs, schedules, idempotency_keys, refresh_tokens, api_keys, users, tenants"
+)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,10 @@ from sqlalchemy import create_engine, inspect
 from conveyor.models import Base
 from conveyor.settings import Settings
 from tests.conftest import alembic_config
+from worker.orders import models as orders_models
+
+# The sample domain's tables are part of the metadata the migrations must match.
+assert orders_models.Order.__tablename__ == "orders"
 
 
 def test_there_is_exactly_one_head() -> None:

@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,6 +18,7 @@ from typing import Any
 
 from celery import Task
 from pydantic import BaseModel
+from redis import Redis
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -111,9 +112,12 @@ class WorkerServices:
     registry: JobRegistry
     name: str = field(default_factory=socket.gethostname)
     heartbeats: Heartbeats = field(init=False)
+    redis: Redis = field(init=False)
 
     def __post_init__(self) -> None:
         self.heartbeats = Heartbeats(self.sessions, self.settings.heartbeat_interval)
+        # Connects on first use, so building it in the parent before fork is harmless.
+        self.redis = Redis.from_url(self.settings.result_backend, socket_timeout=5)
 
 
 class LostOwnership(Exception):
@@ -222,6 +226,7 @@ def _run_and_succeed(
     """Run the job and succeed it in one transaction: its writes and its success commit together."""
     job_type = services.registry.get(claimed.type)
     payload = job_type.parse_payload(claimed.payload)
+    committed: list[Callable[[], None]] = []
     with services.sessions.begin() as session:
         ctx = JobContext(
             job_id=claimed.id,
@@ -230,10 +235,17 @@ def _run_and_succeed(
             session=session,
             reporter=ProgressWriter(task, str(claimed.id)),
             cancel_requested=partial(services.heartbeats.cancel_requested, claimed.id),
+            after_commit=committed.append,
+            redis=services.redis,
         )
         result = _as_result(job_type.func(ctx, payload), services.settings.max_result_bytes)
         if not succeed_job(session, claimed, result, utcnow()):
             raise LostOwnership(str(claimed.id))
+    for callback in committed:
+        try:
+            callback()
+        except Exception:  # the job succeeded; a follow-up that fails is logged, not retried
+            logger.warning("after-commit step of job %s failed", claimed.id, exc_info=True)
     return result
 
 

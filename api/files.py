@@ -1,0 +1,86 @@
+"""`POST /v1/uploads` (CSV files for jobs) and `GET /v1/jobs/{id}/artifact` (files from jobs)."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, jsonify, request, stream_with_context
+
+from api.auth import authorize
+from api.requests import parse_id
+from api.services import services
+from conveyor.errors import UnsupportedMediaType, ValidationFailed
+from conveyor.files import get_artifact, read_artifact, read_file, store_upload
+from conveyor.queries import get_job
+from conveyor.roles import Permission
+
+bp = Blueprint("files", __name__)
+CSV_TYPES = {"text/csv", "application/csv", "application/vnd.ms-excel", "text/plain"}
+
+
+def _utf8_checked(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Pass chunks through, refusing the upload at the first byte that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    for chunk in chunks:
+        try:
+            decoder.decode(chunk)
+        except UnicodeDecodeError as exc:
+            at = offset + exc.start
+            raise ValidationFailed(
+                f"the file is not UTF-8 text (byte {at})",
+                errors=[{"field": "file", "message": f"invalid UTF-8 at byte {at}"}],
+            ) from exc
+        offset += len(chunk)
+        yield chunk
+    decoder.decode(b"", final=True)
+
+
+@bp.post("/v1/uploads")
+def upload() -> tuple[Response, int]:
+    """Store a CSV file (multipart field `file`) for a job to read; 201 with its id."""
+    principal = authorize(Permission.SUBMIT)
+    svc = services()
+    # Uploads may be far larger than JSON bodies (Flask 3.1: per-request limit).
+    request.max_content_length = svc.settings.max_upload_bytes
+    if request.mimetype != "multipart/form-data":
+        raise UnsupportedMediaType("send the file as multipart/form-data, field `file`")
+    file = request.files.get("file")
+    if file is None or not file.filename:
+        raise ValidationFailed(
+            "no file in the upload", errors=[{"field": "file", "message": "required"}]
+        )
+    if not file.filename.lower().endswith(".csv") or file.mimetype not in CSV_TYPES:
+        raise UnsupportedMediaType("only CSV files (.csv, text/csv) are accepted")
+    with svc.sessions.begin() as session:
+        stored = store_upload(
+            session,
+            principal.tenant_id,
+            file.filename,
+            "text/csv",
+            _utf8_checked(read_file(file.stream)),
+        )
+        body = {"id": str(stored.id), "filename": stored.filename, "size": stored.size}
+    return jsonify(body), 201
+
+
+@bp.get("/v1/jobs/<job_id>/artifact")
+def artifact(job_id: str) -> Response:
+    """Download the file a job produced, streamed from the database."""
+    principal = authorize(Permission.READ)
+    svc = services()
+    key = parse_id(job_id, "job")
+    with svc.sessions() as session:
+        get_job(session, key, principal.tenant_id)
+        found = get_artifact(session, key)
+        filename, content_type, size = found.filename, found.content_type, found.size
+
+    def chunks() -> Iterator[bytes]:
+        with svc.sessions() as session:
+            yield from read_artifact(session, key)
+
+    response = Response(stream_with_context(chunks()), mimetype=content_type)
+    response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
+    response.headers["Content-Length"] = str(size)
+    return response

@@ -1,0 +1,69 @@
+"""orders domain
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-11-26 08:42:51.004936
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0007"
+down_revision: str | None = "0006"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "daily_revenue",
+        sa.Column("tenant_id", sa.Uuid(), nullable=False),
+        sa.Column("day", sa.Date(), nullable=False),
+        sa.Column("currency", sa.CHAR(length=3), nullable=False),
+        sa.Column("orders", sa.Integer(), nullable=False),
+        sa.Column("total", sa.Numeric(precision=16, scale=2), nullable=False),
+        sa.Column(
+            "updated_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("now()"),
+            nullable=False,
+        ),
+        sa.ForeignKeyConstraint(
+            ["tenant_id"],
+            ["tenants.id"],
+            name=op.f("fk_daily_revenue_tenant_id_tenants"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("tenant_id", "day", "currency", name=op.f("pk_daily_revenue")),
+    )
+    op.create_table(
+        "orders",
+        sa.Column("tenant_id", sa.Uuid(), nullable=False),
+        sa.Column("external_id", sa.String(length=64), nullable=False),
+        sa.Column("customer_email", sa.String(length=320), nullable=False),
+        sa.Column("amount", sa.Numeric(precision=14, scale=2), nullable=False),
+        sa.Column("currency", sa.CHAR(length=3), nullable=False),
+        sa.Column("ordered_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column(
+            "imported_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("now()"),
+            nullable=False,
+        ),
+        sa.ForeignKeyConstraint(
+            ["tenant_id"],
+            ["tenants.id"],
+            name=op.f("fk_orders_tenant_id_tenants"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("tenant_id", "external_id", name=op.f("pk_orders")),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("orders")
+    op.drop_table("daily_revenue")
