@@ -13,6 +13,7 @@ from redis import Redis
 from sqlalchemy.orm import Session
 
 from conveyor.errors import JobCancelled, UnknownJobType, ValidationFailed
+from conveyor.settings import Settings
 
 
 class ProgressReporter(Protocol):
@@ -36,6 +37,7 @@ class JobContext:
     after_commit: Callable[[Callable[[], None]], None] = lambda _: None
     # The result-backend Redis, for jobs that maintain caches the API reads.
     redis: Redis | None = None
+    settings: Settings | None = None
 
     def progress(self, current: int, total: int | None = None, message: str | None = None) -> None:
         """Report progress; raise `JobCancelled` here if someone asked the job to stop."""

@@ -67,7 +67,16 @@ class Settings(BaseSettings):
     # Queues a worker consumes first, in order; other queues come after, by name.
     queue_order: list[str] = ["critical", "default", "low"]
     default_queue: str = "default"
-    job_modules: list[str] = ["conveyor.jobtypes.system", "worker.orders.jobs"]
+    job_modules: list[str] = [
+        "conveyor.jobtypes.system",
+        "conveyor.jobtypes.http",
+        "worker.orders.jobs",
+    ]
+    # Hosts (names or addresses) outbound requests may reach even when they resolve to
+    # private or loopback addresses; everything else must be public.
+    outbound_allow_hosts: list[str] = []
+    # Largest response body an outbound request reads.
+    outbound_max_bytes: int = Field(default=1024 * 1024, ge=1024)
     # `open`: anyone may register a tenant; `invite`: admins add users. Default by env.
     signup: Literal["open", "invite"] | None = None
     access_token_minutes: int = Field(default=15, ge=1, le=24 * 60)

@@ -113,7 +113,7 @@ def _job_row(
         "queue": request.queue or allowed[0],
         "state": JobState.SCHEDULED if delayed else JobState.QUEUED,
         "priority": job_type.priority if request.priority is None else request.priority,
-        "payload": payload.model_dump(mode="json"),
+        "payload": payload.model_dump(mode="json", by_alias=True),
         "tags": request.tags,
         "meta": request.metadata,
         "schedule_id": schedule_id,

@@ -237,6 +237,7 @@ def _run_and_succeed(
             cancel_requested=partial(services.heartbeats.cancel_requested, claimed.id),
             after_commit=committed.append,
             redis=services.redis,
+            settings=services.settings,
         )
         result = _as_result(job_type.func(ctx, payload), services.settings.max_result_bytes)
         if not succeed_job(session, claimed, result, utcnow()):
