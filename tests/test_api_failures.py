@@ -44,7 +44,11 @@ def broken_app(settings: Settings, tmp_path: Any) -> Any:
 def test_readiness_names_each_failed_dependency(broken_app: Any) -> None:
     response = broken_app.test_client().get("/readyz")
     assert response.status_code == 503
-    assert response.get_json()["checks"] == {"database": "unavailable", "redis": "unavailable"}
+    assert response.get_json()["checks"] == {
+        "database": "unavailable",
+        "broker": "unavailable",
+        "result_backend": "unavailable",
+    }
     assert broken_app.test_client().get("/healthz").status_code == 200
 
 
