@@ -11,11 +11,12 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.auth import authorize
-from api.requests import parse_body, parse_id
+from api.requests import parse_body, parse_id, request_id
 from api.schemas import JobOut, SubmitJob
 from api.services import services
 from conveyor.broker import Message
 from conveyor.jobs import get_job, mark_published, submit_job
+from conveyor.logs import bind_context
 from conveyor.progress import read_progress
 from conveyor.roles import Permission
 from conveyor.states import JobState
@@ -39,9 +40,11 @@ def create() -> tuple[Response, int, dict[str, str]]:
             payload=body.payload,
             default_queue=svc.settings.default_queue,
         )
+    bind_context(job_id=job.id, job_type=job.type)
+    logger.info("job submitted to queue %s", job.queue)
     # Commit first, then publish: a worker must never receive an id it cannot see yet.
     try:
-        svc.publisher.publish([Message(job.id, job.type, job.queue)])
+        svc.publisher.publish([Message(job.id, job.type, job.queue, request_id())])
     except (BrokerError, RedisError, OSError):
         # The job is durable in the ledger with no published_at; the promoter re-publishes it.
         logger.warning("publish of job %s failed; the promoter will retry", job.id, exc_info=True)
@@ -63,6 +66,7 @@ def show(job_id: str) -> Response:
     svc = services()
     with svc.sessions() as session:
         job = get_job(session, parse_id(job_id, "job"), principal.tenant_id)
+    bind_context(job_id=job.id, job_type=job.type)
     progress = None
     if job.state == JobState.RUNNING:
         try:

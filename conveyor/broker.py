@@ -60,6 +60,12 @@ class Message:
     job_id: uuid.UUID
     task_name: str
     queue: str
+    # The submitting request's id, so the worker's log lines for the job can quote it.
+    request_id: str | None = None
+
+
+# The Celery message header carrying the request id; the worker binds it to its log lines.
+REQUEST_ID_HEADER = "conveyor_request_id"
 
 
 class CeleryPublisher:
@@ -80,4 +86,5 @@ class CeleryPublisher:
                     queue=message.queue,
                     producer=producer,
                     ignore_result=True,
+                    headers={REQUEST_ID_HEADER: message.request_id} if message.request_id else None,
                 )

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # Namespace of rate-limit counters in Redis; shared by every API instance.
     rate_limit_prefix: str = "conveyor-rl"
     log_level: str = "INFO"
+    # `auto`: readable text in development, JSON lines everywhere else.
+    log_format: Literal["auto", "json", "console"] = "auto"
     flower_user: str = "admin"
     flower_password: str = ""
     flower_address: str = "127.0.0.1"

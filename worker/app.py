@@ -6,12 +6,12 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import beat_init, setup_logging, worker_process_init
+from celery.signals import beat_init, setup_logging, task_postrun, task_prerun, worker_process_init
 from kombu import Queue
 
-from conveyor.broker import create_celery
+from conveyor.broker import REQUEST_ID_HEADER, create_celery
 from conveyor.db import create_db_engine, create_session_factory
-from conveyor.logs import configure_logging
+from conveyor.logs import bind_context, clear_context, configure_logging
 from conveyor.registry import JobType, load_job_types
 from conveyor.settings import Settings
 from worker.housekeeping import Housekeeper
@@ -50,7 +50,24 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     def _keep_our_logging(**_: Any) -> None:
         configure_logging(settings)
 
+    # Module-level receivers with a uid: building a second app does not connect them twice.
+    task_prerun.connect(_bind_job_context, weak=False, dispatch_uid="conveyor-bind-job")
+    task_postrun.connect(_clear_job_context, weak=False, dispatch_uid="conveyor-clear-job")
     return app
+
+
+def _bind_job_context(task_id: str | None = None, task: Task | None = None, **_: Any) -> None:
+    """Give every line logged while a job runs, Celery's own included, its id and type."""
+    clear_context()
+    if task is None:
+        return
+    # Celery exposes a message's custom headers as attributes of the task's request.
+    request_id = getattr(task.request, REQUEST_ID_HEADER, None)
+    bind_context(job_id=task_id, job_type=task.name, request_id=request_id)
+
+
+def _clear_job_context(**_: Any) -> None:
+    clear_context()
 
 
 def _register_job_task(app: Celery, services: WorkerServices, job_type: JobType) -> None:

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.errors import ValidationFailed
 from conveyor.jobs import ClaimedJob, beat_heartbeats, claim_job, fail_job, succeed_job
+from conveyor.logs import bind_context
 from conveyor.progress import PROGRESS_STATE, progress_meta
 from conveyor.registry import JobContext, JobRegistry
 from conveyor.settings import Settings
@@ -142,6 +143,7 @@ def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
         # A redelivery, a duplicate publish or a cancelled job: acknowledge and skip.
         logger.info("job %s is not queued; skipping this delivery", job_id)
         return "skipped"
+    bind_context(tenant_id=claimed.tenant_id, attempt=claimed.attempt)
     try:
         with services.heartbeats.running(job_id):
             _run_and_succeed(services, task, claimed)
