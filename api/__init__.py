@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import auth, errors, health, identity, jobs, keys, limits, requests, users
+from api import auth, errors, health, identity, jobs, keys, limits, metrics, requests, users
 from api.services import Services
 from conveyor.logs import configure_logging
 from conveyor.settings import Settings
@@ -19,6 +19,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["conveyor"] = services or Services.from_settings(settings)
     requests.init_app(app)
+    metrics.init_app(app)
     errors.init_app(app)
     auth.init_app(app, settings)
     limits.init_app(app, settings, identity.signin)

@@ -11,7 +11,12 @@ from typing import Any
 from gunicorn import glogging
 
 from conveyor.logs import configure_logging
+from conveyor.metrics_dir import prepare_multiprocess_dir
 from conveyor.settings import Settings
+
+# In the master, before any worker imports prometheus_client: an empty directory where
+# every worker writes its samples, so a scrape of any one of them reports the sum.
+prepare_multiprocess_dir("api")
 
 
 class StructuredLogger(glogging.Logger):  # type: ignore[misc]
@@ -52,6 +57,13 @@ logger_class = StructuredLogger
 def on_starting(_server: Any) -> None:
     """Set up logging in the master, so its own lines (workers booting, dying) are data too."""
     configure_logging(Settings())
+
+
+def child_exit(_server: Any, worker: Any) -> None:
+    """Drop a dead worker's live gauges; its counters stay, so totals never go backwards."""
+    from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
+
+    GunicornPrometheusMetrics.mark_process_dead_on_child_exit(worker.pid)
 
 
 # gunicorn 23+ opens a control socket at one path per user ($HOME/.gunicorn/gunicorn.ctl):

@@ -17,6 +17,7 @@ from api.services import services
 from conveyor.broker import Message
 from conveyor.jobs import get_job, mark_published, submit_job
 from conveyor.logs import bind_context
+from conveyor.metrics import JOBS_SUBMITTED
 from conveyor.progress import read_progress
 from conveyor.roles import Permission
 from conveyor.states import JobState
@@ -41,6 +42,7 @@ def create() -> tuple[Response, int, dict[str, str]]:
             default_queue=svc.settings.default_queue,
         )
     bind_context(job_id=job.id, job_type=job.type)
+    JOBS_SUBMITTED.labels(job.type, job.queue).inc()
     logger.info("job submitted to queue %s", job.queue)
     # Commit first, then publish: a worker must never receive an id it cannot see yet.
     try:

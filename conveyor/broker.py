@@ -74,6 +74,11 @@ class CeleryPublisher:
     def __init__(self, app: Celery) -> None:
         self._app = app
 
+    @property
+    def app(self) -> Celery:
+        """Return the Celery app it publishes through (for broker queries and broadcasts)."""
+        return self._app
+
     def publish(self, messages: Iterable[Message]) -> None:
         """Send one message per job, with the job id as both task id and only argument."""
         with self._app.producer_or_acquire() as producer:

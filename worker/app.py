@@ -6,12 +6,20 @@ import logging
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import beat_init, setup_logging, task_postrun, task_prerun, worker_process_init
+from celery.signals import (
+    beat_init,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_ready,
+)
 from kombu import Queue
 
 from conveyor.broker import REQUEST_ID_HEADER, create_celery
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.logs import bind_context, clear_context, configure_logging
+from conveyor.metrics import serve_metrics
 from conveyor.registry import JobType, load_job_types
 from conveyor.settings import Settings
 from worker.housekeeping import Housekeeper
@@ -40,6 +48,19 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     @beat_init.connect(weak=False)
     def _start_housekeeping(**_: Any) -> None:
         Housekeeper.for_app(app).start()
+        if settings.beat_metrics_port:
+            serve_metrics(
+                settings.metrics_address, settings.beat_metrics_port, settings.metrics_token
+            )
+
+    @worker_ready.connect(weak=False)
+    def _start_exporter(**_: Any) -> None:
+        # In the main process, once the pool has forked: prefork children write their
+        # samples to the multiprocess directory (worker.main), and this one sums them.
+        if settings.worker_metrics_port:
+            serve_metrics(
+                settings.metrics_address, settings.worker_metrics_port, settings.metrics_token
+            )
 
     @worker_process_init.connect(weak=False)
     def _fresh_pool_after_fork(**_: Any) -> None:

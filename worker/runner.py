@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from conveyor.errors import ValidationFailed
 from conveyor.jobs import ClaimedJob, beat_heartbeats, claim_job, fail_job, succeed_job
 from conveyor.logs import bind_context
+from conveyor.metrics import JOB_QUEUE_WAIT_SECONDS, JOB_RUN_SECONDS, JOBS_FINISHED
 from conveyor.progress import PROGRESS_STATE, progress_meta
 from conveyor.registry import JobContext, JobRegistry
 from conveyor.settings import Settings
@@ -144,6 +145,11 @@ def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
         logger.info("job %s is not queued; skipping this delivery", job_id)
         return "skipped"
     bind_context(tenant_id=claimed.tenant_id, attempt=claimed.attempt)
+    if claimed.due_at is not None:
+        JOB_QUEUE_WAIT_SECONDS.labels(claimed.type).observe(
+            max(0.0, (utcnow() - claimed.due_at).total_seconds())
+        )
+    started = time.monotonic()
     try:
         with services.heartbeats.running(job_id):
             _run_and_succeed(services, task, claimed)
@@ -151,6 +157,7 @@ def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
         logger.warning("job %s attempt %s lost its claim; rolled back", job_id, claimed.attempt)
         return "lost"
     except Exception as exc:
+        JOB_RUN_SECONDS.labels(claimed.type).observe(time.monotonic() - started)
         logger.warning("job %s attempt %s raised", job_id, claimed.attempt, exc_info=True)
         with services.sessions.begin() as session:
             outcome = fail_job(
@@ -160,7 +167,11 @@ def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
                 utcnow(),
                 retryable=not isinstance(exc, ValidationFailed),
             )
+        if outcome is not None:
+            JOBS_FINISHED.labels(claimed.type, outcome).inc()
         return str(outcome)
+    JOB_RUN_SECONDS.labels(claimed.type).observe(time.monotonic() - started)
+    JOBS_FINISHED.labels(claimed.type, "succeeded").inc()
     return "succeeded"
 
 
