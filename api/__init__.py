@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from flask import Flask
 
-from api import auth, errors, health, identity, jobs, keys, limits, metrics, requests, users
+from api import (
+    auth,
+    errors,
+    health,
+    identity,
+    jobs,
+    keys,
+    limits,
+    metrics,
+    queues,
+    requests,
+    users,
+)
 from api.services import Services
 from conveyor.logs import configure_logging
 from conveyor.settings import Settings
@@ -23,6 +35,14 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     errors.init_app(app)
     auth.init_app(app, settings)
     limits.init_app(app, settings, identity.signin)
-    for blueprint in (health.bp, identity.signin, identity.bp, users.bp, keys.bp, jobs.bp):
+    for blueprint in (
+        health.bp,
+        identity.signin,
+        identity.bp,
+        users.bp,
+        keys.bp,
+        jobs.bp,
+        queues.bp,
+    ):
         app.register_blueprint(blueprint)
     return app

@@ -13,11 +13,11 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_flask_exporter import PrometheusMetrics
 from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
 
-from api.services import Services, services
+from api.queues import read_queues
+from api.services import services
 from conveyor.errors import Forbidden, Unauthorized
 from conveyor.metrics import QueueCollector, scrape_registry, token_matches
 from conveyor.metrics_dir import multiprocess_dir
-from conveyor.queues import QueueStats, WorkerInfo, online_workers, queue_overview
 
 bp = Blueprint("metrics", __name__)
 
@@ -34,14 +34,6 @@ def init_app(app: Flask) -> None:
         exporter = PrometheusMetrics(app, path=None, registry=CollectorRegistry(), **options)
     app.extensions["conveyor_metrics"] = exporter
     app.register_blueprint(bp)
-
-
-def read_queues(svc: Services) -> tuple[list[QueueStats], list[WorkerInfo]]:
-    """Return the queue overview and the live workers, as `/v1/queues` shows them."""
-    known = {svc.settings.default_queue} | {jt.queue for jt in svc.registry if jt.queue}
-    with svc.sessions() as session:
-        queues = queue_overview(session, svc.publisher.app, known)
-    return queues, online_workers(svc.publisher.app, svc.settings.inspect_timeout)
 
 
 @bp.get("/metrics")
