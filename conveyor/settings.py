@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     flower_password: str = ""
     flower_address: str = "127.0.0.1"
     flower_port: int = 5555
+    # Serve Flower under this path (e.g. `flower` for /flower/...) behind a proxy; empty: /.
+    flower_url_prefix: str = ""
     data_dir: str = ".conveyor"
 
     @model_validator(mode="after")
