@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     result_backend_url: str | None = None
     db_pool_size: int = Field(default=10, ge=1)
     db_pool_max_overflow: int = Field(default=10, ge=0)
+    # Behind PgBouncer in transaction mode a prepared statement may land on another server
+    # connection: turn off psycopg's automatic server-side prepares.
+    db_prepared_statements: bool = True
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     # Seconds the result backend keeps a job's live state; the ledger keeps the rest.
     result_expires: int = Field(default=24 * 3600, ge=60)
