@@ -20,4 +20,4 @@ RUN mkdir -p /app/data && chown conveyor:conveyor /app/data
 ENV PATH="/app/.venv/bin:$PATH" PYTHONUNBUFFERED=1 CONVEYOR_DATA_DIR=/app/data
 USER conveyor
 EXPOSE 8000 5555
-CMD ["sh", "-c", "gunicorn --bind ${CONVEYOR_API_BIND:-0.0.0.0:8000} --workers ${CONVEYOR_API_WORKERS:-2} --access-logfile - 'api:create_app()'"]
+CMD ["sh", "-c", "gunicorn --config python:api.gunicorn_config --bind ${CONVEYOR_API_BIND:-0.0.0.0:8000} --workers ${CONVEYOR_API_WORKERS:-2} --access-logfile - 'api:create_app()'"]

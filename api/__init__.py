@@ -17,6 +17,8 @@ from api import (
     jobs,
     keys,
     limits,
+    metrics,
+    queues,
     requests,
     schedules,
     users,
@@ -35,6 +37,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["conveyor"] = services or Services.from_settings(settings)
     requests.init_app(app)
+    metrics.init_app(app)
     errors.init_app(app)
     auth.init_app(app, settings)
     limits.init_app(app, settings, identity.signin)
@@ -49,6 +52,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         job_control.bp,
         schedules.bp,
         files.bp,
+        queues.bp,
     )
     for blueprint in blueprints:
         app.register_blueprint(blueprint)

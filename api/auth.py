@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from api.services import services
 from conveyor.auth import KEY_SCHEME, Principal, authenticate_api_key
 from conveyor.errors import Unauthorized
+from conveyor.logs import bind_context
 from conveyor.models import User
 from conveyor.roles import Permission, Role, check_permission
 from conveyor.settings import Settings
@@ -103,6 +104,7 @@ def authenticate() -> Principal:
         else:
             principal = _principal_from_jwt(session, token)
     g.principal = principal
+    bind_context(tenant_id=principal.tenant_id)
     return principal
 
 

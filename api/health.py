@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import Blueprint, Response, jsonify
+from kombu import Connection
 from sqlalchemy import text
 
-from api.services import services
+from api.services import Services, services
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("health", __name__)
+# Seconds each dependency gets to answer; a probe that hangs is as bad as one that fails.
+CHECK_TIMEOUT = 2.0
 
 
 @bp.get("/healthz")
@@ -19,23 +25,53 @@ def healthz() -> Response:
     return jsonify(status="ok")
 
 
+def check_database(svc: Services) -> None:
+    """Run `SELECT 1` on a pooled connection, bounded by a statement timeout."""
+    with svc.engine.connect() as conn:
+        conn.execute(text(f"SET LOCAL statement_timeout = {int(CHECK_TIMEOUT * 1000)}"))
+        conn.execute(text("SELECT 1"))
+
+
+def check_broker(svc: Services) -> None:
+    """Open a fresh broker connection (Redis or RabbitMQ alike) with no retry."""
+    options = {"socket_timeout": CHECK_TIMEOUT, "socket_connect_timeout": CHECK_TIMEOUT}
+    with Connection(
+        svc.settings.broker, connect_timeout=CHECK_TIMEOUT, transport_options=options
+    ) as conn:
+        conn.ensure_connection(max_retries=0, timeout=CHECK_TIMEOUT)
+
+
+def check_result_backend(svc: Services) -> None:
+    """Ping the result backend, where the API reads live progress."""
+    svc.redis.ping()
+
+
+CHECKS: dict[str, Callable[[Services], None]] = {
+    "database": check_database,
+    "broker": check_broker,
+    "result_backend": check_result_backend,
+}
+
+
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """Check the database and Redis; 503 names whichever failed."""
+    """Check PostgreSQL, the broker and the result backend at once; 503 names which failed."""
     svc = services()
     checks: dict[str, str] = {}
-    try:
-        with svc.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception:  # any failure means not ready; the log has the reason
-        logger.warning("readiness: database unavailable", exc_info=True)
-        checks["database"] = "unavailable"
-    try:
-        svc.redis.ping()
-        checks["redis"] = "ok"
-    except Exception:
-        logger.warning("readiness: redis unavailable", exc_info=True)
-        checks["redis"] = "unavailable"
+    # In parallel, so a probe costs the slowest check rather than their sum; a hung one
+    # is reported after CHECK_TIMEOUT while its thread runs out its own socket timeout.
+    pool = ThreadPoolExecutor(max_workers=len(CHECKS), thread_name_prefix="readyz")
+    futures = {name: pool.submit(check, svc) for name, check in CHECKS.items()}
+    for name, future in futures.items():
+        try:
+            future.result(timeout=CHECK_TIMEOUT + 0.5)
+            checks[name] = "ok"
+        except FutureTimeout:
+            logger.warning("readiness: %s timed out", name)
+            checks[name] = "timeout"
+        except Exception:  # any failure means not ready; the log has the reason
+            logger.warning("readiness: %s unavailable", name, exc_info=True)
+            checks[name] = "unavailable"
+    pool.shutdown(wait=False)
     ready = all(v == "ok" for v in checks.values())
     return jsonify(status="ok" if ready else "unavailable", checks=checks), 200 if ready else 503

@@ -17,6 +17,8 @@ from api.requests import parse_body, parse_id, parse_query
 from api.schemas import EventOut, JobBatch, JobListQuery, JobOut
 from api.services import services
 from conveyor.errors import ValidationFailed
+from conveyor.logs import bind_context
+from conveyor.metrics import JOBS_SUBMITTED
 from conveyor.progress import read_progress
 from conveyor.queries import get_job, list_events, list_jobs
 from conveyor.roles import Permission
@@ -72,8 +74,11 @@ def create() -> tuple[Response, int, dict[str, str]]:
                 ids=[job_id],
             )
     location = {"Location": url_for("jobs.show", job_id=job.id)}
+    bind_context(job_id=job.id, job_type=job.type)
     if original is not None:
         return jsonify(JobOut.of(job).model_dump(mode="json")), 200, location
+    JOBS_SUBMITTED.labels(job.type, job.queue).inc()
+    logger.info("job submitted to queue %s", job.queue)
     publish_committed(svc, [job])
     return jsonify(JobOut.of(job).model_dump(mode="json")), 202, location
 
@@ -93,6 +98,8 @@ def create_batch() -> tuple[Response, int]:
             default_queue=svc.settings.default_queue,
             now=datetime.now(UTC),
         )
+    for job in jobs:
+        JOBS_SUBMITTED.labels(job.type, job.queue).inc()
     publish_committed(svc, jobs)
     return jsonify(items=[JobOut.of(job).model_dump(mode="json") for job in jobs]), 202
 
@@ -121,6 +128,7 @@ def show(job_id: str) -> ResponseBase:
     svc = services()
     with svc.sessions() as session:
         job = get_job(session, parse_id(job_id, "job"), principal.tenant_id)
+    bind_context(job_id=job.id, job_type=job.type)
     progress = None
     if job.state == JobState.RUNNING:
         try:

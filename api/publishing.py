@@ -10,6 +10,7 @@ from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
+from api.requests import request_id
 from api.services import Services
 from conveyor.broker import Message
 from conveyor.jobs import mark_published
@@ -24,7 +25,7 @@ def publish_committed(svc: Services, jobs: Iterable[Job]) -> None:
 
     Commit first, then publish: a worker must never receive an id it cannot see yet.
     """
-    messages = [Message.of(job) for job in jobs if job.state == JobState.QUEUED]
+    messages = [Message.of(job, request_id()) for job in jobs if job.state == JobState.QUEUED]
     if not messages:
         return
     try:

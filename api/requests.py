@@ -10,6 +10,7 @@ from flask import Flask, Response, g, request
 from pydantic import BaseModel, ValidationError
 
 from conveyor.errors import MalformedRequest, NotFound, UnsupportedMediaType, ValidationFailed
+from conveyor.logs import bind_context, clear_context
 
 M = TypeVar("M", bound=BaseModel)
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -23,11 +24,18 @@ def init_app(app: Flask) -> None:
     def _bind_request_id() -> None:
         given = request.headers.get(REQUEST_ID_HEADER, "")
         g.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        # Every log line of this request carries its id (and later its tenant and job).
+        clear_context()
+        bind_context(request_id=g.request_id)
 
     @app.after_request
     def _return_request_id(response: Response) -> Response:
         response.headers[REQUEST_ID_HEADER] = request_id()
         return response
+
+    @app.teardown_request
+    def _forget_request(_: BaseException | None) -> None:
+        clear_context()
 
 
 def request_id() -> str:

@@ -78,18 +78,28 @@ class Message:
     queue: str
     # Conveyor's priority: 0 to 9, 9 runs first.
     priority: int = 0
+    # The submitting request's id, so the worker's log lines for the job can quote it.
+    request_id: str | None = None
 
     @classmethod
-    def of(cls, job: Job) -> Message:
+    def of(cls, job: Job, request_id: str | None = None) -> Message:
         """Return the message that runs `job`."""
-        return cls(job.id, job.type, job.queue, job.priority)
+        return cls(job.id, job.type, job.queue, job.priority, request_id)
+
+
+# The Celery message header carrying the request id; the worker binds it to its log lines.
+REQUEST_ID_HEADER = "conveyor_request_id"
+
+
+def queue_lists(queue: str) -> list[str]:
+    """Return the Redis lists kombu keeps for a queue, one per priority level."""
+    return [f"{queue}{PRIORITY_SEPARATOR}{n}" if n else queue for n in PRIORITY_LEVELS]
 
 
 def queue_depth(redis: Redis, queue: str) -> int:
     """Count the messages waiting in a Redis-broker queue, over all its priority lists."""
-    names = [queue, *(f"{queue}{PRIORITY_SEPARATOR}{n}" for n in PRIORITY_LEVELS if n)]
     with redis.pipeline(transaction=False) as pipe:
-        for name in names:
+        for name in queue_lists(queue):
             pipe.llen(name)
         return sum(pipe.execute())
 
@@ -100,11 +110,7 @@ def broker_task_ids(redis: Redis, queues: Iterable[str], limit: int) -> set[str]
     Reads the priority lists and kombu's `unacked` hash. `None` when there are more than
     `limit` messages: too many to read on a housekeeping pass, so nothing can be concluded.
     """
-    names = [
-        f"{queue}{PRIORITY_SEPARATOR}{n}" if n else queue
-        for queue in queues
-        for n in PRIORITY_LEVELS
-    ]
+    names = [name for queue in queues for name in queue_lists(queue)]
     with redis.pipeline(transaction=False) as pipe:
         for name in names:
             pipe.llen(name)
@@ -130,6 +136,11 @@ class CeleryPublisher:
         # Redis reads priority 0 first; AMQP brokers deliver the highest number first.
         self._redis = str(app.conf.broker_url).startswith(("redis", "rediss", "valkey"))
 
+    @property
+    def app(self) -> Celery:
+        """Return the Celery app it publishes through (for broker queries and broadcasts)."""
+        return self._app
+
     def _broker_priority(self, priority: int) -> int:
         return max(PRIORITY_LEVELS) - priority if self._redis else priority
 
@@ -146,4 +157,5 @@ class CeleryPublisher:
                     priority=self._broker_priority(message.priority),
                     producer=producer,
                     ignore_result=True,
+                    headers={REQUEST_ID_HEADER: message.request_id} if message.request_id else None,
                 )

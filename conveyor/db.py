@@ -15,7 +15,11 @@ def create_db_engine(settings: Settings) -> Engine:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_max_overflow,
         pool_pre_ping=True,
-        connect_args={"connect_timeout": 5},
+        connect_args={
+            "connect_timeout": 5,
+            # psycopg prepares a query server-side after 5 runs; None never does (PgBouncer).
+            **({} if settings.db_prepared_statements else {"prepare_threshold": None}),
+        },
     )
 
 

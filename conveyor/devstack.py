@@ -86,14 +86,19 @@ def ensure_dev_credentials(settings: Settings, path: Path) -> tuple[DevCredentia
     return created, True
 
 
-def banner(creds: DevCredentials, created: bool, api_url: str, flower_port: int) -> str:
+def banner(
+    creds: DevCredentials, created: bool, api_url: str, flower_port: int, flower_prefix: str = ""
+) -> str:
     """Return the text printed once the API answers: URLs, credentials and curl lines."""
     auth = f"-H 'Authorization: Bearer {creds.api_key}'"
     first = "created on this first run" if created else "from .conveyor/dev-credentials.json"
+    flower_url = f"http://127.0.0.1:{flower_port}/" + (
+        f"{flower_prefix.strip('/')}/" if flower_prefix.strip("/") else ""
+    )
     return f"""
 ================================ Conveyor is up ================================
   API      {api_url}   (/healthz, /readyz)
-  Flower   http://127.0.0.1:{flower_port}   user admin, password {creds.flower_password}
+  Flower   {flower_url}   user admin, password {creds.flower_password}
   Tenant   {creds.tenant_id} ({first})
   Admin    {creds.email}, password {creds.password}
   API key  {creds.api_key}
@@ -186,7 +191,11 @@ def run(root: Path) -> int:
             honcho.send_signal(signal.SIGTERM)
         threading.Thread(
             target=_announce_when_up,
-            args=(api_url, banner(creds, created, api_url, settings.flower_port), stopping),
+            args=(
+                api_url,
+                banner(creds, created, api_url, settings.flower_port, settings.flower_url_prefix),
+                stopping,
+            ),
             daemon=True,
         ).start()
         honcho.wait()

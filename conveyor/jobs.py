@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,6 +37,8 @@ class ClaimedJob:
     max_attempts: int
     started_at: datetime | None
     worker: str | None = None
+    # When the job fell due (created, or its delay or backoff over): the start of its wait.
+    due_at: datetime | None = None
 
 
 def record_event(
@@ -94,6 +97,7 @@ def claim_job(session: Session, job_id: uuid.UUID, worker: str, now: datetime) -
             Job.max_attempts,
             Job.started_at,
             Job.worker,
+            func.coalesce(Job.scheduled_for, Job.created_at),
         )
     ).one_or_none()
     if row is None:
@@ -190,6 +194,7 @@ def promote_due_jobs(
     *,
     batch_size: int = 500,
     unpublished_after: float = 10.0,
+    reasons: Counter[str] | None = None,
 ) -> list[Job]:
     """Queue due jobs, and take back queued jobs whose publish was never confirmed.
 
@@ -199,6 +204,7 @@ def promote_due_jobs(
     commit matters: a worker's claim only sees committed rows, so an id published earlier
     would be skipped and lost.
     Rows are locked with `FOR UPDATE SKIP LOCKED` so promoters never block each other.
+    `reasons`, when given, counts them as `promoted` (fell due) or `republished`.
     """
     waiting = (JobState.SCHEDULED, JobState.RETRYING)
     queued_since = func.coalesce(Job.scheduled_for, Job.created_at)
@@ -220,6 +226,8 @@ def promote_due_jobs(
         )
     )
     for job in jobs:
+        if reasons is not None:
+            reasons["republished" if job.state == JobState.QUEUED else "promoted"] += 1
         if job.state != JobState.QUEUED:
             record_event(session, job.id, JobState(job.state), JobState.QUEUED, job.attempt)
         job.state = JobState.QUEUED

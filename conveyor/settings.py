@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     result_backend_url: str | None = None
     db_pool_size: int = Field(default=10, ge=1)
     db_pool_max_overflow: int = Field(default=10, ge=0)
+    # Behind PgBouncer in transaction mode a prepared statement may land on another server
+    # connection: turn off psycopg's automatic server-side prepares.
+    db_prepared_statements: bool = True
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     # Largest file `POST /v1/uploads` accepts.
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
@@ -87,10 +90,23 @@ class Settings(BaseSettings):
     # Namespace of rate-limit counters in Redis; shared by every API instance.
     rate_limit_prefix: str = "conveyor-rl"
     log_level: str = "INFO"
+    # `auto`: readable text in development, JSON lines everywhere else.
+    log_format: Literal["auto", "json", "console"] = "auto"
+    # Bearer token for every /metrics (API, worker, beat). Unset: /metrics answers only
+    # in development; set it and give Prometheus the same token.
+    metrics_token: str = ""
+    # The worker's and beat's own metrics exporters; 0 leaves one off.
+    metrics_address: str = "127.0.0.1"
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    beat_metrics_port: int = Field(default=0, ge=0, le=65535)
+    # Seconds to wait for workers to answer a broadcast (/v1/queues, /metrics).
+    inspect_timeout: float = Field(default=1.0, gt=0, le=30)
     flower_user: str = "admin"
     flower_password: str = ""
     flower_address: str = "127.0.0.1"
     flower_port: int = 5555
+    # Serve Flower under this path (e.g. `flower` for /flower/...) behind a proxy; empty: /.
+    flower_url_prefix: str = ""
     data_dir: str = ".conveyor"
 
     @model_validator(mode="after")

@@ -125,6 +125,10 @@ def _trigger_schedule(client: Any, headers: dict[str, str], ctx: dict[str, Any])
     return client.post(f"/v1/schedules/{_a_schedule(client, ctx)}/trigger", headers=headers)
 
 
+def _queues(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.get("/v1/queues", headers=headers)
+
+
 Call = Callable[[Any, dict[str, str], dict[str, Any]], Any]
 # expected status for admin, operator, member, viewer, no credentials
 MATRIX: dict[str, tuple[Call, tuple[int, int, int, int, int]]] = {
@@ -151,6 +155,7 @@ MATRIX: dict[str, tuple[Call, tuple[int, int, int, int, int]]] = {
     "GET /v1/api-keys": (_list_keys, (200, 200, 403, 403, 401)),
     "DELETE /v1/api-keys/{id}": (_revoke_key, (204, 204, 403, 403, 401)),
     "POST /v1/auth/logout": (_logout_with_key, (422, 422, 422, 422, 401)),
+    "GET /v1/queues": (_queues, (200, 200, 403, 403, 401)),
 }
 
 

@@ -180,4 +180,4 @@ def test_health_and_readiness(client: Any) -> None:
     assert client.get("/healthz").get_json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.get_json()["checks"] == {"database": "ok", "redis": "ok"}
+    assert ready.get_json()["checks"] == {"database": "ok", "broker": "ok", "result_backend": "ok"}

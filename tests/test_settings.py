@@ -43,3 +43,18 @@ def test_settings_come_from_conveyor_environment(monkeypatch: pytest.MonkeyPatch
     settings = Settings()
     assert settings.max_body_bytes == 2048
     assert settings.job_modules == ["a.b", "c.d"]
+
+
+def test_prepared_statements_can_be_turned_off_for_pgbouncer(settings: Settings) -> None:
+    from sqlalchemy import text
+
+    from conveyor.db import create_db_engine
+
+    for enabled, expected in ((True, 5), (False, None)):
+        engine = create_db_engine(settings.model_copy(update={"db_prepared_statements": enabled}))
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+                assert conn.connection.driver_connection.prepare_threshold == expected
+        finally:
+            engine.dispose()

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
-from conveyor.broker import Message, broker_task_ids, queue_depth
+from conveyor.broker import Message, broker_task_ids, queue_depth, queue_lists
 from conveyor.jobs import claim_job
 from conveyor.models import Job
 from conveyor.settings import Settings
@@ -187,5 +187,5 @@ def test_the_reconciler_redrives_a_job_whose_message_was_lost(
             )
         assert housekeeper.reconcile() == 0  # freshly published: nothing stale now
     finally:
-        redis_client.delete(queue, *(f"{queue}:{n}" for n in range(1, 10)))
+        redis_client.delete(*queue_lists(queue))
         app.conveyor.engine.dispose()

@@ -7,12 +7,20 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import TimeLimitExceeded
-from celery.signals import beat_init, setup_logging, worker_process_init
+from celery.signals import (
+    beat_init,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_ready,
+)
 from kombu import Queue
 
-from conveyor.broker import create_celery
+from conveyor.broker import REQUEST_ID_HEADER, create_celery
 from conveyor.db import create_db_engine, create_session_factory
-from conveyor.logs import configure_logging
+from conveyor.logs import bind_context, clear_context, configure_logging
+from conveyor.metrics import serve_metrics
 from conveyor.registry import JobType, load_job_types
 from conveyor.settings import Settings
 from worker.housekeeping import Housekeeper
@@ -40,6 +48,19 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     @beat_init.connect(weak=False)
     def _start_housekeeping(**_: Any) -> None:
         Housekeeper.for_app(app).start()
+        if settings.beat_metrics_port:
+            serve_metrics(
+                settings.metrics_address, settings.beat_metrics_port, settings.metrics_token
+            )
+
+    @worker_ready.connect(weak=False)
+    def _start_exporter(**_: Any) -> None:
+        # In the main process, once the pool has forked: prefork children write their
+        # samples to the multiprocess directory (worker.main), and this one sums them.
+        if settings.worker_metrics_port:
+            serve_metrics(
+                settings.metrics_address, settings.worker_metrics_port, settings.metrics_token
+            )
 
     @worker_process_init.connect(weak=False)
     def _fresh_pool_after_fork(**_: Any) -> None:
@@ -50,7 +71,24 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     def _keep_our_logging(**_: Any) -> None:
         configure_logging(settings)
 
+    # Module-level receivers with a uid: building a second app does not connect them twice.
+    task_prerun.connect(_bind_job_context, weak=False, dispatch_uid="conveyor-bind-job")
+    task_postrun.connect(_clear_job_context, weak=False, dispatch_uid="conveyor-clear-job")
     return app
+
+
+def _bind_job_context(task_id: str | None = None, task: Task | None = None, **_: Any) -> None:
+    """Give every line logged while a job runs, Celery's own included, its id and type."""
+    clear_context()
+    if task is None:
+        return
+    # Celery exposes a message's custom headers as attributes of the task's request.
+    request_id = getattr(task.request, REQUEST_ID_HEADER, None)
+    bind_context(job_id=task_id, job_type=task.name, request_id=request_id)
+
+
+def _clear_job_context(**_: Any) -> None:
+    clear_context()
 
 
 def consumed_queues(settings: Settings, services: WorkerServices) -> list[str]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -32,6 +34,7 @@ from conveyor.jobs import (
     reap_stale_jobs,
     stale_queued_jobs,
 )
+from conveyor.metrics import JOBS_FINISHED, JOBS_REDRIVEN
 from conveyor.models import Job
 from conveyor.retention import prune
 from conveyor.schedules import fire_due_schedules
@@ -110,11 +113,15 @@ class Housekeeper:
 
     def promote(self) -> int:
         """Expire late jobs, then queue due and unpublished ones; return how many were queued."""
+        reasons: Counter[str] = Counter()
         with self.services.sessions.begin() as session:
             expired = expire_jobs(session, utcnow())
-            messages = [Message.of(j) for j in promote_due_jobs(session, utcnow())]
+            jobs = promote_due_jobs(session, utcnow(), reasons=reasons)
+            messages = [Message.of(j) for j in jobs]
         self._count("expired", expired)
         self._publish(messages)
+        for reason, count in reasons.items():
+            JOBS_REDRIVEN.labels(reason).inc(count)
         if expired or messages:
             logger.info("queued %d due jobs, expired %d late ones", len(messages), expired)
         return self._count("promoted", len(messages))
@@ -141,8 +148,21 @@ class Housekeeper:
         settings = self.services.settings
         with self.services.sessions.begin() as session:
             reaped = reap_stale_jobs(session, utcnow(), stale_after=settings.heartbeat_timeout)
+            # Rare (a worker died): one more small query to count them by type is fine.
+            types: dict[uuid.UUID, str] = {}
+            if reaped:
+                ids = [job_id for job_id, _ in reaped]
+                rows = session.execute(select(Job.id, Job.type).where(Job.id.in_(ids)))
+                types.update({job_id: job_type for job_id, job_type in rows})
         for job_id, outcome in reaped:
-            logger.warning("job %s lost its worker: now %s", job_id, outcome)
+            JOBS_REDRIVEN.labels("reaped").inc()
+            JOBS_FINISHED.labels(types.get(job_id, "unknown"), outcome).inc()
+            logger.warning(
+                "job %s lost its worker: now %s",
+                job_id,
+                outcome,
+                extra={"job_id": str(job_id), "job_type": types.get(job_id)},
+            )
         with self.services.sessions.begin() as session:
             overdue = overdue_cancellations(session, utcnow(), grace=settings.cancel_grace_seconds)
         if overdue:
@@ -173,6 +193,7 @@ class Housekeeper:
             messages = [Message.of(j) for j in lost]
         self._publish(messages)
         if messages:
+            JOBS_REDRIVEN.labels("reconciled").inc(len(messages))
             logger.warning("re-drove %d queued jobs missing from the broker", len(messages))
         return self._count("redriven", len(messages))
 

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from worker.app import create_celery_app
+from conveyor.metrics_dir import prepare_multiprocess_dir
+
+# Before anything imports prometheus_client: prefork children then write their samples
+# where the main process's exporter can sum them (see conveyor.metrics_dir).
+prepare_multiprocess_dir("celery")
+
+from conveyor.logs import configure_logging  # noqa: E402
+from conveyor.settings import Settings  # noqa: E402
+from worker.app import create_celery_app  # noqa: E402
 
 # The one module that builds an app at import: the Celery CLI needs an attribute to load.
-app = create_celery_app()
+settings = Settings()
+# Before Celery says anything: its start-up warnings (running as root) are log lines too.
+configure_logging(settings)
+app = create_celery_app(settings)

@@ -33,6 +33,8 @@ from conveyor.jobs import (
     running_attempt,
     succeed_job,
 )
+from conveyor.logs import bind_context
+from conveyor.metrics import JOB_QUEUE_WAIT_SECONDS, JOB_RUN_SECONDS, JOBS_FINISHED
 from conveyor.progress import PROGRESS_STATE, progress_meta
 from conveyor.registry import JobContext, JobRegistry
 from conveyor.settings import Settings
@@ -175,6 +177,12 @@ def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
         logger.info("job %s is not queued; skipping this delivery", job_id)
         return "skipped"
     job_type = services.registry.get(claimed.type)
+    bind_context(tenant_id=claimed.tenant_id, attempt=claimed.attempt)
+    if claimed.due_at is not None:
+        JOB_QUEUE_WAIT_SECONDS.labels(claimed.type).observe(
+            max(0.0, (utcnow() - claimed.due_at).total_seconds())
+        )
+    started = time.monotonic()
     try:
         with services.heartbeats.running(job_id):
             result = _run_and_succeed(services, task, claimed)
@@ -184,8 +192,10 @@ def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
     except JobCancelled:
         with services.sessions.begin() as session:
             cancel_running_job(session, claimed, utcnow())
+        JOBS_FINISHED.labels(claimed.type, "cancelled").inc()
         return "cancelled"
     except Exception as exc:
+        JOB_RUN_SECONDS.labels(claimed.type).observe(time.monotonic() - started)
         logger.warning("job %s attempt %s raised", job_id, claimed.attempt, exc_info=True)
         with services.sessions.begin() as session:
             outcome = fail_job(
@@ -196,7 +206,11 @@ def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
                 policy=job_type.retry,
                 retryable=not isinstance(exc, ValidationFailed | PermanentError),
             )
+        if outcome is not None:
+            JOBS_FINISHED.labels(claimed.type, outcome).inc()
         return str(outcome)
+    JOB_RUN_SECONDS.labels(claimed.type).observe(time.monotonic() - started)
+    JOBS_FINISHED.labels(claimed.type, "succeeded").inc()
     _store_result(task, str(job_id), result)
     return "succeeded"
 

@@ -1,0 +1,112 @@
+"""What the queues hold and who works them: the broker's depth, the ledger's view, live workers.
+
+Shared by `GET /v1/queues` and the API's `/metrics`. Nothing here runs on a submit, claim or
+poll path: each call costs a few broker round trips, one grouped query and one broadcast.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from celery import Celery
+from kombu.exceptions import ChannelError, OperationalError
+from redis.exceptions import RedisError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from conveyor.models import Job
+from conveyor.states import JobState
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """One queue: messages waiting in the broker and the ledger's view of its jobs."""
+
+    name: str
+    depth: int | None  # None when the broker could not be asked
+    queued: int
+    oldest_queued_at: datetime | None
+    running: int
+
+    def oldest_age(self, now: datetime) -> float | None:
+        """Return how many seconds the oldest queued job has waited, if any waits."""
+        if self.oldest_queued_at is None:
+            return None
+        return max(0.0, (now - self.oldest_queued_at).total_seconds())
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A Celery worker that answered, and the job ids it is running now."""
+
+    name: str
+    active_job_ids: list[str]
+
+
+def ledger_queue_stats(session: Session) -> dict[str, tuple[int, datetime | None, int]]:
+    """Return, per queue with unfinished work, (queued, oldest queued-since, running)."""
+    queued = Job.state == JobState.QUEUED
+    # A job queued after a delay or a retry has waited since it fell due, not since created.
+    since = func.coalesce(Job.scheduled_for, Job.created_at)
+    rows = session.execute(
+        select(
+            Job.queue,
+            func.count().filter(queued),
+            func.min(since).filter(queued),
+            func.count().filter(Job.state == JobState.RUNNING),
+        )
+        .where(Job.state.in_((JobState.QUEUED, JobState.RUNNING)))
+        .group_by(Job.queue)
+    ).all()
+    return {queue: (n_queued, oldest, running) for queue, n_queued, oldest, running in rows}
+
+
+def broker_depths(app: Celery, queues: Iterable[str]) -> dict[str, int | None]:
+    """Return the messages waiting in each queue, asked of the broker itself.
+
+    A passive declare is how AMQP reports a queue's size; kombu's Redis transport answers
+    it with `LLEN` summed over the queue's priority lists. A queue the broker has never
+    seen holds nothing.
+    """
+    depths: dict[str, int | None] = {}
+    try:
+        with app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=0)
+            for queue in queues:
+                # A failed passive declare closes its AMQP channel: one channel per queue.
+                with conn.channel() as channel:
+                    try:
+                        depths[queue] = int(
+                            channel.queue_declare(queue, passive=True).message_count
+                        )
+                    except ChannelError:
+                        depths[queue] = 0
+    except (OperationalError, RedisError, OSError):
+        logger.warning("queue depths unavailable: the broker did not answer", exc_info=True)
+    return {queue: depths.get(queue) for queue in queues}
+
+
+def online_workers(app: Celery, timeout: float) -> list[WorkerInfo]:
+    """Broadcast one `inspect active` and return every worker that answered in time."""
+    try:
+        replies = app.control.inspect(timeout=timeout).active() or {}
+    except (OperationalError, RedisError, OSError):
+        logger.warning("workers unavailable: the broker did not answer", exc_info=True)
+        return []
+    return [
+        WorkerInfo(name, sorted(str(task["id"]) for task in tasks or []))
+        for name, tasks in sorted(replies.items())
+    ]
+
+
+def queue_overview(session: Session, app: Celery, known_queues: Iterable[str]) -> list[QueueStats]:
+    """Return stats for every known queue and every queue the ledger has work in."""
+    ledger = ledger_queue_stats(session)
+    names = sorted(set(known_queues) | ledger.keys())
+    depths = broker_depths(app, names)
+    return [QueueStats(name, depths[name], *ledger.get(name, (0, None, 0))) for name in names]

@@ -1,0 +1,80 @@
+"""Graceful shutdown: SIGTERM to a real prefork worker mid-job is a warm shutdown. The running
+job finishes, once; a job still in the broker stays there and runs on the next worker."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api import create_app
+from conveyor.bootstrap import Identity
+from conveyor.broker import queue_depth, queue_lists
+from conveyor.models import JobEvent
+from conveyor.settings import Settings
+from tests.conftest import wait_for
+from tests.processes import own_queue, start_worker
+
+pytestmark = pytest.mark.e2e
+
+
+def transitions(sessions: sessionmaker[Session], job_id: str) -> list[tuple[str | None, str]]:
+    """Return a job's history as (from, to) pairs, oldest first."""
+    with sessions() as session:
+        rows = session.execute(
+            select(JobEvent.from_state, JobEvent.to_state)
+            .where(JobEvent.job_id == uuid.UUID(job_id))
+            .order_by(JobEvent.id)
+        ).all()
+    return [(source, target) for source, target in rows]
+
+
+def test_sigterm_mid_job_lets_it_finish_once_and_leaves_the_rest_queued(
+    settings: Settings,
+    identity: Identity,
+    sessions: sessionmaker[Session],
+    tmp_path: Path,
+    redis_client: Redis,
+) -> None:
+    mine = own_queue(settings, "shutdown")
+    first = start_worker(mine, tmp_path, concurrency=1)
+    app = create_app(mine)
+    client = app.test_client()
+    auth = {"Authorization": f"Bearer {identity.token}"}
+    second = None
+    try:
+        sleep = {"type": "system.sleep", "payload": {"seconds": 3}}
+        running = client.post("/v1/jobs", json=sleep, headers=auth).json["id"]
+        wait_for(lambda: client.get(f"/v1/jobs/{running}", headers=auth).json["state"] == "running")
+        waiting = client.post("/v1/jobs", json={"type": "system.noop"}, headers=auth).json["id"]
+
+        started = time.monotonic()
+        assert first.stop(signal.SIGTERM, timeout=30) == 0  # warm: waits for the job
+        assert time.monotonic() - started < 15
+        assert client.get(f"/v1/jobs/{running}", headers=auth).json["state"] == "succeeded"
+        assert transitions(sessions, running) == [
+            (None, "queued"),
+            ("queued", "running"),
+            ("running", "succeeded"),
+        ]
+        # The stopping worker took nothing new: the other job waits in the broker...
+        assert client.get(f"/v1/jobs/{waiting}", headers=auth).json["state"] == "queued"
+        assert queue_depth(redis_client, mine.default_queue) == 1
+        # ...and the next worker runs it, once.
+        second = start_worker(mine, tmp_path, concurrency=1)
+        wait_for(
+            lambda: client.get(f"/v1/jobs/{waiting}", headers=auth).json["state"] == "succeeded"
+        )
+        assert transitions(sessions, waiting).count(("running", "succeeded")) == 1
+    finally:
+        first.stop(signal.SIGKILL)
+        if second is not None:
+            second.stop()
+        app.extensions["conveyor"].engine.dispose()
+        redis_client.delete(*queue_lists(mine.default_queue))
