@@ -7,6 +7,7 @@ import importlib
 from flask import Flask
 
 from api import (
+    audit,
     auth,
     errors,
     files,
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         schedules.bp,
         files.bp,
         queues.bp,
+        audit.bp,
     )
     for blueprint in blueprints:
         app.register_blueprint(blueprint)

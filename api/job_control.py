@@ -12,6 +12,7 @@ from api.publishing import publish_committed
 from api.requests import parse_body, parse_id
 from api.schemas import BulkRetry, JobOut
 from api.services import services
+from conveyor.audit import audit
 from conveyor.auth import Principal
 from conveyor.control import cancel_job, retry_job, retry_jobs
 from conveyor.roles import Permission
@@ -41,6 +42,7 @@ def cancel(job_id: str) -> tuple[Response, int]:
             datetime.now(UTC),
             _actor(principal),
         )
+        audit(session, principal, "job.cancel", "job", job.id, {"outcome": outcome})
         body = {"outcome": outcome, "job": JobOut.of(job).model_dump(mode="json")}
     return jsonify(body), 200 if outcome == "cancelled" else 202
 
@@ -54,6 +56,7 @@ def retry(job_id: str) -> tuple[Response, int]:
         job = retry_job(
             session, svc.registry, principal.tenant_id, parse_id(job_id, "job"), _actor(principal)
         )
+        audit(session, principal, "job.retry", "job", job.id)
     publish_committed(svc, [job])
     return jsonify(JobOut.of(job).model_dump(mode="json")), 202
 
@@ -73,5 +76,7 @@ def retry_many() -> Response:
             _actor(principal),
             limit=body.limit,
         )
+        filters = body.model_dump(mode="json", exclude_none=True)
+        audit(session, principal, "job.retry_many", "jobs", "*", {**filters, "count": len(jobs)})
     publish_committed(svc, jobs)
     return jsonify(retried=len(jobs), ids=[str(job.id) for job in jobs])

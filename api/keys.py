@@ -10,6 +10,7 @@ from api.auth import authorize
 from api.identity_schemas import ApiKeyOut, CreatedApiKey, NewApiKey
 from api.requests import parse_body, parse_id
 from api.services import services
+from conveyor.audit import audit
 from conveyor.auth import create_api_key, list_api_keys, revoke_api_key
 from conveyor.roles import Permission
 
@@ -32,6 +33,7 @@ def create() -> tuple[Response, int]:
             expires_at=body.expires_at,
             now=datetime.now(UTC),
         )
+        audit(session, principal, "api_key.create", "api_key", key.id, {"role": body.role})
         out = CreatedApiKey(**ApiKeyOut.of(key).model_dump(), key=token)
     return jsonify(out.model_dump(mode="json")), 201
 
@@ -50,5 +52,7 @@ def revoke(key_id: str) -> tuple[str, int]:
     """Revoke a key at once."""
     principal = authorize(Permission.MANAGE_KEYS)
     with services().sessions.begin() as session:
-        revoke_api_key(session, principal.tenant_id, parse_id(key_id, "API key"), datetime.now(UTC))
+        key = parse_id(key_id, "API key")
+        revoke_api_key(session, principal.tenant_id, key, datetime.now(UTC))
+        audit(session, principal, "api_key.revoke", "api_key", key)
     return "", 204

@@ -13,6 +13,7 @@ from api.publishing import publish_committed
 from api.requests import parse_body, parse_id
 from api.schemas import JobOut
 from api.services import services
+from conveyor.audit import audit
 from conveyor.errors import Conflict
 from conveyor.models import Schedule
 from conveyor.roles import Permission
@@ -65,6 +66,7 @@ def create() -> tuple[Response, int, dict[str, str]]:
             default_queue=svc.settings.default_queue,
             now=datetime.now(UTC),
         )
+        audit(session, principal, "schedule.create", "schedule", schedule.id, {"name": spec.name})
         body = _out(schedule, {})
     return jsonify(body), 201, {"Location": url_for("schedules.show", schedule_id=body["id"])}
 
@@ -105,6 +107,8 @@ def change(schedule_id: str) -> Response:
             default_queue=svc.settings.default_queue,
             now=datetime.now(UTC),
         )
+        changed = body.model_dump(mode="json", exclude_unset=True)
+        audit(session, principal, "schedule.change", "schedule", schedule.id, changed)
         return jsonify(_out(schedule, last_job_states(session, [schedule])))
 
 
@@ -115,6 +119,9 @@ def delete(schedule_id: str) -> tuple[str, int]:
     with services().sessions.begin() as session:
         schedule = get_schedule(session, principal.tenant_id, parse_id(schedule_id, "schedule"))
         session.delete(schedule)
+        audit(
+            session, principal, "schedule.delete", "schedule", schedule.id, {"name": schedule.name}
+        )
     return "", 204
 
 
@@ -133,7 +140,8 @@ def trigger(schedule_id: str) -> tuple[Response, int]:
             now=datetime.now(UTC),
             occurrence=None,
         )
-    if job is None:  # only occurrences have a unique key; a trigger has none
-        raise Conflict("the schedule fired no job")
+        if job is None:  # only occurrences have a unique key; a trigger has none
+            raise Conflict("the schedule fired no job")
+        audit(session, principal, "schedule.trigger", "schedule", schedule.id, {"job": str(job.id)})
     publish_committed(svc, [job])
     return jsonify(JobOut.of(job).model_dump(mode="json")), 202

@@ -8,6 +8,7 @@ from api.auth import authorize
 from api.identity_schemas import NewUser, UserChange, UserOut
 from api.requests import parse_body, parse_id
 from api.services import services
+from conveyor.audit import audit
 from conveyor.identity import add_user, list_users, update_user
 from conveyor.roles import Permission
 
@@ -21,6 +22,7 @@ def create() -> tuple[Response, int]:
     body = parse_body(NewUser)
     with services().sessions.begin() as session:
         user = add_user(session, principal.tenant_id, body.email, body.password, body.role)
+        audit(session, principal, "user.create", "user", user.id, {"role": body.role})
     return jsonify(UserOut.of(user).model_dump(mode="json")), 201
 
 
@@ -47,4 +49,6 @@ def change(user_id: str) -> Response:
             role=body.role,
             is_active=body.is_active,
         )
+        changed = body.model_dump(mode="json", exclude_unset=True)
+        audit(session, principal, "user.change", "user", user.id, changed)
     return jsonify(UserOut.of(user).model_dump(mode="json"))

@@ -32,6 +32,7 @@ class Permission(StrEnum):
     MANAGE_KEYS = "manage_keys"
     MANAGE_USERS = "manage_users"
     SEE_QUEUES = "see_queues"
+    SEE_AUDIT = "see_audit"
 
 
 PERMISSIONS: dict[Role, frozenset[Permission]] = {

@@ -129,6 +129,10 @@ def _queues(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
     return client.get("/v1/queues", headers=headers)
 
 
+def _audit(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
+    return client.get("/v1/audit", headers=headers)
+
+
 Call = Callable[[Any, dict[str, str], dict[str, Any]], Any]
 # expected status for admin, operator, member, viewer, no credentials
 MATRIX: dict[str, tuple[Call, tuple[int, int, int, int, int]]] = {
@@ -156,6 +160,7 @@ MATRIX: dict[str, tuple[Call, tuple[int, int, int, int, int]]] = {
     "DELETE /v1/api-keys/{id}": (_revoke_key, (204, 204, 403, 403, 401)),
     "POST /v1/auth/logout": (_logout_with_key, (422, 422, 422, 422, 401)),
     "GET /v1/queues": (_queues, (200, 200, 403, 403, 401)),
+    "GET /v1/audit": (_audit, (200, 403, 403, 403, 401)),
 }
 
 
