@@ -7,6 +7,7 @@ beside the guarded `UPDATE ... WHERE state IN (...)`.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import uuid
 from collections import Counter
@@ -289,6 +290,10 @@ def beat_heartbeats(
     return {row.id for row in rows if row.cancel_requested_at is not None}
 
 
+# Worker losses a job may suffer beyond its attempt budget before the reaper fails it.
+LOST_WORKER_GRACE = 2
+
+
 class WorkerLost(Exception):
     """Stands for a worker that stopped mid-job: killed, out of memory, or past its limit."""
 
@@ -317,7 +322,12 @@ def running_attempt(session: Session, job_id: uuid.UUID) -> ClaimedJob | None:
 def reap_stale_jobs(
     session: Session, now: datetime, *, stale_after: float, batch_size: int = 100
 ) -> list[tuple[uuid.UUID, JobState]]:
-    """Fail or retry running jobs whose worker stopped sending heartbeats."""
+    """Retry or fail running jobs whose worker stopped sending heartbeats.
+
+    A lost worker is usually not the job's fault (a deploy, an OOM elsewhere, a killed
+    host), so the first `LOST_WORKER_GRACE` losses of a job give it an extra attempt
+    beyond `max_attempts`; a job that keeps killing its worker fails after that.
+    """
     rows = session.execute(
         select(*_CLAIMED)
         .where(
@@ -329,9 +339,26 @@ def reap_stale_jobs(
         .with_for_update(skip_locked=True)
     ).all()
     lost = WorkerLost(f"the worker sent no heartbeat for {stale_after:.0f}s")
+    losses: dict[uuid.UUID, int] = {}
+    if rows:
+        counted = session.execute(
+            select(JobEvent.job_id, func.count())
+            .where(
+                JobEvent.job_id.in_([row.id for row in rows]),
+                JobEvent.detail["error_type"].astext == WorkerLost.__name__,
+            )
+            .group_by(JobEvent.job_id)
+        )
+        losses = {job_id: count for job_id, count in counted}
     reaped = []
     for row in rows:
-        outcome = fail_job(session, ClaimedJob(*row), lost, now)
+        attempt = ClaimedJob(*row)
+        if attempt.attempt >= attempt.max_attempts and losses.get(row.id, 0) < LOST_WORKER_GRACE:
+            session.execute(
+                update(Job).where(Job.id == row.id).values(max_attempts=Job.max_attempts + 1)
+            )
+            attempt = dataclasses.replace(attempt, max_attempts=attempt.max_attempts + 1)
+        outcome = fail_job(session, attempt, lost, now)
         if outcome is not None:
             reaped.append((row.id, outcome))
     return reaped
