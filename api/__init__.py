@@ -23,6 +23,7 @@ from api import (
     requests,
     schedules,
     users,
+    webhooks,
 )
 from api.services import Services
 from conveyor.logs import configure_logging
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         files.bp,
         queues.bp,
         audit.bp,
+        webhooks.bp,
     )
     for blueprint in blueprints:
         app.register_blueprint(blueprint)

@@ -10,12 +10,13 @@ from flask import Blueprint, Response, jsonify
 from api.auth import authorize
 from api.publishing import publish_committed
 from api.requests import parse_body, parse_id
-from api.schemas import BulkRetry, JobOut
+from api.schemas import BulkRetry
 from api.services import services
 from conveyor.audit import audit
 from conveyor.auth import Principal
 from conveyor.control import cancel_job, retry_job, retry_jobs
 from conveyor.roles import Permission
+from conveyor.views import JobOut
 
 bp = Blueprint("job_control", __name__, url_prefix="/v1/jobs")
 

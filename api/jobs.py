@@ -14,7 +14,7 @@ from werkzeug.wrappers import Response as ResponseBase
 from api.auth import authorize
 from api.publishing import publish_committed
 from api.requests import parse_body, parse_id, parse_query
-from api.schemas import EventOut, JobBatch, JobListQuery, JobOut
+from api.schemas import EventOut, JobBatch, JobListQuery
 from api.services import services
 from conveyor.errors import ValidationFailed
 from conveyor.logs import bind_context
@@ -24,6 +24,7 @@ from conveyor.queries import get_job, list_events, list_jobs
 from conveyor.roles import Permission
 from conveyor.states import JobState
 from conveyor.submit import JobRequest, claim_idempotency_key, submit_jobs
+from conveyor.views import JobOut
 
 logger = logging.getLogger(__name__)
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")

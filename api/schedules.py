@@ -11,7 +11,6 @@ from flask import Blueprint, Response, jsonify, url_for
 from api.auth import authorize
 from api.publishing import publish_committed
 from api.requests import parse_body, parse_id
-from api.schemas import JobOut
 from api.services import services
 from conveyor.audit import audit
 from conveyor.errors import Conflict
@@ -27,6 +26,7 @@ from conveyor.schedules import (
     list_schedules,
     update_schedule,
 )
+from conveyor.views import JobOut
 
 bp = Blueprint("schedules", __name__, url_prefix="/v1/schedules")
 

@@ -13,7 +13,7 @@ import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, insert, or_, select, update
@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from conveyor.models import Job, JobEvent
 from conveyor.registry import RetryPolicy
 from conveyor.states import NOT_STARTED, JobState, sources_of
+from conveyor.webhooks import enqueue_deliveries
 
 ERROR_MESSAGE_LIMIT = 2000
 
@@ -50,12 +51,14 @@ def record_event(
     attempt: int,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """Append one transition to a job's history."""
+    """Append one transition to a job's history; a finished job's webhooks go out with it."""
     session.execute(
         insert(JobEvent).values(
             job_id=job_id, from_state=source, to_state=target, attempt=attempt, detail=detail
         )
     )
+    if target.is_terminal:
+        enqueue_deliveries(session, job_id, target, datetime.now(UTC))
 
 
 def mark_published(session: Session, job_ids: Sequence[uuid.UUID], now: datetime) -> None:
@@ -175,7 +178,13 @@ def fail_job(
     """
     error_type = type(error).__name__
     message = str(error)[:ERROR_MESSAGE_LIMIT] or error_type
-    detail = {"error_type": error_type, "error_message": message, **_timings(job, now)}
+    detail = {
+        "error_type": error_type,
+        "error_message": message,
+        **_timings(job, now),
+        # Errors may add facts of their own (a webhook's HTTP status, say).
+        **getattr(error, "event_detail", {}),
+    }
     values: dict[str, Any] = {"error_type": error_type, "error_message": message}
     if retryable and job.attempt < job.max_attempts:
         target = JobState.RETRYING

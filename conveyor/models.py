@@ -135,6 +135,8 @@ class Job(Base):
     # The occurrence a schedule fired this job for; unique per schedule, so two beats
     # that both fire one occurrence still create one job.
     schedule_occurrence: Mapped[datetime | None]
+    # Where to POST the job's public view when it finishes (unsigned; see webhooks).
+    callback_url: Mapped[str | None] = mapped_column(String(2048))
     result: Mapped[dict[str, Any] | None]
     error_type: Mapped[str | None] = mapped_column(String(200))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -295,4 +297,21 @@ class AuditEntry(Base):
     target_type: Mapped[str] = mapped_column(String(50))
     target_id: Mapped[str] = mapped_column(String(100))
     detail: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Webhook(Base):
+    """A tenant's endpoint for job events; its secret signs every delivery."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[str]] = mapped_column(ARRAY(String(50)))
+    # Kept to sign deliveries (HMAC needs it); shown to the tenant once, at creation.
+    secret: Mapped[str] = mapped_column(String(100))
+    enabled: Mapped[bool] = mapped_column(default=True, server_default="true")
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())

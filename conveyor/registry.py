@@ -150,6 +150,10 @@ class JobRegistry:
                 errors=[{"field": "type", "message": f"unknown job type {name!r}"}],
             ) from None
 
+    def __contains__(self, name: object) -> bool:
+        """Return whether a job type of that name is registered."""
+        return name in self._types
+
     def __iter__(self) -> Iterator[JobType]:
         """Iterate over the registered job types in name order."""
         return iter(sorted(self._types.values(), key=lambda jt: jt.name))

@@ -33,6 +33,7 @@ class Permission(StrEnum):
     MANAGE_USERS = "manage_users"
     SEE_QUEUES = "see_queues"
     SEE_AUDIT = "see_audit"
+    MANAGE_WEBHOOKS = "manage_webhooks"
 
 
 PERMISSIONS: dict[Role, frozenset[Permission]] = {
@@ -45,6 +46,7 @@ PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.RETRY,
             Permission.MANAGE_SCHEDULES,
             Permission.MANAGE_KEYS,
+            Permission.MANAGE_WEBHOOKS,
             Permission.SEE_QUEUES,
         }
     ),

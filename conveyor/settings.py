@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     job_modules: list[str] = [
         "conveyor.jobtypes.system",
         "conveyor.jobtypes.http",
+        "conveyor.jobtypes.webhooks",
         "worker.orders.jobs",
     ]
     # Hosts (names or addresses) outbound requests may reach even when they resolve to

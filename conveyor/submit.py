@@ -43,6 +43,7 @@ class JobRequest(BaseModel):
     max_attempts: int | None = Field(default=None, ge=1, le=100)
     tags: list[Tag] = Field(default_factory=list, max_length=10)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    callback_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://\S+$")
 
     @field_validator("metadata")
     @classmethod
@@ -116,6 +117,7 @@ def _job_row(
         "payload": payload.model_dump(mode="json", by_alias=True),
         "tags": request.tags,
         "meta": request.metadata,
+        "callback_url": request.callback_url,
         "schedule_id": schedule_id,
         "schedule_occurrence": schedule_occurrence,
         "attempt": 0,

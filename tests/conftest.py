@@ -25,7 +25,7 @@ from conveyor.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = (
     "artifact_chunks, artifacts, upload_chunks, uploads, orders, daily_revenue, "
-    "audit_log, job_events, jobs, schedules, idempotency_keys, refresh_tokens, api_keys, "
+    "audit_log, webhooks, job_events, jobs, schedules, idempotency_keys, refresh_tokens, api_keys, "
     "users, tenants"
 )
 

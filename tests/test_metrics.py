@@ -253,7 +253,7 @@ def test_housekeeping_counts_what_it_redrives(
     before = (
         sample("conveyor_jobs_redriven_total", reason="promoted"),
         sample("conveyor_jobs_redriven_total", reason="reaped"),
-        sample("conveyor_jobs_finished_total", type="system.sleep", state="failed"),
+        sample("conveyor_jobs_finished_total", type="system.sleep", state="retrying"),
     )
     try:
         assert Housekeeper.for_app(app).run_once() == (1, 1)
@@ -263,7 +263,7 @@ def test_housekeeping_counts_what_it_redrives(
     after = (
         sample("conveyor_jobs_redriven_total", reason="promoted"),
         sample("conveyor_jobs_redriven_total", reason="reaped"),
-        sample("conveyor_jobs_finished_total", type="system.sleep", state="failed"),
+        sample("conveyor_jobs_finished_total", type="system.sleep", state="retrying"),
     )
     assert [b - a for a, b in zip(before, after, strict=True)] == [1, 1, 1]
 
