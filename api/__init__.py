@@ -12,6 +12,7 @@ from api import (
     errors,
     files,
     health,
+    hygiene,
     identity,
     job_control,
     job_types,
@@ -39,6 +40,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["conveyor"] = services or Services.from_settings(settings)
     requests.init_app(app)
+    hygiene.init_app(app, settings)
     metrics.init_app(app)
     errors.init_app(app)
     auth.init_app(app, settings)

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     # connection: turn off psycopg's automatic server-side prepares.
     db_prepared_statements: bool = True
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # Browser origins allowed to call the API (CORS); none by default.
+    cors_origins: list[str] = []
     # Largest file `POST /v1/uploads` accepts.
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     # Modules that add API routes: each has a Flask blueprint `bp` (business domains).
