@@ -43,6 +43,20 @@ class ClaimedJob:
     due_at: datetime | None = None
 
 
+# The columns of a ClaimedJob, in its field order.
+_CLAIMED = (
+    Job.id,
+    Job.tenant_id,
+    Job.type,
+    Job.payload,
+    Job.attempt,
+    Job.max_attempts,
+    Job.started_at,
+    Job.worker,
+    func.coalesce(Job.scheduled_for, Job.created_at),
+)
+
+
 def record_event(
     session: Session,
     job_id: uuid.UUID,
@@ -92,17 +106,7 @@ def claim_job(session: Session, job_id: uuid.UUID, worker: str, now: datetime) -
             worker=worker,
             cancel_requested_at=None,
         )
-        .returning(
-            Job.id,
-            Job.tenant_id,
-            Job.type,
-            Job.payload,
-            Job.attempt,
-            Job.max_attempts,
-            Job.started_at,
-            Job.worker,
-            func.coalesce(Job.scheduled_for, Job.created_at),
-        )
+        .returning(*_CLAIMED)
     ).one_or_none()
     if row is None:
         return None
@@ -305,19 +309,6 @@ LOST_WORKER_GRACE = 2
 
 class WorkerLost(Exception):
     """Stands for a worker that stopped mid-job: killed, out of memory, or past its limit."""
-
-
-# The columns of a ClaimedJob, in its field order.
-_CLAIMED = (
-    Job.id,
-    Job.tenant_id,
-    Job.type,
-    Job.payload,
-    Job.attempt,
-    Job.max_attempts,
-    Job.started_at,
-    Job.worker,
-)
 
 
 def running_attempt(session: Session, job_id: uuid.UUID) -> ClaimedJob | None:
