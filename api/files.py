@@ -16,7 +16,15 @@ from conveyor.queries import get_job
 from conveyor.roles import Permission
 
 bp = Blueprint("files", __name__)
-CSV_TYPES = {"text/csv", "application/csv", "application/vnd.ms-excel", "text/plain"}
+# curl -F and many clients send files as application/octet-stream; the name and the
+# UTF-8 check decide then.
+CSV_TYPES = {
+    "text/csv",
+    "application/csv",
+    "application/vnd.ms-excel",
+    "text/plain",
+    "application/octet-stream",
+}
 
 
 def _utf8_checked(chunks: Iterator[bytes]) -> Iterator[bytes]:

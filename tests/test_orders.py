@@ -46,10 +46,16 @@ def csv_bytes(
     return out.getvalue().encode()
 
 
-def upload(client: Any, auth: dict[str, str], data: bytes, name: str = "orders.csv") -> Any:
+def upload(
+    client: Any,
+    auth: dict[str, str],
+    data: bytes,
+    name: str = "orders.csv",
+    content_type: str = "text/csv",
+) -> Any:
     return client.post(
         "/v1/uploads",
-        data={"file": (io.BytesIO(data), name, "text/csv")},
+        data={"file": (io.BytesIO(data), name, content_type)},
         headers=auth,
         content_type="multipart/form-data",
     )
@@ -66,7 +72,8 @@ def test_import_rollup_report_and_export(
 ) -> None:
     rows = [GOOD[0], BAD[0][0], GOOD[1], BAD[1][0], GOOD[2], BAD[2][0], GOOD[3]]
     rows += [bad for bad, _ in BAD[3:]]
-    uploaded = upload(client, auth, csv_bytes(rows))
+    # As curl -F sends it: a .csv name, application/octet-stream.
+    uploaded = upload(client, auth, csv_bytes(rows), content_type="application/octet-stream")
     assert uploaded.status_code == 201, uploaded.get_json()
     upload_id = uploaded.get_json()["id"]
     assert uploaded.get_json()["size"] > 0
@@ -145,6 +152,7 @@ def test_bad_uploads_are_refused(
     client: Any, auth: dict[str, str], settings: Settings, sessions: sessionmaker[Session]
 ) -> None:
     assert_problem(upload(client, auth, b"a,b\n", name="orders.txt"), 415)
+    assert_problem(upload(client, auth, b"a,b\n", content_type="image/png"), 415)
     assert_problem(upload(client, auth, csv_bytes([]) + b"\xff\xfe broken\n"), 422)
     assert_problem(client.post("/v1/uploads", json={"file": "x"}, headers=auth), 415)
     small = create_app(settings.model_copy(update={"max_upload_bytes": 2048}))
