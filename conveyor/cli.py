@@ -1,14 +1,21 @@
-"""`conveyor` command line: operator tasks that need no running API."""
+"""The `conveyor` command: the API from the shell, and tenant creation for operators.
+
+`submit`, `status`, `list`, `cancel`, `retry`, `schedules list` and `keys create` go through
+the HTTP API (`conveyor.client`); `create-tenant` writes straight to the database.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import secrets
 import sys
 from datetime import UTC, datetime
+from typing import Any
+
+import click
 
 from conveyor.bootstrap import create_tenant_identity
+from conveyor.client import ApiError, Client
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.errors import ConveyorError
 from conveyor.roles import Role
@@ -42,32 +49,147 @@ def create_tenant(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and run one command; print its result as JSON."""
-    parser = argparse.ArgumentParser(prog="conveyor")
-    commands = parser.add_subparsers(dest="command", required=True)
-    tenant = commands.add_parser(
-        "create-tenant", help="create a tenant, its admin user and an API key"
-    )
-    tenant.add_argument("--name", required=True)
-    tenant.add_argument("--email", required=True)
-    tenant.add_argument("--password", help="the admin's password (default: generated)")
-    tenant.add_argument("--key-role", default=Role.ADMIN.value, choices=[r.value for r in Role])
-    args = parser.parse_args(argv)
+def _print(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@click.group()
+@click.option("--url", envvar="CONVEYOR_URL", default="http://127.0.0.1:8000", show_default=True)
+@click.option("--key", envvar="CONVEYOR_API_KEY", default="", help="API key (or CONVEYOR_API_KEY)")
+@click.pass_context
+def main(ctx: click.Context, url: str, key: str) -> None:
+    """Conveyor from the shell."""
+    # Keep what the caller put there (tests pass a client wired to an in-process app).
+    ctx.ensure_object(dict).update(url=url, key=key)
+
+
+def _client(ctx: click.Context) -> Client:
+    found: Client | None = ctx.obj.get("client")
+    if found is not None:
+        return found
+    if not ctx.obj["key"]:
+        raise click.UsageError("set CONVEYOR_API_KEY or pass --key")
+    return Client(ctx.obj["url"], ctx.obj["key"])
+
+
+@main.command()
+@click.argument("job_type")
+@click.option("--payload", default="{}", help="the payload as JSON")
+@click.option("--wait", is_flag=True, help="wait for the job to finish, with a progress bar")
+@click.option("--idempotency-key", default=None)
+@click.pass_context
+def submit(
+    ctx: click.Context, job_type: str, payload: str, wait: bool, idempotency_key: str | None
+) -> None:
+    """Submit a job; with --wait, print the finished job."""
+    client = _client(ctx)
+    job = client.submit(job_type, json.loads(payload), idempotency_key=idempotency_key)
+    if not wait:
+        _print(job)
+        return
+    with click.progressbar(length=100, label=job["id"], file=sys.stderr) as bar:
+
+        def show(update: dict[str, Any]) -> None:
+            percent = (update.get("progress") or {}).get("percent") or 0
+            bar.update(max(0, int(percent) - bar.pos))
+
+        job = client.wait(job["id"], on_update=show)
+        bar.update(100 - bar.pos)
+    _print(job)
+    if job["state"] != "succeeded":
+        ctx.exit(1)
+
+
+@main.command()
+@click.argument("job_id")
+@click.pass_context
+def status(ctx: click.Context, job_id: str) -> None:
+    """Show a job."""
+    _print(_client(ctx).get(job_id))
+
+
+@main.command(name="list")
+@click.option("--state", default=None)
+@click.option("--type", "job_type", default=None)
+@click.option("--limit", default=20, show_default=True)
+@click.pass_context
+def list_jobs(ctx: click.Context, state: str | None, job_type: str | None, limit: int) -> None:
+    """List recent jobs, one line each."""
+    filters = {k: v for k, v in {"state": state, "type": job_type}.items() if v}
+    for n, job in enumerate(_client(ctx).jobs(limit=min(limit, 200), **filters)):
+        if n >= limit:
+            break
+        click.echo(f"{job['id']}  {job['state']:<10} {job['type']}  {job['created_at']}")
+
+
+@main.command()
+@click.argument("job_id")
+@click.pass_context
+def cancel(ctx: click.Context, job_id: str) -> None:
+    """Cancel a job."""
+    _print(_client(ctx).cancel(job_id))
+
+
+@main.command()
+@click.argument("job_id")
+@click.pass_context
+def retry(ctx: click.Context, job_id: str) -> None:
+    """Retry a dead job."""
+    _print(_client(ctx).retry(job_id))
+
+
+@main.group()
+def schedules() -> None:
+    """Recurring jobs."""
+
+
+@schedules.command(name="list")
+@click.pass_context
+def list_schedules(ctx: click.Context) -> None:
+    """List schedules."""
+    _print(_client(ctx).list_schedules())
+
+
+@main.group()
+def keys() -> None:
+    """API keys."""
+
+
+@keys.command(name="create")
+@click.argument("name")
+@click.option("--role", default="member", show_default=True)
+@click.pass_context
+def create_key(ctx: click.Context, name: str, role: str) -> None:
+    """Create an API key (its secret is printed once)."""
+    _print(_client(ctx).create_key(name, role))
+
+
+@main.command(name="create-tenant")
+@click.option("--name", required=True)
+@click.option("--email", required=True)
+@click.option("--password", default=None, help="the admin's password (default: generated)")
+@click.option("--key-role", default=Role.ADMIN.value, type=click.Choice([r.value for r in Role]))
+def create_tenant_command(name: str, email: str, password: str | None, key_role: str) -> None:
+    """Create a tenant, its admin user and an API key, straight in the database."""
     try:
         created = create_tenant(
-            Settings(),
-            name=args.name,
-            email=args.email,
-            password=args.password,
-            key_role=Role(args.key_role),
+            Settings(), name=name, email=email, password=password, key_role=Role(key_role)
         )
     except ConveyorError as exc:
-        print(f"conveyor: {exc.detail}", file=sys.stderr)
-        return 1
-    print(json.dumps(created, indent=2))
-    return 0
+        raise click.ClickException(exc.detail) from exc
+    _print(created)
+
+
+def run() -> None:
+    """Entry point: turn API errors into a message and a non-zero exit."""
+    try:
+        main(standalone_mode=True)
+    except ApiError as exc:
+        click.echo(f"conveyor: {exc}", err=True)
+        for error in exc.errors:
+            click.echo(f"  {error.get('field')}: {error.get('message')}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

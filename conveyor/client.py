@@ -1,0 +1,187 @@
+"""A typed Python client for Conveyor's HTTP API (httpx); errors arrive as exceptions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
+
+
+class ApiError(Exception):
+    """Raised for a problem+json answer; carries its status, title, detail and field errors."""
+
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        self.status = status
+        self.problem = problem
+        self.errors: list[dict[str, str]] = problem.get("errors", [])
+        super().__init__(f"{status} {problem.get('title', '')}: {problem.get('detail', '')}")
+
+
+class NotFoundError(ApiError):
+    """Raised for 404: no such object in your tenant."""
+
+
+class AuthError(ApiError):
+    """Raised for 401 and 403."""
+
+
+class ConflictError(ApiError):
+    """Raised for 409: a state or an idempotency key does not allow it."""
+
+
+class ValidationError(ApiError):
+    """Raised for 400, 413, 415 and 422: the request was wrong; `errors` names the fields."""
+
+
+class RateLimited(ApiError):
+    """Raised for 429; `retry_after` says when to try again."""
+
+    retry_after: float = 0.0
+
+
+_ERRORS: dict[int, type[ApiError]] = {
+    400: ValidationError,
+    401: AuthError,
+    403: AuthError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: ValidationError,
+    415: ValidationError,
+    422: ValidationError,
+    429: RateLimited,
+}
+
+
+class Client:
+    """Conveyor's API: jobs, schedules and keys, with `Authorization: Bearer <key>`."""
+
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        *,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        """Use the client as a context manager."""
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        """Close on leaving the block."""
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            problem = response.json() if "json" in response.headers.get("content-type", "") else {}
+            error = _ERRORS.get(response.status_code, ApiError)(response.status_code, problem)
+            if isinstance(error, RateLimited):
+                error.retry_after = float(response.headers.get("Retry-After", "1"))
+            raise error
+        return response.json() if response.content else None
+
+    def submit(
+        self,
+        job_type: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Submit a job (options: priority, queue, run_at, delay_seconds, ttl_seconds, tags, …)."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = {"type": job_type, "payload": payload or {}, **options}
+        job: dict[str, Any] = self._call("POST", "/v1/jobs", json=body, headers=headers)
+        return job
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        """Return a job."""
+        job: dict[str, Any] = self._call("GET", f"/v1/jobs/{job_id}")
+        return job
+
+    def wait(
+        self,
+        job_id: str,
+        *,
+        timeout: float = 300.0,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll until the job finishes, backing off from 0.1 s to 2 s; raise `TimeoutError`."""
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            job = self.get(job_id)
+            if on_update is not None:
+                on_update(job)
+            if job["state"] in TERMINAL:
+                return job
+            if time.monotonic() + delay > deadline:
+                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")
+            time.sleep(delay)
+            delay = min(2.0, delay * 1.5)
+
+    def jobs(self, *, limit: int = 50, **filters: str) -> Iterator[dict[str, Any]]:
+        """Iterate over jobs matching the filters, newest first, fetching page by page."""
+        params: dict[str, Any] = {"limit": limit, **filters}
+        while True:
+            page = self._call("GET", "/v1/jobs", params=params)
+            yield from page["items"]
+            if not page["next_cursor"]:
+                return
+            params["cursor"] = page["next_cursor"]
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Cancel a waiting job, or ask a running one to stop."""
+        answer: dict[str, Any] = self._call("POST", f"/v1/jobs/{job_id}/cancel")
+        return answer
+
+    def retry(self, job_id: str) -> dict[str, Any]:
+        """Run a failed, cancelled or expired job again."""
+        job: dict[str, Any] = self._call("POST", f"/v1/jobs/{job_id}/retry")
+        return job
+
+    def list_schedules(self) -> list[dict[str, Any]]:
+        """List schedules."""
+        items: list[dict[str, Any]] = self._call("GET", "/v1/schedules")["items"]
+        return items
+
+    def create_schedule(self, **schedule: Any) -> dict[str, Any]:
+        """Create a schedule (name, job_type, payload, cron/timezone or interval_seconds, …)."""
+        created: dict[str, Any] = self._call("POST", "/v1/schedules", json=schedule)
+        return created
+
+    def delete_schedule(self, schedule_id: str) -> None:
+        """Delete a schedule."""
+        self._call("DELETE", f"/v1/schedules/{schedule_id}")
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        """List API keys (without secrets)."""
+        items: list[dict[str, Any]] = self._call("GET", "/v1/api-keys")["items"]
+        return items
+
+    def create_key(self, name: str, role: str) -> dict[str, Any]:
+        """Create an API key; its secret is in the answer, once."""
+        created: dict[str, Any] = self._call(
+            "POST", "/v1/api-keys", json={"name": name, "role": role}
+        )
+        return created
+
+    def revoke_key(self, key_id: str) -> None:
+        """Revoke an API key."""
+        self._call("DELETE", f"/v1/api-keys/{key_id}")
