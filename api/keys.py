@@ -49,6 +49,8 @@ def index() -> Response:
 def revoke(key_id: str) -> tuple[str, int]:
     """Revoke a key at once."""
     principal = authorize(Permission.MANAGE_KEYS)
-    with services().sessions.begin() as session:
+    svc = services()
+    with svc.sessions.begin() as session:
         revoke_api_key(session, principal.tenant_id, parse_id(key_id, "API key"), datetime.now(UTC))
+    svc.key_cache.clear()
     return "", 204

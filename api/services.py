@@ -9,6 +9,7 @@ from redis import Redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from conveyor.auth import PrincipalCache
 from conveyor.broker import CeleryPublisher, create_celery
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.registry import JobRegistry, load_job_types
@@ -25,6 +26,7 @@ class Services:
     redis: Redis
     publisher: CeleryPublisher
     registry: JobRegistry
+    key_cache: PrincipalCache
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
@@ -40,6 +42,7 @@ class Services:
             ),
             publisher=CeleryPublisher(celery),
             registry=load_job_types(settings.job_modules),
+            key_cache=PrincipalCache(settings.api_key_cache_seconds),
         )
 
 
