@@ -23,6 +23,9 @@ class Services:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
+    # For one-statement reads (the status poll): autocommit, so no BEGIN and no ROLLBACK
+    # round trips around the SELECT; a single statement is its own consistent snapshot.
+    reads: sessionmaker[Session]
     redis: Redis
     publisher: CeleryPublisher
     registry: JobRegistry
@@ -37,6 +40,7 @@ class Services:
             settings=settings,
             engine=engine,
             sessions=create_session_factory(engine),
+            reads=create_session_factory(engine.execution_options(isolation_level="AUTOCOMMIT")),
             redis=Redis.from_url(
                 settings.result_backend, socket_timeout=2, socket_connect_timeout=2
             ),
