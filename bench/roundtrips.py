@@ -8,8 +8,10 @@ Throughput on a shared machine drifts; round trips do not. This drives the real 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,6 +66,14 @@ def per_call(counts: Counter[str], action: Callable[[], Any]) -> dict[str, float
 def main() -> int:
     """Print round trips per submit, poll, batch of 100 and job run as JSON."""
     root = Path(tempfile.mkdtemp(prefix="conveyor-roundtrips-"))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, root, ignore_errors=True)
+        report = _count(root)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _count(root: Path) -> dict[str, dict[str, float]]:
     with servers(root) as (pg_url, redis_url):
         db = create_database(pg_url, f"roundtrips_{os.getpid()}_{time.time_ns()}")
         env = {**os.environ, "CONVEYOR_DATABASE_URL": db, "CONVEYOR_REDIS_URL": redis_url}
@@ -116,8 +126,7 @@ def main() -> int:
         report["worker: run one system.noop"] = per_call(worker_counts, run_one)
         services.engine.dispose()
         app.extensions["conveyor"].engine.dispose()
-    print(json.dumps(report, indent=2))
-    return 0
+    return report
 
 
 if __name__ == "__main__":
