@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synced
 
-.PHONY: run test lint format clean install
+.PHONY: run test lint format clean install bench
 
 install: $(STAMP)
 
@@ -34,3 +34,7 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
+
+# Conveyor against the bare Flask + Celery stack (bench/README.md); about 5 minutes.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -96,13 +96,19 @@ def authenticate() -> Principal:
     if scheme.lower() != "bearer" or not token:
         raise Unauthorized("send 'Authorization: Bearer <access token or API key>'")
     svc = services()
+    is_key = token.startswith(f"{KEY_SCHEME}_")
+    now = datetime.now(UTC)
+    cached = svc.key_cache.get(token, now) if is_key else None
+    if cached is not None:
+        g.principal = cached
+        return cached
     with svc.sessions.begin() as session:
-        if token.startswith(f"{KEY_SCHEME}_"):
-            principal = authenticate_api_key(
-                session, svc.settings.secret_key, token, datetime.now(UTC)
-            )
+        if is_key:
+            principal = authenticate_api_key(session, svc.settings.secret_key, token, now)
         else:
             principal = _principal_from_jwt(session, token)
+    if is_key:
+        svc.key_cache.put(token, principal)
     g.principal = principal
     bind_context(tenant_id=principal.tenant_id)
     return principal

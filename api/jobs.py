@@ -127,7 +127,7 @@ def show(job_id: str) -> ResponseBase:
     """Return a job with live progress while it runs; `ETag`, and `304` when unchanged."""
     principal = authorize(Permission.READ)
     svc = services()
-    with svc.sessions() as session:
+    with svc.reads() as session:
         job = get_job(session, parse_id(job_id, "job"), principal.tenant_id)
     bind_context(job_id=job.id, job_type=job.type)
     progress = None

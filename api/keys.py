@@ -51,8 +51,10 @@ def index() -> Response:
 def revoke(key_id: str) -> tuple[str, int]:
     """Revoke a key at once."""
     principal = authorize(Permission.MANAGE_KEYS)
-    with services().sessions.begin() as session:
+    svc = services()
+    with svc.sessions.begin() as session:
         key = parse_id(key_id, "API key")
         revoke_api_key(session, principal.tenant_id, key, datetime.now(UTC))
         audit(session, principal, "api_key.revoke", "api_key", key)
+    svc.key_cache.clear()
     return "", 204

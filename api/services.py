@@ -9,6 +9,7 @@ from redis import Redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from conveyor.auth import PrincipalCache
 from conveyor.broker import CeleryPublisher, create_celery
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.registry import JobRegistry, load_job_types
@@ -22,9 +23,13 @@ class Services:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
+    # For one-statement reads (the status poll): autocommit, so no BEGIN and no ROLLBACK
+    # round trips around the SELECT; a single statement is its own consistent snapshot.
+    reads: sessionmaker[Session]
     redis: Redis
     publisher: CeleryPublisher
     registry: JobRegistry
+    key_cache: PrincipalCache
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
@@ -35,11 +40,13 @@ class Services:
             settings=settings,
             engine=engine,
             sessions=create_session_factory(engine),
+            reads=create_session_factory(engine.execution_options(isolation_level="AUTOCOMMIT")),
             redis=Redis.from_url(
                 settings.result_backend, socket_timeout=2, socket_connect_timeout=2
             ),
             publisher=CeleryPublisher(celery),
             registry=load_job_types(settings.job_modules),
+            key_cache=PrincipalCache(settings.api_key_cache_seconds),
         )
 
 

@@ -40,7 +40,8 @@ def change(user_id: str) -> Response:
     """Change a user's role, or deactivate or reactivate them."""
     principal = authorize(Permission.MANAGE_USERS)
     body = parse_body(UserChange)
-    with services().sessions.begin() as session:
+    svc = services()
+    with svc.sessions.begin() as session:
         user = update_user(
             session,
             principal.tenant_id,
@@ -51,4 +52,6 @@ def change(user_id: str) -> Response:
         )
         changed = body.model_dump(mode="json", exclude_unset=True)
         audit(session, principal, "user.change", "user", user.id, changed)
+    # The user's API keys act at their current role and stop with them: forget them here.
+    svc.key_cache.clear()
     return jsonify(UserOut.of(user).model_dump(mode="json"))

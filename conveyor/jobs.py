@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import CTE, ColumnElement, Select, func, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from conveyor.models import Job, JobEvent
@@ -53,7 +53,7 @@ _CLAIMED = (
     Job.max_attempts,
     Job.started_at,
     Job.worker,
-    func.coalesce(Job.scheduled_for, Job.created_at),
+    func.coalesce(Job.scheduled_for, Job.created_at).label("due_at"),
 )
 
 
@@ -91,7 +91,7 @@ def claim_job(session: Session, job_id: uuid.UUID, worker: str, now: datetime) -
     That covers a duplicate or redelivered message, a cancelled job, and an expired one
     (the housekeeper marks those `expired`).
     """
-    row = session.execute(
+    moved = (
         update(Job)
         .where(
             Job.id == job_id,
@@ -107,14 +107,43 @@ def claim_job(session: Session, job_id: uuid.UUID, worker: str, now: datetime) -
             cancel_requested_at=None,
         )
         .returning(*_CLAIMED)
-    ).one_or_none()
+        .cte("moved")
+    )
+    stmt = _with_event(
+        moved, JobState.QUEUED, JobState.RUNNING, moved.c.attempt, {"worker": worker}
+    )
+    row = session.execute(stmt).one_or_none()
     if row is None:
         return None
-    claimed = ClaimedJob(*row)
-    record_event(
-        session, job_id, JobState.QUEUED, JobState.RUNNING, claimed.attempt, {"worker": worker}
+    return ClaimedJob(*row)
+
+
+def _with_event(
+    moved: CTE,
+    source: JobState | None,
+    target: JobState,
+    attempt: ColumnElement[int] | int,
+    detail: dict[str, Any] | None,
+) -> Select[Any]:
+    """Select what the guarded UPDATE `moved` returned, inserting its event in the same statement.
+
+    One round trip per transition instead of two; the event is written only if a row moved.
+    """
+    event = (
+        insert(JobEvent)
+        .from_select(
+            ["job_id", "from_state", "to_state", "attempt", "detail"],
+            select(
+                moved.c.id,
+                literal(source, JobEvent.from_state.type),
+                literal(target, JobEvent.to_state.type),
+                attempt if isinstance(attempt, ColumnElement) else literal(attempt),
+                literal(detail, JobEvent.detail.type),
+            ),
+        )
+        .cte("event")
     )
-    return claimed
+    return select(moved).add_cte(event)
 
 
 def _finish(
@@ -125,15 +154,19 @@ def _finish(
     **values: Any,
 ) -> bool:
     """Move a running attempt to `target`; `False` if the attempt no longer owns the job."""
-    owned = session.execute(
+    moved = (
         update(Job)
         .where(Job.id == job.id, Job.state == JobState.RUNNING, Job.attempt == job.attempt)
         .values(state=target, **values)
         .returning(Job.id)
-    ).one_or_none()
-    if owned is None:
+        .cte("moved")
+    )
+    stmt = _with_event(moved, JobState.RUNNING, target, job.attempt, detail)
+    if session.execute(stmt).one_or_none() is None:
         return False
-    record_event(session, job.id, JobState.RUNNING, target, job.attempt, detail)
+    if target.is_terminal:
+        # What record_event does for every other terminal transition.
+        enqueue_deliveries(session, job.id, target, datetime.now(UTC))
     return True
 
 
@@ -237,6 +270,8 @@ def promote_due_jobs(
             .order_by(queued_since, Job.id)
             .limit(batch_size)
             .with_for_update(skip_locked=True)
+            # Transitions written as one CTE statement bypass the identity map: reload.
+            .execution_options(populate_existing=True)
         )
     )
     for job in jobs:
@@ -264,6 +299,7 @@ def stale_queued_jobs(
             .order_by(Job.published_at)
             .limit(batch_size)
             .with_for_update(skip_locked=True)
+            .execution_options(populate_existing=True)
         )
     )
 

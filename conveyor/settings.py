@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     outbound_max_bytes: int = Field(default=1024 * 1024, ge=1024)
     # `open`: anyone may register a tenant; `invite`: admins add users. Default by env.
     signup: Literal["open", "invite"] | None = None
+    # An API process remembers a verified API key this many seconds (0: never). Revoking
+    # a key or deactivating its creator reaches the other API processes within it.
+    api_key_cache_seconds: float = Field(default=5.0, ge=0, le=60)
     access_token_minutes: int = Field(default=15, ge=1, le=24 * 60)
     refresh_token_days: int = Field(default=30, ge=1, le=365)
     # Flask-Limiter strings for sign-in and sign-up, per client IP and per email.

@@ -64,7 +64,15 @@ def test_beat_logs_json_and_exports_what_it_redrives(
     try:
         wait_for(lambda: queue_depth(redis_client, mine.default_queue) == 1, timeout=30)
         wait_for(lambda: status_of(exporter) == 401, timeout=10)
-        samples = parse(fetch(exporter, BEARER))
+        # The counter moves just after the publish the queue shows: wait for it too.
+        samples = wait_for(
+            lambda: (
+                (found := parse(fetch(exporter, BEARER)))
+                and value(found, "conveyor_jobs_redriven_total", reason="promoted") == 1
+                and found
+            ),
+            timeout=10,
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -1,0 +1,1 @@
+"""`make bench`: Conveyor against the bare Flask + Celery stack, on the same servers."""

@@ -1,0 +1,133 @@
+"""Count database round trips per request and per job: a noise-free companion to `make bench`.
+
+Throughput on a shared machine drifts; round trips do not. This drives the real API
+(Flask's test client) and the real task runner in-process on embedded servers (or
+`BENCH_DATABASE_URL` / `BENCH_REDIS_URL`) and counts, per operation, pool checkouts
+(each one pre-pings), BEGINs, statements and COMMITs. Usage: `python -m bench.roundtrips`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, event
+
+from bench.run import BIN, ROOT, servers
+from conveyor.cli import create_tenant
+from conveyor.embedded import create_database
+from conveyor.roles import Role
+from conveyor.settings import Settings
+
+REPEAT = 20
+
+
+def watch(engine: Engine) -> Counter[str]:
+    """Count what `engine` sends to PostgreSQL from now on."""
+    counts: Counter[str] = Counter()
+
+    def sent(name: str) -> Callable[..., None]:
+        def count(conn: Connection, *_: Any) -> None:
+            # On an autocommit connection the driver sends no BEGIN, COMMIT or ROLLBACK.
+            autocommit = conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+            if not autocommit:
+                counts.update([name])
+
+        return count
+
+    event.listen(engine, "checkout", lambda *_: counts.update(["checkout (pre-ping)"]))
+    event.listen(engine, "before_cursor_execute", lambda *_: counts.update(["statement"]))
+    for name in ("begin", "commit", "rollback"):
+        event.listen(engine, name, sent(name))
+    return counts
+
+
+def per_call(counts: Counter[str], action: Callable[[], Any]) -> dict[str, float]:
+    """Run `action` REPEAT times (after one warm-up) and return its average counts."""
+    action()
+    counts.clear()
+    for _ in range(REPEAT):
+        action()
+    out = {k: v / REPEAT for k, v in sorted(counts.items())}
+    out["round trips"] = sum(out.values())
+    return out
+
+
+def main() -> int:
+    """Print round trips per submit, poll, batch of 100 and job run as JSON."""
+    root = Path(tempfile.mkdtemp(prefix="conveyor-roundtrips-"))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, root, ignore_errors=True)
+        report = _count(root)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _count(root: Path) -> dict[str, dict[str, float]]:
+    with servers(root) as (pg_url, redis_url):
+        db = create_database(pg_url, f"roundtrips_{os.getpid()}_{time.time_ns()}")
+        env = {**os.environ, "CONVEYOR_DATABASE_URL": db, "CONVEYOR_REDIS_URL": redis_url}
+        subprocess.run(
+            [BIN / "alembic", "upgrade", "head"],
+            env=env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        settings = Settings(database_url=db, redis_url=redis_url)
+        key = create_tenant(
+            settings, name="RT", email="rt@conveyor.local", password=None, key_role=Role.MEMBER
+        )["api_key"]
+        from api import create_app
+        from worker.app import create_celery_app
+
+        app = create_app(settings)
+        client = app.test_client()
+        auth = {"Authorization": f"Bearer {key}"}
+        counts = watch(app.extensions["conveyor"].engine)
+        noop = {"type": "system.noop", "payload": {}}
+        ids: list[str] = []
+
+        def submit() -> None:
+            response = client.post("/v1/jobs", json=noop, headers=auth)
+            assert response.status_code == 202, response.data
+            ids.append(response.get_json()["id"])
+
+        def batch() -> None:
+            response = client.post("/v1/jobs/batch", json={"jobs": [noop] * 100}, headers=auth)
+            assert response.status_code == 202, response.data
+
+        report = {
+            "POST /v1/jobs": per_call(counts, submit),
+            "GET /v1/jobs/{id}": per_call(
+                counts, lambda: client.get(f"/v1/jobs/{ids[0]}", headers=auth)
+            ),
+            "POST /v1/jobs/batch (100 jobs)": per_call(counts, batch),
+        }
+        celery = create_celery_app(settings)
+        services = celery.conveyor
+        task = celery.tasks["system.noop"]
+        worker_counts = watch(services.engine)
+        from worker.runner import run_job
+
+        def run_one() -> None:
+            assert run_job(services, task, ids.pop()) == "succeeded"
+
+        report["worker: run one system.noop"] = per_call(worker_counts, run_one)
+        services.engine.dispose()
+        app.extensions["conveyor"].engine.dispose()
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(main())

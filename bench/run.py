@@ -1,0 +1,671 @@
+"""`make bench`: measure Conveyor as deployed against the bare Flask + Celery stack.
+
+One run starts (or is given) PostgreSQL and Redis, runs both stacks on them with the
+Procfile's process settings, and reports medians of several rounds for each measure,
+with Conveyor/baseline ratios. Every load loop is bounded in count and time and only
+talks to 127.0.0.1. Usage: `python -m bench.run [--rounds 3] [--seconds 5]`.
+Give `BENCH_DATABASE_URL` (an admin libpq URL) and `BENCH_REDIS_URL` to use your own servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+from sqlalchemy import create_engine, text
+
+from bench.loadgen import LoadResult, http_load, wrk_available, wrk_load
+from conveyor.broker import queue_depth
+from conveyor.cli import create_tenant
+from conveyor.embedded import EmbeddedPostgres, EmbeddedRedis, create_database, free_port
+from conveyor.roles import Role
+from conveyor.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+RESULTS = ROOT / "bench" / "results"
+API_WORKERS = "2"  # the Procfile's default, for both stacks
+WORKER_CONCURRENCY = "2"
+CONNECTIONS = 32
+NOOP = {"type": "system.noop", "payload": {}}
+BARE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bare_jobs (
+    id bigserial PRIMARY KEY,
+    state text NOT NULL DEFAULT 'queued',
+    payload jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz
+)
+"""
+
+
+def log(message: str) -> None:
+    """Say what the benchmark is doing, on stderr, with a timestamp."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Stack:
+    """One system under test: how to start its api and worker, and how to talk to it."""
+
+    name: str
+    env: dict[str, str]
+    api_cmd: list[str]
+    worker_cmd: list[str]
+    port: int
+    submit_path: str
+    batch_path: str
+    poll_prefix: str
+    headers: dict[str, str]
+    queue: str
+    job_body: dict[str, Any]
+    noop_task: str
+    api: subprocess.Popen[bytes] | None = None
+    worker: subprocess.Popen[bytes] | None = None
+    peak_rss: dict[str, float] = field(default_factory=lambda: {"api": 0.0, "worker": 0.0})
+
+
+def start(cmd: list[str], env: dict[str, str], logfile: Path) -> subprocess.Popen[bytes]:
+    """Start a process in its own session, its output to `logfile`."""
+    out = logfile.open("ab")
+    return subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    """Stop a process and its children by pid: SIGTERM, then SIGKILL after 20 s."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        tree = []
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for child in tree[1:]:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
+def wait_http(port: int, path: str = "/healthz", timeout: float = 60) -> None:
+    """Wait until the api answers on `port` (any status), or fail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", path)
+            conn.getresponse().read()
+            conn.close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing answered on 127.0.0.1:{port}")
+
+
+class RssSampler:
+    """Sample the resident memory of a stack's api and worker processes in the background."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._stacks: list[Stack] = []
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def watch(self, stacks: list[Stack]) -> None:
+        """Sample these stacks' processes from now on."""
+        self._stacks = list(stacks)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            for stack, role, proc in [
+                (s, role, p)
+                for s in self._stacks
+                for role, p in (("api", s.api), ("worker", s.worker))
+            ]:
+                if proc is None or proc.poll() is not None:
+                    continue
+                with contextlib.suppress(psutil.Error):
+                    parent = psutil.Process(proc.pid)
+                    for p in [parent, *parent.children(recursive=True)]:
+                        rss = p.memory_info().rss / 2**20
+                        stack.peak_rss[role] = max(stack.peak_rss[role], rss)
+
+    def close(self) -> None:
+        """Stop sampling."""
+        self._stop.set()
+        self._thread.join()
+
+
+def post_json(port: int, path: str, body: Any, headers: dict[str, str]) -> Any:
+    """POST `body` as JSON to the local api and return the decoded answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(
+            "POST", path, json.dumps(body), {**headers, "Content-Type": "application/json"}
+        )
+        response = conn.getresponse()
+        data = response.read()
+        if response.status >= 300:
+            raise RuntimeError(f"POST {path}: {response.status} {data[:300]!r}")
+        return json.loads(data)
+    finally:
+        conn.close()
+
+
+def load(stack: Stack, method: str, paths: list[str], body: Any, seconds: float) -> LoadResult:
+    """Run the HTTP load generator (wrk when installed) against `stack` for `seconds`."""
+    headers = dict(stack.headers)
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    raw = None if body is None else json.dumps(body)
+    run = wrk_load if wrk_available() else http_load
+    return run(stack.port, method, paths, raw, headers, CONNECTIONS, seconds)
+
+
+def drain_queue(r: redis.Redis, queue: str) -> None:
+    """Empty a queue (all its priority lists) and kombu's unacked set."""
+    names = [queue, *(f"{queue}:{n}" for n in range(1, 10))]
+    r.delete(*names, "unacked", "unacked_index")
+
+
+def wait_worker_ready(logfile: Path, offset: int, timeout: float = 60) -> None:
+    """Wait for Celery's 'ready.' line in the worker's log after `offset`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with logfile.open("rb") as fh:
+            fh.seek(offset)
+            if b"ready." in fh.read():
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"worker did not become ready; see {logfile}")
+
+
+def measure_drain(stack: Stack, r: redis.Redis, n: int, timeout: float) -> float:
+    """Time a freshly started worker consuming `n` pre-queued messages; return per second."""
+    pending = queue_depth(r, stack.queue)
+    start_t = None
+    deadline = time.monotonic() + timeout
+    logfile = Path(stack.env["BENCH_LOGS"]) / f"{stack.name}-worker.log"
+    stack.worker = start(stack.worker_cmd, stack.env, logfile)
+    try:
+        while time.monotonic() < deadline:
+            left = queue_depth(r, stack.queue) + r.hlen("unacked")
+            now = time.monotonic()
+            if start_t is None and left < pending:
+                start_t = now
+            if left == 0 and start_t is not None:
+                return n / (now - start_t)
+            time.sleep(0.005)
+        raise RuntimeError(f"{stack.name} drain did not finish in {timeout}s")
+    finally:
+        stop(stack.worker)
+        stack.worker = None
+
+
+def prequeue_noops(stack: Stack, n: int) -> None:
+    """Put `n` no-op messages on the stack's queue, without a worker consuming them."""
+    if stack.name == "conveyor":
+        # Real jobs: ledger rows, published by the API's batch endpoint.
+        for _ in range(n // 1000):
+            post_json(stack.port, stack.batch_path, {"jobs": [NOOP] * 1000}, stack.headers)
+        return
+    from bench.bare_worker import app as bare_celery
+
+    with bare_celery.producer_or_acquire() as producer:
+        for _ in range(n):
+            bare_celery.send_task(stack.noop_task, queue=stack.queue, producer=producer)
+
+
+def end_to_end(stack: Stack, jobs: int, timeout: float) -> float:
+    """Submit `jobs` over HTTP from 32 threads and poll until all are visible as succeeded."""
+    ids: list[str] = []
+    lock = threading.Lock()
+    per_thread = jobs // CONNECTIONS
+    deadline = time.monotonic() + timeout
+
+    def submitter() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+        mine = []
+        body = json.dumps(stack.job_body)
+        headers = {**stack.headers, "Content-Type": "application/json"}
+        for _ in range(per_thread):
+            conn.request("POST", stack.submit_path, body, headers)
+            response = conn.getresponse()
+            data = response.read()
+            if response.status >= 300:
+                raise RuntimeError(f"submit failed: {response.status} {data[:200]!r}")
+            mine.append(str(json.loads(data)["id"]))
+        conn.close()
+        with lock:
+            ids.extend(mine)
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=submitter) for _ in range(CONNECTIONS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pending = list(ids)
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+    while pending and time.monotonic() < deadline:
+        still = []
+        for job_id in pending:
+            conn.request("GET", stack.poll_prefix + job_id, headers=stack.headers)
+            response = conn.getresponse()
+            if json.loads(response.read()).get("state") != "succeeded":
+                still.append(job_id)
+        pending = still
+        if pending:
+            time.sleep(0.05)
+    conn.close()
+    if pending:
+        raise RuntimeError(f"{stack.name}: {len(pending)} jobs not succeeded in {timeout}s")
+    return len(ids) / (time.monotonic() - began)
+
+
+def run_stacks(
+    stacks: list[Stack], r: redis.Redis, args: argparse.Namespace, rss: RssSampler
+) -> dict[str, dict[str, list[float]]]:
+    """Run every measure, alternating stacks round by round so machine noise hits both alike."""
+    out: dict[str, dict[str, list[float]]] = {s.name: {} for s in stacks}
+
+    def record(stack: Stack, prefix: str, res: LoadResult) -> None:
+        mine = out[stack.name]
+        mine.setdefault(f"{prefix}_rps", []).append(res.rps)
+        mine.setdefault(f"{prefix}_p50_ms", []).append(res.p50_ms)
+        mine.setdefault(f"{prefix}_p99_ms", []).append(res.p99_ms)
+        mine.setdefault(f"{prefix}_errors", []).append(res.errors)
+
+    rss.watch(stacks)
+    try:
+        for stack in stacks:
+            logs = Path(stack.env["BENCH_LOGS"])
+            stack.api = start(stack.api_cmd, stack.env, logs / f"{stack.name}-api.log")
+        for stack in stacks:
+            wait_http(stack.port)
+            # Warm up every api worker process (imports, pools, first queries).
+            post_json(stack.port, stack.submit_path, stack.job_body, stack.headers)
+            load(stack, "POST", [stack.submit_path], stack.job_body, 1.0)
+        log(f"single submit, {args.rounds} x {args.seconds}s per stack")
+        for _ in range(args.rounds):
+            for stack in stacks:
+                record(
+                    stack,
+                    "submit",
+                    load(stack, "POST", [stack.submit_path], stack.job_body, args.seconds),
+                )
+        paths = {}
+        for stack in stacks:
+            batch = {"jobs": [stack.job_body] * 500}
+            items = post_json(stack.port, stack.batch_path, batch, stack.headers)["items"]
+            paths[stack.name] = [stack.poll_prefix + str(item["id"]) for item in items]
+        log(f"status poll, {args.rounds} x {args.seconds}s per stack")
+        for _ in range(args.rounds):
+            for stack in stacks:
+                record(stack, "poll", load(stack, "GET", paths[stack.name], None, args.seconds))
+        log(f"batch submit, {args.rounds} x {args.batches} batches of 1000 per stack")
+        for _ in range(args.rounds):
+            for stack in stacks:
+                rate = batch_rate(stack, args.batches)
+                out[stack.name].setdefault("batch_jobs_per_s", []).append(rate)
+        for stack in stacks:
+            drain_queue(r, stack.queue)
+        log(f"worker drain, {args.rounds} x {args.drain} no-ops per stack")
+        for _ in range(args.rounds):
+            for stack in stacks:
+                prequeue_noops(stack, args.drain)
+                rate = measure_drain(stack, r, args.drain, 180)
+                out[stack.name].setdefault("drain_per_s", []).append(rate)
+        log(f"end to end, {args.rounds} x {args.e2e} jobs per stack")
+        for stack in stacks:
+            drain_queue(r, stack.queue)
+            wlog = Path(stack.env["BENCH_LOGS"]) / f"{stack.name}-worker.log"
+            offset = wlog.stat().st_size if wlog.exists() else 0
+            stack.worker = start(stack.worker_cmd, stack.env, wlog)
+            wait_worker_ready(wlog, offset)
+        for _ in range(args.rounds):
+            for stack in stacks:
+                rate = end_to_end(stack, args.e2e, 180)
+                out[stack.name].setdefault("e2e_jobs_per_s", []).append(rate)
+    finally:
+        for stack in stacks:
+            stop(stack.worker)
+            stop(stack.api)
+            stack.worker = stack.api = None
+        rss.watch([])
+    for stack in stacks:
+        out[stack.name]["api_rss_mb"] = [stack.peak_rss["api"]]
+        out[stack.name]["worker_rss_mb"] = [stack.peak_rss["worker"]]
+    return out
+
+
+def batch_rate(stack: Stack, batches: int) -> float:
+    """Post `batches` batches of 1,000 jobs from 4 threads; return jobs accepted per second."""
+    body = {"jobs": [stack.job_body] * 1000}
+    todo = list(range(batches))
+    lock = threading.Lock()
+
+    def poster() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                todo.pop()
+            post_json(stack.port, stack.batch_path, body, stack.headers)
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=poster) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return batches * 1000 / (time.monotonic() - began)
+
+
+# Lower is better for these; ratios are still Conveyor / baseline.
+REPORT = [
+    ("submit_rps", "single submit req/s (32 conn)", ">= 1.0x"),
+    ("submit_p50_ms", "single submit p50 ms", ""),
+    ("submit_p99_ms", "single submit p99 ms", "<= 50 ms"),
+    ("poll_rps", "status poll req/s (32 conn)", ">= 1.5x"),
+    ("poll_p50_ms", "status poll p50 ms", ""),
+    ("poll_p99_ms", "status poll p99 ms", ""),
+    ("e2e_jobs_per_s", "end to end jobs/s", ">= 1.3x"),
+    ("drain_per_s", "worker drain tasks/s", ">= 0.8x"),
+    ("batch_jobs_per_s", "batch submit jobs/s", ">= 10,000/s"),
+    ("api_rss_mb", "peak RSS api process MB", "<= 150 MB"),
+    ("worker_rss_mb", "peak RSS worker process MB", "<= 200 MB"),
+]
+
+
+def summarise(results: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+    """Reduce rounds to medians and Conveyor/baseline ratios."""
+    rows = []
+    for key, label, target in REPORT:
+        conveyor = statistics.median(results["conveyor"][key])
+        bare = statistics.median(results["bare"][key])
+        ratio = conveyor / bare if bare else None
+        rows.append(
+            {
+                "key": key,
+                "label": label,
+                "conveyor": conveyor,
+                "bare": bare,
+                "ratio": ratio,
+                "target": target,
+            }
+        )
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Render the summary as a Markdown table."""
+    lines = [
+        "| measure (median) | Conveyor | bare | Conveyor/bare | target |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        ratio = "" if row["ratio"] is None else f"{row['ratio']:.2f}x"
+        lines.append(
+            f"| {row['label']} | {row['conveyor']:,.1f} | {row['bare']:,.1f} | {ratio} "
+            f"| {row['target']} |"
+        )
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Draw Conveyor against the baseline, one panel per measure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 6, figsize=(18, 6.5))
+    for ax, row in zip(axes.flat, rows, strict=False):
+        bars = ax.bar(
+            ["Conveyor", "bare"], [row["conveyor"], row["bare"]], color=["#2b6cb0", "#a0aec0"]
+        )
+        ax.bar_label(bars, fmt="%.0f" if row["conveyor"] > 20 else "%.1f", fontsize=8)
+        ratio = "" if row["ratio"] is None else f"\n{row['ratio']:.2f}x"
+        ax.set_title(f"{row['label']}{ratio}", fontsize=9)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(rows) :]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def machine() -> dict[str, Any]:
+    """Describe the machine the numbers come from."""
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        cpu = found.group(1) if found else cpu
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": sys.version.split()[0],
+        "load_generator": "wrk" if wrk_available() else "python (wrk absent)",
+    }
+
+
+@contextlib.contextmanager
+def servers(root: Path) -> Iterator[tuple[str, str]]:
+    """Yield an admin PostgreSQL URL and a Redis URL: given ones, or embedded throwaways."""
+    pg_url, redis_url = os.environ.get("BENCH_DATABASE_URL"), os.environ.get("BENCH_REDIS_URL")
+    with contextlib.ExitStack() as stack:
+        if not pg_url:
+            postgres = EmbeddedPostgres(root / "pgdata")
+            stack.callback(postgres.stop)
+            pg_url = postgres.start()
+        if not redis_url:
+            valkey = EmbeddedRedis(root / "redis", persist=False)
+            stack.callback(valkey.stop)
+            redis_url = valkey.start()
+        yield pg_url, redis_url
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the whole benchmark and write its results."""
+    parser = argparse.ArgumentParser(prog="bench")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per HTTP load round")
+    parser.add_argument("--batches", type=int, default=4, help="batches of 1,000 per round")
+    parser.add_argument("--drain", type=int, default=1000, help="no-op messages per round")
+    parser.add_argument("--e2e", type=int, default=512, help="jobs per end-to-end round")
+    parser.add_argument("--only", choices=["conveyor", "bare"], help="skip the other stack")
+    args = parser.parse_args(argv)
+    args.drain = max(1000, args.drain // 1000 * 1000)
+    began = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
+    interrupted = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    rss = RssSampler()
+    try:
+        with servers(root) as (pg_url, redis_url):
+            return _bench(args, root, pg_url, redis_url, rss, began)
+    finally:
+        rss.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _bench(
+    args: argparse.Namespace,
+    root: Path,
+    pg_url: str,
+    redis_url: str,
+    rss: RssSampler,
+    began: float,
+) -> int:
+    conveyor_db = create_database(pg_url, "conveyor_bench")
+    bare_db = create_database(pg_url, "bare_bench")
+    logs = root / "logs"
+    logs.mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(ROOT),
+        "CONVEYOR_DATABASE_URL": conveyor_db,
+        "CONVEYOR_REDIS_URL": redis_url,
+        "CONVEYOR_DATA_DIR": str(root),
+        "CONVEYOR_LOG_LEVEL": "INFO",
+        "BARE_DATABASE_URL": bare_db,
+        "BENCH_LOGS": str(logs),
+    }
+    os.environ.update({k: env[k] for k in ("BARE_DATABASE_URL", "CONVEYOR_REDIS_URL")})
+    log(f"migrating; servers {pg_url.split('?')[0]} and {redis_url}")
+    subprocess.run(
+        [BIN / "alembic", "upgrade", "head"],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    bare_engine = create_engine(Settings(database_url=bare_db).sqlalchemy_url)
+    with bare_engine.begin() as conn:
+        conn.execute(text(BARE_SCHEMA))
+        conn.execute(text("TRUNCATE bare_jobs"))
+    bare_engine.dispose()
+    settings = Settings(database_url=conveyor_db, redis_url=redis_url)
+    key = create_tenant(
+        settings,
+        name="Bench",
+        email=f"bench-{os.getpid()}-{time.time_ns()}@conveyor.local",
+        password=None,
+        key_role=Role.MEMBER,
+    )["api_key"]
+    r = redis.Redis.from_url(redis_url)
+    gunicorn = [str(BIN / "gunicorn"), "--workers", API_WORKERS, "--access-logfile", "-"]
+    celery = [str(BIN / "celery")]
+    stacks = []
+    if args.only in (None, "conveyor"):
+        port = free_port()
+        stacks.append(
+            Stack(
+                name="conveyor",
+                env=env,
+                port=port,
+                api_cmd=[*gunicorn, "--bind", f"127.0.0.1:{port}", "api:create_app()"],
+                worker_cmd=[
+                    *celery,
+                    "-A",
+                    "worker.main",
+                    "worker",
+                    "--loglevel=INFO",
+                    f"--concurrency={WORKER_CONCURRENCY}",
+                ],
+                submit_path="/v1/jobs",
+                batch_path="/v1/jobs/batch",
+                poll_prefix="/v1/jobs/",
+                headers={"Authorization": f"Bearer {key}"},
+                queue=settings.default_queue,
+                job_body=NOOP,
+                noop_task="system.noop",
+            )
+        )
+    if args.only in (None, "bare"):
+        port = free_port()
+        stacks.append(
+            Stack(
+                name="bare",
+                env=env,
+                port=port,
+                api_cmd=[*gunicorn, "--bind", f"127.0.0.1:{port}", "bench.bare_api:create_app()"],
+                worker_cmd=[
+                    *celery,
+                    "-A",
+                    "bench.bare_worker",
+                    "worker",
+                    "--loglevel=INFO",
+                    f"--concurrency={WORKER_CONCURRENCY}",
+                    "-Q",
+                    "bare",
+                ],
+                submit_path="/jobs",
+                batch_path="/jobs/batch",
+                poll_prefix="/jobs/",
+                headers={},
+                queue="bare",
+                job_body={"n": 1},
+                noop_task="bare.noop",
+            )
+        )
+    try:
+        results = run_stacks(stacks, r, args, rss)
+        for stack in stacks:
+            drain_queue(r, stack.queue)
+    except BaseException:
+        log(f"failed; logs kept in {logs}")
+        keep = Path(tempfile.mkdtemp(prefix="conveyor-bench-logs-"))
+        shutil.copytree(logs, keep, dirs_exist_ok=True)
+        raise
+    finally:
+        r.close()
+    if len(results) < 2:
+        print(json.dumps(results, indent=2))
+        return 0
+    rows = summarise(results)
+    stamp = datetime.now(UTC)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    base = RESULTS / stamp.strftime("%Y-%m-%d")
+    record = {
+        "date": stamp.isoformat(timespec="seconds"),
+        "git": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "machine": machine(),
+        "settings": {
+            "api_workers": API_WORKERS,
+            "worker_concurrency": WORKER_CONCURRENCY,
+            "connections": CONNECTIONS,
+            **vars(args),
+        },
+        "summary": rows,
+        "rounds": results,
+        "duration_s": round(time.monotonic() - began, 1),
+    }
+    base.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    chart(
+        rows,
+        base.with_suffix(".png"),
+        f"Conveyor vs bare Flask + Celery, {stamp:%Y-%m-%d} ({record['machine']['cpus']} CPUs)",
+    )
+    print(table(rows))
+    log(f"wrote {base}.json and .png in {record['duration_s']}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
