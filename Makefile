@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synced
 
-.PHONY: run test lint format clean install
+.PHONY: run test test-chaos lint format clean install
 
 install: $(STAMP)
 
@@ -34,3 +34,7 @@ format: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
+
+# The chaos suite: real processes killed and restarted; prints one summary line per scenario.
+test-chaos: $(STAMP)
+	$(BIN)/python -m pytest tests/chaos -m chaos -s -p no:randomly --no-cov $(PYTEST_ARGS)
