@@ -361,3 +361,44 @@ def test_redelivery_past_the_visibility_timeout_never_runs_a_job_twice(cluster: 
     runs = cluster.sql("SELECT count(*) FROM chaos_runs WHERE job_id = %s", (job["id"],))
     assert runs[0][0] == 1
     report("redelivered past the visibility timeout while running", cluster.outcome(ids))
+
+
+ORPHAN = """
+import json, os, sys
+from kombu import Connection
+url, queue, options, count = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+with Connection(url, transport_options=options) as conn:
+    channel = conn.channel()
+    taken = 0
+    while taken < count:
+        if channel.basic_get(queue, no_ack=False) is not None:
+            taken += 1
+    print("took", taken, flush=True)
+    os._exit(0)  # dies holding them unacked: no restore at shutdown, no claim
+"""
+
+
+def test_a_worker_killed_between_receiving_and_claiming(cluster: Cluster) -> None:
+    import json
+    import subprocess
+    import sys
+
+    # Nobody consumes yet: the messages wait in the queue.
+    ids, statuses = cluster.submit_counts([f"orphan-{n}" for n in range(5)], lambda _: 0.05)
+    assert statuses == {202: 5}
+    # A consumer receives them and dies before it claims any: kombu keeps them in its unacked
+    # hash, where Redis gives them back only after the visibility timeout (hours).
+    queue = cluster.env["CONVEYOR_DEFAULT_QUEUE"]
+    argv = [sys.executable, "-c", ORPHAN, cluster.env["CONVEYOR_REDIS_URL"], queue]
+    done = subprocess.run(
+        [*argv, json.dumps(broker_options(cluster)), "5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "took 5" in done.stdout
+    cluster.start_beat()
+    cluster.start_worker("w1")
+    cluster.wait_terminal(ids, timeout=120)
+    report("worker killed between receiving and claiming", cluster.outcome(ids))
