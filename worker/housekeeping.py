@@ -172,7 +172,12 @@ class Housekeeper:
         return self._count("reaped", len(reaped))
 
     def reconcile(self) -> int:
-        """Re-publish queued jobs whose message the broker no longer has; return how many."""
+        """Re-publish queued jobs whose message the broker no longer has; return how many.
+
+        A message a consumer took more than `reconcile_after` seconds ago for a job still
+        queued counts as gone too: prefetch is one per process, so that consumer died between
+        receiving and claiming. A second message is harmless; the claim guard runs one.
+        """
         settings = self.services.settings
         if not str(settings.broker).startswith(("redis", "valkey")):
             return 0  # only a Redis broker can be looked into; AMQP brokers keep messages
@@ -182,7 +187,10 @@ class Housekeeper:
             if not stale:
                 return 0
             present = broker_task_ids(
-                self._redis, {j.queue for j in stale}, settings.reconcile_scan_limit
+                self._redis,
+                {j.queue for j in stale},
+                settings.reconcile_scan_limit,
+                delivered_since=time.time() - settings.reconcile_after,
             )
             if present is None:
                 logger.info("broker backlog too deep to reconcile this pass")
