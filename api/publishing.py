@@ -6,13 +6,12 @@ import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from kombu.exceptions import OperationalError as BrokerError
-from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.requests import request_id
 from api.services import Services
 from conveyor.broker import Message
+from conveyor.errors import PublishFailed
 from conveyor.jobs import mark_published
 from conveyor.models import Job
 from conveyor.states import JobState
@@ -30,7 +29,7 @@ def publish_committed(svc: Services, jobs: Iterable[Job]) -> None:
         return
     try:
         svc.publisher.publish(messages)
-    except (BrokerError, RedisError, OSError):
+    except PublishFailed:
         # The jobs are durable with no published_at; the promoter publishes them soon.
         logger.warning("publish of %d jobs failed; the promoter will retry", len(messages))
         return

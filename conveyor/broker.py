@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterable
@@ -9,8 +10,11 @@ from dataclasses import dataclass
 from typing import cast
 
 from celery import Celery
+from kombu.exceptions import KombuError
 from redis import Redis
+from redis.exceptions import RedisError
 
+from conveyor.errors import PublishFailed
 from conveyor.models import Job
 from conveyor.settings import Settings
 
@@ -144,6 +148,10 @@ def broker_task_ids(
     return {str(m.get("headers", {}).get("id")) for m in messages}
 
 
+def _headers(message: Message) -> dict[str, str] | None:
+    return {REQUEST_ID_HEADER: message.request_id} if message.request_id else None
+
+
 class CeleryPublisher:
     """Publishes job ids by task name, so the API never imports worker code."""
 
@@ -167,16 +175,26 @@ class CeleryPublisher:
         `PUBLISH_BATCH` commands a round trip instead of one each; a failure discards what
         was not flushed yet, and the promoter publishes those jobs again.
         """
-        with self._app.producer_or_acquire() as producer, producer.batch(PUBLISH_BATCH):
-            for message in messages:
-                job_id = str(message.job_id)
-                self._app.send_task(
-                    message.task_name,
-                    args=[job_id],
-                    task_id=job_id,
-                    queue=message.queue,
-                    priority=self._broker_priority(message.priority),
-                    producer=producer,
-                    ignore_result=True,
-                    headers={REQUEST_ID_HEADER: message.request_id} if message.request_id else None,
-                )
+        with self._app.producer_or_acquire() as producer:
+            try:
+                with producer.batch(PUBLISH_BATCH):
+                    for message in messages:
+                        job_id = str(message.job_id)
+                        self._app.send_task(
+                            message.task_name,
+                            args=[job_id],
+                            task_id=job_id,
+                            queue=message.queue,
+                            priority=self._broker_priority(message.priority),
+                            producer=producer,
+                            ignore_result=True,
+                            headers=_headers(message),
+                        )
+            except (KombuError, RedisError, OSError) as exc:
+                # A pipeline that failed midway leaves its connection unusable, and the pool
+                # would hand it out again: drop it, so the next publish connects afresh.
+                with contextlib.suppress(Exception):
+                    producer.connection.collect()
+                # Kombu, redis-py and sockets each have their own errors, and a failed
+                # batch says "delivery is uncertain": callers see one exception for all.
+                raise PublishFailed(f"the broker did not take the messages: {exc}") from exc

