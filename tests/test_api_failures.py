@@ -110,3 +110,15 @@ def test_problem_responses_keep_their_protocol_headers(client: Any) -> None:
     not_allowed = client.delete("/healthz")
     assert "GET" in not_allowed.headers["Allow"]
     assert client.get("/v1/me").headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_a_dead_broker_is_one_publish_failed(settings: Settings) -> None:
+    import uuid as _uuid
+
+    from conveyor.broker import CeleryPublisher, Message, create_celery
+    from conveyor.errors import PublishFailed
+
+    dead = settings.model_copy(update={"broker_url": DEAD_REDIS})
+    publisher = CeleryPublisher(create_celery(dead, name="dead", with_result_backend=False))
+    with pytest.raises(PublishFailed, match="the broker did not take the messages"):
+        publisher.publish([Message(_uuid.uuid4(), "system.noop", "q")])
