@@ -20,6 +20,18 @@ from conveyor.settings import Settings
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def stop(proc: subprocess.Popen[Any], timeout: float = 20) -> None:
+    """SIGTERM a process this test started, and SIGKILL it if it outstays `timeout`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 BIN = Path(sys.executable).parent
 
 

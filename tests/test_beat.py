@@ -4,7 +4,6 @@ metrics exporter."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +18,7 @@ from conveyor.embedded import free_port
 from conveyor.settings import Settings
 from tests.conftest import wait_for
 from tests.factories import job_factory
-from tests.processes import BIN, ROOT, own_queue, process_env
+from tests.processes import BIN, ROOT, own_queue, process_env, stop
 from tests.test_metrics import BEARER, TOKEN, fetch, parse, status_of, value
 
 pytestmark = pytest.mark.e2e
@@ -74,12 +73,7 @@ def test_beat_logs_json_and_exports_what_it_redrives(
             timeout=10,
         )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=20)
         redis_client.delete(*queue_lists(mine.default_queue))
     assert value(samples, "conveyor_jobs_redriven_total", reason="promoted") == 1
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]

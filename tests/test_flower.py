@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -26,7 +25,7 @@ from conveyor.broker import queue_lists
 from conveyor.embedded import free_port
 from conveyor.settings import Settings
 from tests.conftest import wait_for
-from tests.processes import ROOT, WorkerProcess, own_queue, process_env, start_worker
+from tests.processes import ROOT, WorkerProcess, own_queue, process_env, start_worker, stop
 from worker.flower import flower_environment, protect_flower_metrics
 
 PASSWORD = "flower-test-password"
@@ -138,12 +137,7 @@ def flower(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
         wait_for(lambda: worker.node in get_json(f"{url}/api/workers?refresh=1"), timeout=30)
         yield FlowerRun(url, worker, mine)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=20)
         worker.stop()
         Redis.from_url(mine.redis_url).delete(*queue_lists(mine.default_queue))
     # Flower saved its history where the settings say, for the next start to load.

@@ -3,7 +3,6 @@ queue gauges, and housekeeping's counters."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -27,7 +26,7 @@ from conveyor.metrics import serve_metrics
 from conveyor.settings import Settings
 from tests.conftest import wait_for
 from tests.factories import job_factory
-from tests.processes import BIN, ROOT, own_queue, process_env, start_worker
+from tests.processes import BIN, ROOT, own_queue, process_env, start_worker, stop
 from worker.app import create_celery_app
 from worker.housekeeping import Housekeeper
 
@@ -149,12 +148,7 @@ def gunicorn(settings: Settings, tmp_path: Path) -> Iterator[tuple[str, psutil.P
         wait_for(lambda: len(master.children()) == 2 and status_of(f"{url}/readyz") == 200)
         yield url, master, prom_dir
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=30)
         log.close()
 
 

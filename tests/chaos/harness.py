@@ -34,22 +34,11 @@ from conveyor.db import create_db_engine, create_session_factory
 from conveyor.embedded import EmbeddedPostgres, EmbeddedRedis, create_database, free_port
 from conveyor.settings import Settings
 from tests.chaos.jobtypes import SCHEMA
-from tests.conftest import alembic_config
+from tests.conftest import alembic_config, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TERMINAL = ("succeeded", "failed", "cancelled", "expired")
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
-    """Poll `condition` until truthy; raise after `timeout` seconds (a bound, not a measure)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 @dataclass
@@ -252,7 +241,7 @@ class Cluster:
             ],
             {"PROMETHEUS_MULTIPROC_DIR": str(self._fresh_dir("prom"))},
         )
-        wait_until(lambda: self._healthy(), timeout=60)
+        wait_for(lambda: self._healthy(), timeout=60)
         return proc
 
     def _fresh_dir(self, name: str) -> Path:
@@ -284,7 +273,7 @@ class Cluster:
                 "--loglevel=INFO",
             ],
         )
-        wait_until(lambda: self._ready(proc), timeout=60)
+        wait_for(lambda: self._ready(proc), timeout=60)
         return proc
 
     @staticmethod

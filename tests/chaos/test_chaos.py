@@ -16,7 +16,8 @@ import uuid
 import psutil
 import pytest
 
-from tests.chaos.harness import Cluster, Outcome, wait_until
+from tests.chaos.harness import Cluster, Outcome
+from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 # Bounds on recovery, not measurements: a Redis message orphaned by a killed worker comes back
@@ -67,11 +68,11 @@ def test_kill_9_workers_during_a_thousand_short_jobs(cluster: Cluster) -> None:
     submitter.start()
     for n in range(kills):
         goal = (n + 1) * jobs // (kills + 2)
-        wait_until(lambda goal=goal: completions(cluster) >= goal, timeout=120, interval=0.05)
+        wait_for(lambda goal=goal: completions(cluster) >= goal, timeout=120, interval=0.05)
         name = f"w{1 + n % 2}"
         if n % 2 == 0:
             # The OOM killer's way: one pool process dies mid-job; its worker lives on.
-            victims = wait_until(
+            victims = wait_for(
                 lambda name=name: busy_children(cluster, name), timeout=30, interval=0.01
             )
             victims[0].kill()
@@ -92,7 +93,7 @@ def test_sigterm_a_worker_mid_job(cluster: Cluster) -> None:
     worker = cluster.start_worker("w1", concurrency=1)
     status, _, job = cluster.submit("chaos.count", {"key": "term-1", "seconds": 3})
     assert status == 202
-    wait_until(lambda: busy_children(cluster, "w1"), timeout=30, interval=0.02)
+    wait_for(lambda: busy_children(cluster, "w1"), timeout=30, interval=0.02)
     worker.popen.send_signal(signal.SIGTERM)
     # Warm shutdown: the running job finishes before the worker exits.
     assert worker.popen.wait(timeout=60) == 0
@@ -198,14 +199,14 @@ def test_redis_killed_and_restarted_during_a_submit_flood(cluster: Cluster) -> N
     cluster.start_worker("w1")
     cluster.start_worker("w2")
     with Flood(cluster, "redis", limit=3000) as flood:
-        wait_until(lambda: flood.count("before") >= 150, timeout=120, interval=0.05)
+        wait_for(lambda: flood.count("before") >= 150, timeout=120, interval=0.05)
         flood.phase = "down"
         # No persistence: queued messages, unacked messages and results all vanish with it.
         cluster.stop_redis()
-        wait_until(lambda: flood.count("down") >= 50, timeout=120, interval=0.05)
+        wait_for(lambda: flood.count("down") >= 50, timeout=120, interval=0.05)
         cluster.start_redis()
         flood.phase = "after"
-        wait_until(lambda: flood.count("after") >= 150, timeout=120, interval=0.05)
+        wait_for(lambda: flood.count("after") >= 150, timeout=120, interval=0.05)
     for phase in ("before", "down", "edge", "after"):
         print(f"CHAOS redis outage: answers {phase}: {flood.statuses(phase)}")
     # The ledger is the source of truth: with the broker gone the API still accepts durably.
@@ -233,12 +234,12 @@ def test_postgres_restarted_during_a_run(cluster: Cluster) -> None:
         assert ready == 503
 
     with Flood(cluster, "pg", limit=100_000, threads=4) as flood:
-        wait_until(lambda: flood.count("before") >= 200, timeout=120, interval=0.05)
+        wait_for(lambda: flood.count("before") >= 200, timeout=120, interval=0.05)
         flood.phase = "down"
         cluster.restart_postgres(while_down)
         flood.phase = "after"
         # Recovers by itself: the same API processes accept jobs again.
-        wait_until(lambda: flood.statuses("after").get(202, 0) >= 200, timeout=120, interval=0.05)
+        wait_for(lambda: flood.statuses("after").get(202, 0) >= 200, timeout=120, interval=0.05)
     for phase in ("before", "down", "edge", "after"):
         print(f"CHAOS postgres restart: answers {phase}: {flood.statuses(phase)}")
     print(f"CHAOS postgres restart: probes while down: {down}")
@@ -266,16 +267,16 @@ def test_two_beats_leader_killed_mid_run(cluster: Cluster) -> None:
         )
 
     beats = [cluster.start_beat("beat-a"), cluster.start_beat("beat-b")]
-    wait_until(lambda: len(fired()) >= 5, timeout=60)
+    wait_for(lambda: len(fired()) >= 5, timeout=60)
     leaders = [b for b in beats if "this beat leads housekeeping" in b.log.read_text()]
     assert len(leaders) == 1, [b.name for b in leaders]
     before = len(fired())
     leaders[0].kill_tree()
-    wait_until(lambda: len(fired()) >= before + 5, timeout=60)
+    wait_for(lambda: len(fired()) >= before + 5, timeout=60)
     # The old leader comes back as a follower; the survivor keeps the lead.
     beats.append(cluster.start_beat("beat-a2"))
     again = len(fired())
-    wait_until(lambda: len(fired()) >= again + 5, timeout=60)
+    wait_for(lambda: len(fired()) >= again + 5, timeout=60)
     status, _, _ = cluster.request("PATCH", f"/v1/schedules/{schedule['id']}", {"enabled": False})
     assert status == 200
     rows = fired()
@@ -342,7 +343,7 @@ def test_redelivery_past_the_visibility_timeout_never_runs_a_job_twice(cluster: 
     first = cluster.start_worker("w1", concurrency=1)
     status, _, job = cluster.submit("chaos.count", {"key": "slow", "seconds": 8})
     assert status == 202
-    wait_until(lambda: busy_children(cluster, "w1"), timeout=30, interval=0.02)
+    wait_for(lambda: busy_children(cluster, "w1"), timeout=30, interval=0.02)
     cluster.start_worker("w2", concurrency=1)
     # What Redis does when a job outruns the visibility timeout: the unacked message goes
     # back to its queue while the first worker still runs it. Done here with a zero timeout
@@ -351,7 +352,7 @@ def test_redelivery_past_the_visibility_timeout_never_runs_a_job_twice(cluster: 
     options = {**broker_options(cluster), "visibility_timeout": 0}
     with Connection(url, transport_options=options) as conn:
         conn.default_channel.qos.restore_visible(num=100, interval=1)
-    wait_until(
+    wait_for(
         lambda: "is not queued; skipping this delivery" in cluster.procs[-1].log.read_text(),
         timeout=60,
     )
