@@ -14,7 +14,6 @@ import contextlib
 import http.client
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -23,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,15 +32,24 @@ import redis
 from sqlalchemy import create_engine, text
 
 from bench.loadgen import LoadResult, http_load, wrk_available, wrk_load
+from bench.processes import (
+    BIN,
+    RESULTS,
+    ROOT,
+    git_commit,
+    machine,
+    servers,
+    start,
+    stop,
+    wait_http,
+    wait_worker_ready,
+)
 from conveyor.broker import queue_depth
 from conveyor.cli import create_tenant
-from conveyor.embedded import EmbeddedPostgres, EmbeddedRedis, create_database, free_port
+from conveyor.embedded import create_database, free_port
 from conveyor.roles import Role
 from conveyor.settings import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-RESULTS = ROOT / "bench" / "results"
 API_WORKERS = "2"  # the Procfile's default, for both stacks
 WORKER_CONCURRENCY = "2"
 CONNECTIONS = 32
@@ -82,48 +89,6 @@ class Stack:
     api: subprocess.Popen[bytes] | None = None
     worker: subprocess.Popen[bytes] | None = None
     peak_rss: dict[str, float] = field(default_factory=lambda: {"api": 0.0, "worker": 0.0})
-
-
-def start(cmd: list[str], env: dict[str, str], logfile: Path) -> subprocess.Popen[bytes]:
-    """Start a process in its own session, its output to `logfile`."""
-    out = logfile.open("ab")
-    return subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def stop(proc: subprocess.Popen[bytes] | None) -> None:
-    """Stop a process and its children by pid: SIGTERM, then SIGKILL after 20 s."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        tree = [proc, *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.Error:
-        tree = []
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    for child in tree[1:]:
-        with contextlib.suppress(psutil.Error):
-            child.kill()
-
-
-def wait_http(port: int, path: str = "/healthz", timeout: float = 60) -> None:
-    """Wait until the api answers on `port` (any status), or fail."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", path)
-            conn.getresponse().read()
-            conn.close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing answered on 127.0.0.1:{port}")
 
 
 class RssSampler:
@@ -190,18 +155,6 @@ def drain_queue(r: redis.Redis, queue: str) -> None:
     """Empty a queue (all its priority lists) and kombu's unacked set."""
     names = [queue, *(f"{queue}:{n}" for n in range(1, 10))]
     r.delete(*names, "unacked", "unacked_index")
-
-
-def wait_worker_ready(logfile: Path, offset: int, timeout: float = 60) -> None:
-    """Wait for Celery's 'ready.' line in the worker's log after `offset`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with logfile.open("rb") as fh:
-            fh.seek(offset)
-            if b"ready." in fh.read():
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"worker did not become ready; see {logfile}")
 
 
 def measure_drain(stack: Stack, r: redis.Redis, n: int, timeout: float) -> float:
@@ -461,37 +414,6 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def machine() -> dict[str, Any]:
-    """Describe the machine the numbers come from."""
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = found.group(1) if found else cpu
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": cpu,
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "python": sys.version.split()[0],
-        "load_generator": "wrk" if wrk_available() else "python (wrk absent)",
-    }
-
-
-@contextlib.contextmanager
-def servers(root: Path) -> Iterator[tuple[str, str]]:
-    """Yield an admin PostgreSQL URL and a Redis URL: given ones, or embedded throwaways."""
-    pg_url, redis_url = os.environ.get("BENCH_DATABASE_URL"), os.environ.get("BENCH_REDIS_URL")
-    with contextlib.ExitStack() as stack:
-        if not pg_url:
-            postgres = EmbeddedPostgres(root / "pgdata")
-            stack.callback(postgres.stop)
-            pg_url = postgres.start()
-        if not redis_url:
-            valkey = EmbeddedRedis(root / "redis", persist=False)
-            stack.callback(valkey.stop)
-            redis_url = valkey.start()
-        yield pg_url, redis_url
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the whole benchmark and write its results."""
     parser = argparse.ArgumentParser(prog="bench")
@@ -642,9 +564,7 @@ def _bench(
     base = RESULTS / stamp.strftime("%Y-%m-%d")
     record = {
         "date": stamp.isoformat(timespec="seconds"),
-        "git": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),
+        "git": git_commit(),
         "machine": machine(),
         "settings": {
             "api_workers": API_WORKERS,
