@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synced
 
-.PHONY: run test test-chaos lint format clean install bench
+.PHONY: run test test-chaos lint format clean install bench soak
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ clean:
 # Conveyor against the bare Flask + Celery stack (bench/README.md); about 5 minutes.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Conveyor as deployed under 80% of the bench's end-to-end rate (bench/README.md); 5 minutes
+# by default, e.g. `make soak SOAK_ARGS="--minutes 1"`. Exits non-zero if a check fails.
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 # The chaos suite: real processes killed and restarted; prints one summary line per scenario.
 test-chaos: $(STAMP)
