@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retention", type=int, default=60, help="seconds (>= 60)")
     parser.add_argument("--warmup", type=float, help="seconds before the first window")
     parser.add_argument("--sample", type=float, default=5.0, help="seconds between samples")
-    parser.add_argument("--drain", type=float, default=120.0, help="max seconds to settle")
+    parser.add_argument("--drain", type=float, default=600.0, help="max seconds to settle")
     parser.add_argument("--tolerance", type=float, default=0.10, help="allowed growth")
     args = parser.parse_args(argv)
     args.retention = max(60, args.retention)  # Settings refuse a shorter result expiry
@@ -162,11 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt(signum)
 
     signal.signal(signal.SIGTERM, on_signal)
+    # A shell starts background jobs with SIGINT ignored; Ctrl-C must still stop us cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     failed = True
     try:
         with servers(root) as (pg_url, redis_url):
             failed = _soak(args, root, pg_url, redis_url)
             return 1 if failed else 0
+    except KeyboardInterrupt:
+        log("interrupted; every process was stopped")
+        return 130
     finally:
         if failed:
             keep = Path(tempfile.mkdtemp(prefix="conveyor-soak-logs-"))
@@ -232,6 +237,7 @@ def _soak(args: argparse.Namespace, root: Path, pg_url: str, redis_url: str) -> 
             progress.start()
             load.run()
             sampler.stop()
+            # Bounded twice: by --drain, and by a minute in which no job settled.
             log(f"load done; settling {len(ledger.pending)} jobs (at most {args.drain:.0f} s)")
             ledger.wait_settled(args.drain)
         finally:

@@ -196,7 +196,7 @@ def evaluate(run: RunFacts, samples: Sequence[dict[str, Any]], windows: Windows)
     redis_checks = [
         ("Redis memory bounded", "redis_used_mb", 0.5, "MB"),
         ("result keys bounded", "result_keys", 50, "keys"),
-        ("jobs rows bounded by retention", "jobs_rows", 100, "rows"),
+        ("finished jobs bounded by retention", "finished_jobs_rows", 100, "rows"),
     ]
     for name, key, floor, unit in redis_checks:
         checks.append(

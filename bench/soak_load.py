@@ -121,8 +121,8 @@ class Load:
                 if state == "succeeded":
                     self.latencies.append(time.monotonic() - sent)
                 elif state not in TERMINAL and polls + 1 < MAX_POLLS:
-                    # Back off from 0.25 s to 1 s between polls, as a patient client would.
-                    delay = min(1.0, 0.25 * 2 ** (polls + 1))
+                    # Back off from 0.25 s to 2 s between polls, as conveyor.client's wait does.
+                    delay = min(2.0, 0.25 * 2 ** (polls + 1))
                     heapq.heappush(
                         self._due, (time.monotonic() + delay, n, job_id, sent, polls + 1)
                     )
@@ -207,13 +207,16 @@ class Ledger:
         """Return how many accepted jobs reached an end (or vanished) so far."""
         return self.succeeded + sum(self.other.values()) + self.missing
 
-    def wait_settled(self, timeout: float) -> None:
-        """Wait (bounded) until every accepted job has been settled."""
+    def wait_settled(self, timeout: float, stall: float = 60.0) -> None:
+        """Wait until every accepted job settled, none settled for `stall` s, or `timeout`."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        last, last_change = self.settled(), time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - last_change < stall:
             if not self.pending and self.load.accepted_count() == self._seen:
                 return
             time.sleep(0.5)
+            if self.settled() != last:
+                last, last_change = self.settled(), time.monotonic()
 
     def stop(self) -> None:
         """Stop watching."""
@@ -289,7 +292,9 @@ class Sampler:
             "JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE n.nspname = 'public' AND c.relkind = 'r'"
         ).fetchall()
-        (rows,) = conn.execute("SELECT count(*) FROM jobs").fetchone() or (0,)
+        rows, finished = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE finished_at IS NOT NULL) FROM jobs"
+        ).fetchone() or (0, 0)
         keys = without_ttl = 0
         batch: list[bytes] = []
         for key in self.redis.scan_iter(match=f"{RESULT_KEY_PREFIX}*", count=1000):
@@ -305,6 +310,8 @@ class Sampler:
         return {
             "table_mb": {name: round(size / 2**20, 3) for name, size in tables},
             "jobs_rows": rows,
+            # Only these are retention's to bound; the others are the backlog.
+            "finished_jobs_rows": finished,
             "redis_used_mb": round(memory["used_memory"] / 2**20, 3),
             "redis_keys": self.redis.dbsize(),
             "result_keys": keys,

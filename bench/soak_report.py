@@ -41,6 +41,7 @@ def chart(samples: Sequence[dict[str, Any]], windows: Windows, path: Path, title
     tables_ax.set_ylabel("MB (table + indexes + TOAST)")
     tables_ax.set_title("PostgreSQL: largest tables")
     _plot(ledger_ax, series(samples, "jobs_rows"), "rows in jobs", color="#2f855a")
+    _plot(ledger_ax, series(samples, "finished_jobs_rows"), "of which finished", "#68d391")
     _plot(ledger_ax, series(samples, "backlog"), "backlog (accepted, not finished)", "#805ad5")
     ledger_ax.set_ylabel("jobs")
     ledger_ax.set_title("PostgreSQL: jobs kept (pruned after retention) and the backlog")

@@ -103,6 +103,7 @@ def samples(rss: list[tuple[float, float]], **flat: float) -> list[dict[str, Any
             "rss_mb": {"api worker 1": mb},
             "table_mb": {"jobs": flat.get("jobs_mb", 1.0), "tenants": 0.1},
             "jobs_rows": 1000,
+            "finished_jobs_rows": 900,
             "backlog": flat.get("backlog", 20),
             "redis_used_mb": 2.0,
             "result_keys": 1000,
@@ -158,6 +159,13 @@ def test_growth_and_keys_without_expiry_fail() -> None:
         "RSS flat: api worker 1",
         "result keys expire (none without TTL)",
     ]
+
+
+def test_a_growing_backlog_fails() -> None:
+    growing = samples(ramp(100, 0))
+    for sample in growing:
+        sample["backlog"] = 5 * sample["t"]  # the worker falls 5 jobs/s behind
+    assert failed(evaluate(facts(), growing, WINDOWS)) == ["worker kept up (backlog bounded)"]
 
 
 def test_procfile_lines_expand_like_a_shell(tmp_path: Path) -> None:
