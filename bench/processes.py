@@ -73,16 +73,21 @@ def wait_http(port: int, path: str = "/healthz", timeout: float = 60) -> None:
     raise RuntimeError(f"nothing answered on 127.0.0.1:{port}")
 
 
-def wait_worker_ready(logfile: Path, offset: int, timeout: float = 60) -> None:
-    """Wait for Celery's 'ready.' line in the worker's log after `offset`."""
+def wait_log(logfile: Path, needle: bytes, offset: int = 0, timeout: float = 60) -> None:
+    """Wait until `needle` appears in `logfile` after `offset`, or fail."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with logfile.open("rb") as fh:
             fh.seek(offset)
-            if b"ready." in fh.read():
+            if needle in fh.read():
                 return
         time.sleep(0.1)
-    raise RuntimeError(f"worker did not become ready; see {logfile}")
+    raise RuntimeError(f"no {needle!r} in {logfile} within {timeout}s")
+
+
+def wait_worker_ready(logfile: Path, offset: int, timeout: float = 60) -> None:
+    """Wait for Celery's 'ready.' line in the worker's log after `offset`."""
+    wait_log(logfile, b"ready.", offset, timeout)
 
 
 def procfile_commands(env: dict[str, str], path: Path = ROOT / "Procfile") -> dict[str, list[str]]:

@@ -43,6 +43,7 @@ from bench.processes import (
     start,
     stop,
     wait_http,
+    wait_log,
     wait_worker_ready,
 )
 from bench.soak_checks import (
@@ -107,6 +108,8 @@ def conveyor(root: Path, env: dict[str, str], port: int) -> Iterator[dict[str, A
         procs["worker"] = start(commands["worker"], env, logs / "worker.log")
         wait_worker_ready(logs / "worker.log", 0)
         procs["beat"] = start(commands["beat"], env, logs / "beat.log")
+        # Housekeeping (the pruning among it) runs once beat holds the leader lock.
+        wait_log(logs / "beat.log", b"this beat leads housekeeping")
         yield procs
     finally:
         for name in ("beat", "worker", "api"):
@@ -201,7 +204,9 @@ def _soak(args: argparse.Namespace, root: Path, pg_url: str, redis_url: str) -> 
     env = soak_env(root, database_url, redis_url, port, args.retention)
     log(f"migrating; servers {pg_url.split('?')[0]} and {redis_url}")
     release = procfile_commands(env)["release"]
-    subprocess.run(release, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run(release, env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(release)} failed:\n{done.stdout}{done.stderr}")
     settings = Settings(
         database_url=database_url, redis_url=redis_url, secret_key=env["CONVEYOR_SECRET_KEY"]
     )
@@ -214,6 +219,8 @@ def _soak(args: argparse.Namespace, root: Path, pg_url: str, redis_url: str) -> 
     )["api_key"]
     seconds = args.minutes * 60
     windows = plan_windows(seconds, args.retention, args.warmup)
+    if windows.early[0] < args.retention + 30:
+        log("too short for retention to cycle before the first window: storage checks may fail")
     with conveyor(root, env, port) as procs:
         rate, source = choose_rate(args, port, token)
         log(f"{rate:.1f} jobs/s ({source}) for {seconds:.0f} s; windows {asdict(windows)}")

@@ -118,9 +118,12 @@ class Load:
             state = json.loads(data).get("state") if status == 200 else None
             with self._lock:
                 self.polls[status] += 1
+                # Poll again while the job runs or the api failed to answer, as a client
+                # would; a 404 ends it (pruned after retention before a lagging poll).
+                again = (status == 200 and state not in TERMINAL) or not 0 < status < 500
                 if state == "succeeded":
                     self.latencies.append(time.monotonic() - sent)
-                elif state not in TERMINAL and polls + 1 < MAX_POLLS:
+                elif again and polls + 1 < MAX_POLLS:
                     # Back off from 0.25 s to 2 s between polls, as conveyor.client's wait does.
                     delay = min(2.0, 0.25 * 2 ** (polls + 1))
                     heapq.heappush(
