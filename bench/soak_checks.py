@@ -87,7 +87,8 @@ def flat_check(
         return Check(name, False, "no samples in a window (the process died or restarted?)")
     limit = max(early * (1 + tolerance), early + floor)
     change = f"{(late / early - 1) * 100:+.1f}%" if early else "n/a"
-    return Check(name, late <= limit, f"{early:,.1f} -> {late:,.1f} {unit} ({change})")
+    detail = f"{early:,.1f} -> {late:,.1f} {unit} ({change}; limit {limit:,.1f})"
+    return Check(name, late <= limit, detail)
 
 
 def count_check(name: str, bad: int, total: int, what: str) -> Check:
