@@ -217,6 +217,7 @@ def _soak(args: argparse.Namespace, root: Path, pg_url: str, redis_url: str) -> 
         password=None,
         key_role=Role.MEMBER,
     )["api_key"]
+    commit = git_commit()  # now: a commit made while the soak runs is not what it measured
     seconds = args.minutes * 60
     windows = plan_windows(seconds, args.retention, args.warmup)
     if windows.early[0] < args.retention + 30:
@@ -267,7 +268,7 @@ def _soak(args: argparse.Namespace, root: Path, pg_url: str, redis_url: str) -> 
     accepted = len(load.accepted)
     record: dict[str, Any] = {
         "date": stamp.isoformat(timespec="seconds"),
-        "git": git_commit(),
+        "git": commit,
         "machine": machine(),
         "settings": {**vars(args), "rate": rate, "rate_source": source},
         "windows": asdict(windows),
