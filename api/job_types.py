@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Response, jsonify
+from flask_openapi3.blueprint import APIBlueprint
 
-from api.auth import authorize
+from api.auth import requires
+from api.openapi import AUTHENTICATED, BEARER, responses, tag
+from api.schemas import JobTypeList
 from api.services import services
 from conveyor.roles import Permission
 
-bp = Blueprint("job_types", __name__)
+bp = APIBlueprint(
+    "job_types",
+    __name__,
+    abp_tags=tag("jobs", "Submit jobs and follow them to their end."),
+    abp_security=BEARER,
+    abp_responses=responses({}, *AUTHENTICATED),
+)
 
 
-@bp.get("/v1/job-types")
+@bp.get("/v1/job-types", responses=responses({200: JobTypeList}))
+@requires(Permission.READ)
 def index() -> Response:
-    """List the registered job types with their options and schemas."""
-    authorize(Permission.READ)
+    """List the job types that can be submitted, with their options and schemas."""
     svc = services()
     return jsonify(
         items=[

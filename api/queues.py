@@ -8,15 +8,24 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from flask import Blueprint, Response, jsonify
+from flask import Response, jsonify
+from flask_openapi3.blueprint import APIBlueprint
 from pydantic import BaseModel
 
-from api.auth import authorize
+from api.auth import requires
+from api.openapi import AUTHENTICATED, BEARER, responses, tag
 from api.services import Services, services
 from conveyor.queues import QueueStats, WorkerInfo, online_workers, queue_overview
 from conveyor.roles import Permission
 
-bp = Blueprint("queues", __name__, url_prefix="/v1/queues")
+bp = APIBlueprint(
+    "queues",
+    __name__,
+    url_prefix="/v1/queues",
+    abp_tags=tag("operations", "Queues and workers, for operators."),
+    abp_security=BEARER,
+    abp_responses=responses({}, *AUTHENTICATED),
+)
 
 
 class QueueOut(BaseModel):
@@ -53,10 +62,10 @@ def read_queues(svc: Services) -> tuple[list[QueueStats], list[WorkerInfo]]:
     return queues, online_workers(svc.publisher.app, svc.settings.inspect_timeout)
 
 
-@bp.get("")
+@bp.get("", responses=responses({200: QueuesOut}))
+@requires(Permission.SEE_QUEUES)
 def index() -> Response:
     """Show per-queue depth, oldest waiting job and running jobs, and the live workers."""
-    authorize(Permission.SEE_QUEUES)
     queues, workers = read_queues(services())
     now = datetime.now(UTC)
     body = QueuesOut(
