@@ -27,13 +27,11 @@ class Register(Strict):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [
-                {
-                    "email": "ada@example.com",
-                    "password": "correct horse battery",
-                    "tenant_name": "Acme",
-                }
-            ]
+            "example": {
+                "email": "ada@example.com",
+                "password": "correct horse battery",
+                "tenant_name": "Acme",
+            }
         }
     )
 
@@ -47,7 +45,7 @@ class Login(Strict):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"email": "ada@example.com", "password": "correct horse battery"}]
+            "example": {"email": "ada@example.com", "password": "correct horse battery"}
         }
     )
 
@@ -59,7 +57,7 @@ class Refresh(Strict):
     """`POST /v1/auth/refresh`."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"refresh_token": "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9…"}]}
+        json_schema_extra={"example": {"refresh_token": "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9…"}}
     )
 
     refresh_token: str = Field(min_length=1, max_length=4096)
@@ -70,9 +68,11 @@ class NewUser(Strict):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [
-                {"email": "grace@example.com", "password": "a long passphrase", "role": "member"}
-            ]
+            "example": {
+                "email": "grace@example.com",
+                "password": "a long passphrase",
+                "role": "member",
+            }
         }
     )
 
@@ -84,7 +84,7 @@ class NewUser(Strict):
 class UserChange(Strict):
     """`PATCH /v1/users/{id}`."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"role": "viewer"}]})
+    model_config = ConfigDict(json_schema_extra={"example": {"role": "viewer"}})
 
     role: Role | None = None
     is_active: bool | None = None
@@ -95,9 +95,11 @@ class NewApiKey(Strict):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [
-                {"name": "billing-service", "role": "member", "expires_at": "2027-01-01T00:00:00Z"}
-            ]
+            "example": {
+                "name": "billing-service",
+                "role": "member",
+                "expires_at": "2027-01-01T00:00:00Z",
+            }
         }
     )
 

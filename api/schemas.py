@@ -22,14 +22,12 @@ class JobBatch(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [
-                {
-                    "jobs": [
-                        {"type": "system.sleep", "payload": {"seconds": 1}},
-                        {"type": "system.noop", "priority": 9, "tags": ["nightly"]},
-                    ]
-                }
-            ]
+            "example": {
+                "jobs": [
+                    {"type": "system.sleep", "payload": {"seconds": 1}},
+                    {"type": "system.noop", "priority": 9, "tags": ["nightly"]},
+                ]
+            }
         },
     )
     jobs: list[JobRequest] = Field(min_length=1, max_length=MAX_BATCH)
@@ -75,7 +73,7 @@ class BulkRetry(JobQuery):
     """`POST /v1/jobs/retry`: which dead jobs to run again (failed ones by default)."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"type": "orders.import_csv", "limit": 100}]}
+        json_schema_extra={"example": {"type": "orders.import_csv", "limit": 100}}
     )
     limit: int = Field(default=100, ge=1, le=1000)
 

@@ -37,12 +37,10 @@ class NewWebhook(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [
-                {
-                    "url": "https://hooks.example.com/conveyor",
-                    "events": ["job.succeeded", "job.failed"],
-                }
-            ]
+            "example": {
+                "url": "https://hooks.example.com/conveyor",
+                "events": ["job.succeeded", "job.failed"],
+            }
         },
     )
     url: str = Field(max_length=2048, pattern=r"^https?://\S+$")

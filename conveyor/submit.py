@@ -33,15 +33,13 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [
-                {
-                    "type": "system.sleep",
-                    "payload": {"seconds": 2},
-                    "priority": 5,
-                    "tags": ["demo"],
-                    "metadata": {"requested_by": "docs"},
-                }
-            ]
+            "example": {
+                "type": "system.sleep",
+                "payload": {"seconds": 2},
+                "priority": 5,
+                "tags": ["demo"],
+                "metadata": {"requested_by": "docs"},
+            }
         },
     )
 
