@@ -87,7 +87,7 @@ def retry(path: JobPath) -> tuple[Response, int]:
     return jsonify(JobOut.of(job).model_dump(mode="json")), 202
 
 
-@bp.post("/retry", responses=responses({200: Retried}, *JSON_BODY))
+@bp.post("/retry", responses=responses({200: Retried}, 409, *JSON_BODY))
 @requires(Permission.RETRY)
 def retry_many(body: BulkRetry) -> Response:
     """Run again every dead job matching the filters (failed ones by default), up to `limit`."""

@@ -65,6 +65,7 @@ def _idempotency_key() -> str | None:
             202: described(JobOut, "Accepted: stored, and published to its queue.", LOCATION),
             200: described(JobOut, "A repeated `Idempotency-Key`: the original job.", LOCATION),
         },
+        409,
         *JSON_BODY,
     ),
     openapi_extensions={

@@ -44,7 +44,8 @@ PROBLEMS = {
     403: "The caller's role does not allow this.",
     404: "No such object in the caller's tenant.",
     405: "The path does not accept this method.",
-    409: "The request conflicts with the object's current state.",
+    409: "The request conflicts with the object's current state (or reuses an "
+    "`Idempotency-Key` for another request).",
     413: "The body is larger than the limit.",
     415: "The body is not of the required content type.",
     422: "The request is well-formed but not valid; `errors` names each wrong field.",
