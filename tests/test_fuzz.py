@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given
-from hypothesis.errors import Unsatisfiable
 from hypothesis import settings as hypothesis_settings
+from hypothesis.errors import Unsatisfiable
 from redis import Redis
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
