@@ -34,6 +34,14 @@ def problem(
     return Response(json.dumps(body), status=status, mimetype="application/problem+json")
 
 
+def problem_of(exc: ConveyorError) -> Response:
+    """Build the problem+json response for one of Conveyor's errors."""
+    response = problem(exc.status, exc.title, exc.detail, exc.slug, exc.errors)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
 def init_app(app: Flask) -> None:
     """Map Conveyor's errors, Werkzeug's HTTP errors and anything unexpected to problems."""
 
@@ -41,10 +49,7 @@ def init_app(app: Flask) -> None:
     def _conveyor_error(exc: ConveyorError) -> Response:
         if exc.status >= 500:
             logger.error("request %s failed: %s", request_id(), exc, exc_info=exc)
-        response = problem(exc.status, exc.title, exc.detail, exc.slug, exc.errors)
-        if exc.status == 401:
-            response.headers["WWW-Authenticate"] = "Bearer"
-        return response
+        return problem_of(exc)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

@@ -25,7 +25,8 @@ from flask_openapi3.openapi import OpenAPI
 from flask_openapi3.types import ResponseDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
-from api.errors import problem
+from api.errors import problem_of
+from conveyor.errors import ValidationFailed
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 SCHEMAS = "#/components/schemas/"
@@ -94,7 +95,7 @@ class Problem(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "example": {
-                "type": "https://conveyor.dev/problems/validation-failed",
+                "type": "https://conveyor.dev/problems/validation",
                 "title": "Validation failed",
                 "status": 422,
                 "detail": "the request is not valid",
@@ -165,9 +166,7 @@ def validation_failed(exc: ValidationError) -> Response:
         {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"]}
         for err in exc.errors(include_url=False, include_input=False, include_context=False)
     ]
-    return problem(
-        422, "Validation failed", "the request is not valid", "validation-failed", errors
-    )
+    return problem_of(ValidationFailed("the request is not valid", errors=errors))
 
 
 def create_openapi(import_name: str) -> OpenAPI:

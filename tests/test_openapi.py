@@ -109,6 +109,7 @@ def test_every_operation_has_summary_security_schemas_errors_and_examples(
             assert schema.get("example"), f"{where}: request example"
             assert {"400", "413", "415", "422"} <= set(answers), where
     assert schemas["Problem"]["example"]["status"] == 422
+    assert schemas["JobOut"]["example"]["state"] == "running"
     assert schemas["JobRequest"]["example"]["type"] == "system.sleep"
 
 
