@@ -1,4 +1,4 @@
-"""Every error status the API answers is one `application/problem+json` shape, ours or Werkzeug's."""
+"""Every error the API answers, ours or Werkzeug's, is one `application/problem+json` shape."""
 
 from __future__ import annotations
 
