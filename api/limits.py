@@ -277,4 +277,5 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
         if submits and Permission.SUBMIT in PERMISSIONS[principal.role]:
             quota.admit(services().reads, principal.tenant_id, _submitted_jobs(), datetime.now(UTC))
 
-    app.after_request(_add_headers(limiter, outage))
+    if settings.rate_limit_headers:
+        app.after_request(_add_headers(limiter, outage))
