@@ -23,6 +23,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, g, request
 from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded, RequestLimit
 from flask_limiter.util import get_remote_address
+from limits.errors import StorageError
 
 from api.auth import authenticate
 from api.services import services
@@ -117,14 +118,15 @@ class _Outage:
         """Return whether rate limiting is off because Redis failed lately."""
         return self._clock() < self._until
 
-    def report(self, error: BaseException | None) -> None:
+    def report(self, error: StorageError) -> None:
         """Turn rate limiting off for a while, saying so once per outage."""
         if not self.active():
+            cause = error.storage_error
             logger.warning(
                 "rate limiting is off for %.0fs: its Redis is unavailable (%s: %s)",
                 self._seconds,
-                type(error).__name__,
-                error,
+                type(cause).__name__,
+                cause,
             )
         self._until = self._clock() + self._seconds
 
@@ -134,15 +136,20 @@ class _LimiterLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     With `swallow_errors` Flask-Limiter lets a request through when Redis fails and reports
     it only with `logger.exception` (a traceback on every request); this is where we hear it.
+    Anything but a storage error (a bug) is still logged with its traceback.
     """
 
     def __init__(self, outage: _Outage) -> None:
         super().__init__(logging.getLogger("flask-limiter"), {})
         self._outage = outage
 
-    def exception(self, *_args: object, **_kwargs: Any) -> None:
-        """Note the outage instead of logging a traceback."""
-        self._outage.report(sys.exc_info()[1])
+    def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
+        """Note a storage outage instead of logging a traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, StorageError):
+            self._outage.report(error)
+        else:
+            super().exception(msg, *args, **kwargs)
 
 
 def _retry_after(limit: RequestLimit) -> int:
@@ -154,7 +161,6 @@ def _retry_after(limit: RequestLimit) -> int:
 def _note_breach(limit: RequestLimit) -> None:
     """Remember when the breached window reopens, for the 429's `Retry-After`."""
     g.rate_limit_retry_after = _retry_after(limit)
-    g.rate_limit_key = limit.key
 
 
 def breach_error(exc: RateLimitExceeded) -> RateLimited:
@@ -181,7 +187,7 @@ def _add_headers(limiter: Limiter, outage: _Outage) -> Callable[[Response], Resp
             return response
         try:
             reset, remaining = current.window
-        except Exception as exc:  # each storage backend raises its own errors
+        except StorageError as exc:
             outage.report(exc)
             return response
         response.headers[HEADER_LIMIT] = str(current.limit.amount)
@@ -218,7 +224,8 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
         app=app,
         enabled=settings.rate_limits_enabled,
         storage_uri=settings.redis_url,
-        storage_options={"socket_connect_timeout": 1, "socket_timeout": 1},
+        # Every storage failure arrives as a StorageError, whatever the backend's driver.
+        storage_options={"socket_connect_timeout": 1, "socket_timeout": 1, "wrap_exceptions": True},
         key_prefix=settings.rate_limit_prefix,
         # Written by `add_headers` below, never from counts Redis did not give.
         headers_enabled=False,

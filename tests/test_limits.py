@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 from flask import Flask
+from limits.errors import StorageError
 from redis import Redis
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from api.limits import endpoint_group
+from api.limits import OUTAGE_SECONDS, _LimiterLog, _Outage, endpoint_group
 from conveyor.bootstrap import Identity
 from conveyor.errors import QuotaExceeded, ValidationFailed
 from conveyor.models import Job
@@ -246,6 +247,29 @@ def test_rate_limiting_fails_open_with_a_warning_and_no_headers(
     assert all(r.levelno == logging.WARNING for r in warnings)
     # Flask-Limiter's own traceback per request is replaced by that warning.
     assert not [r for r in caplog.records if r.name == "flask-limiter" and r.exc_info]
+
+
+def test_an_outage_warns_once_and_ends_by_itself(caplog: pytest.LogCaptureFixture) -> None:
+    clock = [0.0]
+    outage = _Outage(OUTAGE_SECONDS, clock=lambda: clock[0])
+    log = _LimiterLog(outage)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            try:
+                raise StorageError(ConnectionError("refused"))
+            except StorageError:
+                log.exception("Failed to rate limit. Swallowing error")
+        assert outage.active()
+        clock[0] = OUTAGE_SECONDS
+        assert not outage.active()
+        try:
+            raise KeyError("a bug, not an outage")
+        except KeyError:
+            log.exception("on_breach callback failed")
+    assert not outage.active()
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.ERROR]
+    assert "ConnectionError: refused" in caplog.records[0].getMessage()
+    assert caplog.records[1].exc_info is not None
 
 
 def finish_jobs(
