@@ -73,9 +73,23 @@ def _group() -> str | None:
     return group
 
 
+def client_ip(trusted_proxies: int) -> str:
+    """Return the client's address: the peer's, or the one the outermost trusted proxy saw.
+
+    Each trusted proxy appends the address it received from to `X-Forwarded-For`, so the
+    last `trusted_proxies` entries are theirs to vouch for and anything before is hearsay.
+    """
+    peer = get_remote_address()
+    if trusted_proxies <= 0:
+        return peer
+    forwarded = request.headers.get("X-Forwarded-For", "").split(",")
+    chain = [address.strip() for address in forwarded if address.strip()] + [peer]
+    return chain[-(trusted_proxies + 1)] if len(chain) > trusted_proxies else chain[0]
+
+
 def ip_key() -> str:
     """Key a request by its client IP."""
-    return f"ip:{get_remote_address()}"
+    return f"ip:{client_ip(services().settings.trusted_proxies)}"
 
 
 def email_key() -> str:

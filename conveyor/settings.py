@@ -94,6 +94,9 @@ class Settings(BaseSettings):
     # Flask-Limiter strings for sign-in and sign-up, per client IP and per email.
     auth_rate_limit_ip: str = "30/minute"
     auth_rate_limit_email: str = "10/minute"
+    # Reverse proxies in front of the API that append the client's address to
+    # X-Forwarded-For; per-IP rate limits count the address the outermost one saw.
+    trusted_proxies: int = Field(default=0, ge=0, le=10)
     # Namespace of rate-limit counters in Redis; shared by every API instance.
     rate_limit_prefix: str = "conveyor-rl"
     # Rate limits per endpoint group (api/limits.py), each counted per verified principal

@@ -19,7 +19,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from api.limits import OUTAGE_SECONDS, _LimiterLog, _Outage, endpoint_group
+from api.limits import OUTAGE_SECONDS, _LimiterLog, _Outage, endpoint_group, ip_key
 from conveyor.bootstrap import Identity
 from conveyor.errors import QuotaExceeded, ValidationFailed
 from conveyor.models import Job
@@ -148,6 +148,25 @@ def test_ip_limit_counts_every_caller_from_one_address(
         == 200
     )
     assert client.get("/v1/jobs", environ_base=other).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded", "counted"),
+    [
+        (0, "203.0.113.9", "127.0.0.1"),  # no proxy trusted: the header is ignored
+        (1, "203.0.113.9", "203.0.113.9"),  # one proxy appended the client
+        (1, "10.6.6.6, 203.0.113.9", "203.0.113.9"),  # a client-made entry is skipped
+        (2, "203.0.113.9, 10.0.0.2", "203.0.113.9"),  # two proxies
+        (2, None, "127.0.0.1"),  # no header: the peer
+    ],
+)
+def test_client_ip_trusts_only_the_configured_proxies(
+    make_app: Callable[..., Flask], trusted: int, forwarded: str | None, counted: str
+) -> None:
+    app = make_app(trusted_proxies=trusted)
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    with app.test_request_context("/healthz", headers=headers):
+        assert ip_key() == f"ip:{counted}"
 
 
 def test_forged_tokens_cannot_spend_someone_elses_principal_bucket(
