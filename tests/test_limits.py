@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
 from api.limits import OUTAGE_SECONDS, _LimiterLog, _Outage, endpoint_group, ip_key
+from conveyor import quota as quota_module
 from conveyor.bootstrap import Identity
 from conveyor.errors import QuotaExceeded, ValidationFailed
 from conveyor.models import Job
@@ -405,6 +406,22 @@ def test_quota_counts_a_tenant_once_per_refresh(
         quota.admit(counting, tenant, 4, now)
     TenantQuota(0, refresh=1.0, drain_window=300).admit(counting, tenant, 10**6, now)
     assert counting.opened == 3
+
+
+def test_a_busy_tenants_drain_rate_comes_from_its_latest_finishes(
+    identity: Identity, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quota_module, "DRAIN_SAMPLE", 4)
+    now = datetime.now(UTC)
+    for seconds in (2, 4, 6, 8, 10, 200):
+        finish_jobs(sessions, identity.tenant.id, 1, ago=timedelta(seconds=seconds))
+    with sessions() as session:
+        # The latest 4 finished within 8 s, far less than the 300 s window: 0.5 jobs/s.
+        busy = quota_module.drain_rate(session, identity.tenant.id, now, 300)
+        assert busy.finished == 4
+        assert busy.seconds == pytest.approx(8, abs=0.5)
+        monkeypatch.setattr(quota_module, "DRAIN_SAMPLE", 1000)
+        assert quota_module.drain_rate(session, identity.tenant.id, now, 300) == DrainRate(6, 300)
 
 
 @pytest.mark.parametrize(
