@@ -45,9 +45,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     hygiene.init_app(app, settings)
     metrics.init_app(app)
     errors.init_app(app)
+    # Request hooks run in this order: limits per IP (and per principal), then the caller's
+    # permission, then the body's syntax; flask-openapi3 validates the input last.
+    limits.init_app(app, settings, identity.signin)
     auth.init_app(app, settings)
     requests.init_body_checks(app)
-    limits.init_app(app, settings, identity.signin)
     blueprints = (
         health.bp,
         identity.signin,

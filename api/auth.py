@@ -127,6 +127,17 @@ def authenticate() -> Principal:
     if "principal" in g:
         found: Principal = g.principal
         return found
+    if "auth_failure" in g:
+        # Refused once already (the rate limiter authenticates first): no second lookup.
+        raise Unauthorized(g.auth_failure)
+    try:
+        return _authenticate()
+    except Unauthorized as exc:
+        g.auth_failure = exc.detail
+        raise
+
+
+def _authenticate() -> Principal:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:

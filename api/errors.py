@@ -6,13 +6,15 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, json
+from flask_limiter import RateLimitExceeded
 from sqlalchemy.exc import DataError
 from sqlalchemy.exc import OperationalError as DatabaseError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
+from api.limits import breach_error
 from api.requests import request_id
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, RateLimited
 
 logger = logging.getLogger(__name__)
 PROBLEM_TYPE_BASE = "https://conveyor.dev/problems/"
@@ -39,6 +41,8 @@ def problem_of(exc: ConveyorError) -> Response:
     response = problem(exc.status, exc.title, exc.detail, exc.slug, exc.errors)
     if exc.status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, RateLimited):
+        response.headers["Retry-After"] = str(exc.retry_after)
     return response
 
 
@@ -50,6 +54,11 @@ def init_app(app: Flask) -> None:
         if exc.status >= 500:
             logger.error("request %s failed: %s", request_id(), exc, exc_info=exc)
         return problem_of(exc)
+
+    @app.errorhandler(RateLimitExceeded)
+    def _rate_limited(exc: RateLimitExceeded) -> Response:
+        # Flask-Limiter's breach, told as our own RateLimited (api/limits.py knows the wait).
+        return _conveyor_error(breach_error(exc))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

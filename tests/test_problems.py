@@ -11,6 +11,7 @@ import pytest
 
 from api import create_app
 from api.openapi import Problem
+from conveyor.broker import queue_depth
 from conveyor.settings import Settings
 from tests.test_api import assert_problem
 
@@ -61,14 +62,14 @@ CASES: dict[int, tuple[Call, str]] = {
 
 @pytest.mark.parametrize("status", sorted(CASES))
 def test_each_client_error_is_a_problem(
-    client: Any, auth: dict[str, str], status: int, redis_client: Any
+    client: Any, auth: dict[str, str], status: int, redis_client: Any, settings: Settings
 ) -> None:
     call, says = CASES[status]
-    before = redis_client.dbsize()
+    before = queue_depth(redis_client, settings.default_queue)
     response = call(client, {**auth, "X-Request-ID": REQUEST_ID})
     problem = problem_of(response, status)
     assert says in problem.detail
-    assert redis_client.dbsize() == before  # nothing published
+    assert queue_depth(redis_client, settings.default_queue) == before  # nothing published
     if status == 422:
         assert problem.errors
         assert problem.errors[0].field == "payload.seconds"
