@@ -38,14 +38,15 @@ class Settings(BaseSettings):
     # Seconds the result backend keeps a job's live state; the ledger keeps the rest.
     result_expires: int = Field(default=24 * 3600, ge=60)
     # A message not acknowledged within this many seconds is redelivered by Redis;
-    # the worker refuses job types whose hard time limit does not fit inside it.
+    # on Redis the worker refuses job types whose hard time limit does not fit inside it.
     visibility_timeout: int = Field(default=7200, ge=60)
     # RabbitMQ's `consumer_timeout` (rabbitmq.conf, in ms there; seconds here), 30 minutes
     # unless the broker says otherwise. A delivery unacknowledged that long makes RabbitMQ
     # close the worker's channel and requeue; on an AMQP broker the worker warns at start
     # about job types whose hard time limit reaches it (README, "Choosing a broker").
     amqp_consumer_timeout: int = Field(default=1800, ge=1)
-    # Hard time limit (seconds) for job types that set none; must fit the visibility timeout.
+    # Hard time limit (seconds) for job types that set none; on Redis it must fit the
+    # visibility timeout.
     default_time_limit: int = Field(default=1800, ge=1)
     # A running job's worker refreshes its heartbeat this often; after `heartbeat_timeout`
     # seconds of silence the reaper retries or fails the job (its worker is gone).
