@@ -7,11 +7,15 @@ import uuid
 
 import pytest
 from redis import Redis
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
 
+from conveyor.bootstrap import Identity
 from conveyor.broker import CeleryPublisher, Message, create_celery, queue_lists
 from conveyor.errors import PublishFailed
+from conveyor.models import JobEvent
 from conveyor.settings import Settings
-from tests.conftest import fresh_queue
+from tests.conftest import bearer, fresh_queue, wait_for
 from worker.app import create_celery_app
 
 # Nothing listens on port 1: building apps on it connects nothing, publishing fails.
@@ -82,3 +86,44 @@ def test_the_broker_delivers_higher_priorities_first(
     finally:
         if not settings.amqp_broker:  # RabbitMQ's queues go at the end of the run
             redis_client.delete(*queue_lists(queue))
+
+
+@pytest.mark.e2e
+def test_on_rabbitmq_a_job_outliving_its_channel_runs_once(
+    amqp_settings: Settings, identity: Identity, sessions: sessionmaker[Session]
+) -> None:
+    import celery.contrib.testing.tasks  # noqa: F401 - registers the ping task start_worker needs
+    from celery.contrib.testing.worker import start_worker
+
+    from api import create_app
+    from tests.test_e2e import finished, submit
+
+    api = create_app(amqp_settings)
+    client = api.test_client()
+    auth = bearer(identity.token)
+    app = create_celery_app(amqp_settings)
+    with start_worker(
+        app, pool="threads", concurrency=2, perform_ping_check=False, shutdown_timeout=30
+    ) as running:
+        running.timer.call_repeatedly(0.5, lambda: None)  # see the `worker` fixture
+        job_id = submit(client, auth, "system.sleep", {"seconds": 2})
+        wait_for(lambda: client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["progress"])
+        # What consumer_timeout does to a long job: RabbitMQ closes the worker's channel with
+        # 406 PRECONDITION_FAILED and requeues its deliveries. An ack of an unknown tag earns
+        # the same close at once (one frame written from this thread; the worker's is busy
+        # polling).
+        running.consumer.task_consumer.channel.basic_ack(999_999)
+        body = wait_for(lambda: finished(client, auth, job_id), timeout=30)
+        assert (body["state"], body["attempts"]) == ("succeeded", 1)
+        # The worker reconnected and serves the next job; the requeued one was skipped.
+        other = submit(client, auth, "system.noop", {})
+        assert wait_for(lambda: finished(client, auth, other))["state"] == "succeeded"
+    app.conveyor.engine.dispose()
+    api.extensions["conveyor"].engine.dispose()
+    with sessions() as session:
+        runs = session.scalar(
+            select(func.count()).where(
+                JobEvent.job_id == uuid.UUID(job_id), JobEvent.to_state == "running"
+            )
+        )
+    assert runs == 1
