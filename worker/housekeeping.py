@@ -175,9 +175,10 @@ class Housekeeper:
     def reconcile(self) -> int:
         """Re-publish queued jobs whose message the broker no longer has; return how many.
 
-        A message a consumer took more than `reconcile_after` seconds ago for a job still
-        queued counts as gone too: prefetch is one per process, so that consumer died between
-        receiving and claiming. A second message is harmless; the claim guard runs one.
+        On Redis, a message a consumer took more than `reconcile_after` seconds ago for a job
+        still queued counts as gone too: prefetch is one per process, so that consumer died
+        between receiving and claiming. RabbitMQ cannot be looked into: see `_amqp_lost`.
+        A second message is harmless; the claim guard runs one.
         """
         settings = self.services.settings
         with self.services.sessions.begin() as session:
@@ -186,7 +187,7 @@ class Housekeeper:
                 return 0
             lost = self._amqp_lost(stale) if settings.amqp_broker else self._redis_lost(stale)
             if lost is None:
-                logger.info("broker cannot tell which messages it holds this pass")
+                logger.info("broker backlog too deep to reconcile this pass")
                 return 0
             for job in lost:
                 job.published_at = None
