@@ -39,9 +39,15 @@ class Settings(BaseSettings):
     # Seconds the result backend keeps a job's live state; the ledger keeps the rest.
     result_expires: int = Field(default=24 * 3600, ge=60)
     # A message not acknowledged within this many seconds is redelivered by Redis;
-    # the worker refuses job types whose hard time limit does not fit inside it.
+    # on Redis the worker refuses job types whose hard time limit does not fit inside it.
     visibility_timeout: int = Field(default=7200, ge=60)
-    # Hard time limit (seconds) for job types that set none; must fit the visibility timeout.
+    # RabbitMQ's `consumer_timeout` (rabbitmq.conf, in ms there; seconds here), 30 minutes
+    # unless the broker says otherwise. A delivery unacknowledged that long makes RabbitMQ
+    # close the worker's channel and requeue; on an AMQP broker the worker warns at start
+    # about job types whose hard time limit reaches it (README, "Choosing a broker").
+    amqp_consumer_timeout: int = Field(default=1800, ge=1)
+    # Hard time limit (seconds) for job types that set none; on Redis it must fit the
+    # visibility timeout.
     default_time_limit: int = Field(default=1800, ge=1)
     # A running job's worker refreshes its heartbeat this often; after `heartbeat_timeout`
     # seconds of silence the reaper retries or fails the job (its worker is gone).
@@ -196,6 +202,11 @@ class Settings(BaseSettings):
     def broker(self) -> str:
         """Return the Celery broker URL (the Redis URL unless set apart)."""
         return self.broker_url or self.redis_url
+
+    @property
+    def amqp_broker(self) -> bool:
+        """Return whether the broker is RabbitMQ (AMQP) rather than Redis."""
+        return self.broker.startswith(("amqp://", "amqps://", "pyamqp://"))
 
     @property
     def result_backend(self) -> str:
