@@ -8,10 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from api import create_app
 from api.openapi import Problem
 from conveyor.broker import queue_depth
+from conveyor.models import Job
 from conveyor.settings import Settings
 from tests.test_api import assert_problem
 
@@ -128,3 +130,27 @@ def test_an_unexpected_error_is_a_500_problem_logged_with_its_request_id(
     (record,) = [r for r in caplog.records if r.name == "api.errors"]
     assert REQUEST_ID in record.getMessage()
     assert record.exc_info is not None  # the traceback goes to the log, not the client
+
+
+HOSTILE_BODIES = {
+    "invalid UTF-8": (b'{"type": "system.noop", "tags": ["\xff\xfe"]}', 400),
+    "a number beyond any int": (b'{"type": "system.noop", "priority": 1e400}', 422),
+    "a 5,000-digit integer": (b'{"type": "system.noop", "priority": ' + b"9" * 5000 + b"}", 400),
+    "SQL in the type": (b'{"type": "x\'; DROP TABLE jobs; --"}', 422),
+    "markup in the payload's keys": (b'{"type": "system.sleep", "payload": {"<script>": 1}}', 422),
+    "a JSON array": (b'[{"type": "system.noop"}]', 422),
+    "a JSON string": (b'"{\\"type\\": \\"system.noop\\"}"', 422),
+    "an empty body": (b"", 400),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_BODIES))
+def test_hostile_bodies_are_4xx_problems_that_write_nothing(
+    client: Any, auth: dict[str, str], sessions: Any, name: str
+) -> None:
+    body, status = HOSTILE_BODIES[name]
+    headers = {**auth, "Content-Type": "application/json", "X-Request-ID": REQUEST_ID}
+    response = client.post("/v1/jobs", data=body, headers=headers)
+    problem_of(response, status)
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 0
