@@ -7,22 +7,15 @@ from datetime import datetime
 from typing import Any
 
 from flask import Response, jsonify
-from flask_openapi3.blueprint import APIBlueprint
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import current_principal, requires
-from api.openapi import AUTHENTICATED, BEARER, responses, tag
+from api.openapi import responses, secured_blueprint
 from api.services import services
 from conveyor.audit import list_audit
 from conveyor.roles import Permission
 
-bp = APIBlueprint(
-    "audit",
-    __name__,
-    abp_tags=tag("audit", "Who did what, and when."),
-    abp_security=BEARER,
-    abp_responses=responses({}, *AUTHENTICATED),
-)
+bp = secured_blueprint("audit", __name__, "audit")
 
 
 class AuditQuery(BaseModel):

@@ -7,11 +7,10 @@ import uuid
 from collections.abc import Iterator
 
 from flask import Response, jsonify, request, stream_with_context
-from flask_openapi3.blueprint import APIBlueprint
 from pydantic import BaseModel
 
 from api.auth import current_principal, requires
-from api.openapi import AUTHENTICATED, BEARER, responses, tag
+from api.openapi import responses, secured_blueprint
 from api.requests import parse_id
 from api.schemas import JobPath
 from api.services import services
@@ -20,13 +19,7 @@ from conveyor.files import get_artifact, read_artifact, read_file, store_upload
 from conveyor.queries import get_job
 from conveyor.roles import Permission
 
-bp = APIBlueprint(
-    "files",
-    __name__,
-    abp_tags=tag("files", "CSV files in for jobs, and the files jobs produce."),
-    abp_security=BEARER,
-    abp_responses=responses({}, *AUTHENTICATED),
-)
+bp = secured_blueprint("files", __name__, "files")
 # curl -F and many clients send files as application/octet-stream; the name and the
 # UTF-8 check decide then.
 CSV_TYPES = {

@@ -18,7 +18,7 @@ from api.openapi import described, responses, tag
 from api.services import Services, services
 
 logger = logging.getLogger(__name__)
-bp = APIBlueprint("health", __name__, abp_tags=tag("health", "Probes for orchestrators."))
+bp = APIBlueprint("health", __name__, abp_tags=tag("health"))
 # Seconds each dependency gets to answer; a probe that hangs is as bad as one that fails.
 CHECK_TIMEOUT = 2.0
 

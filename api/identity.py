@@ -15,7 +15,7 @@ from conveyor.errors import Forbidden, Unauthorized, ValidationFailed
 from conveyor.identity import check_credentials, get_user, register_tenant
 from conveyor.tokens import active_user_for_token, revoke_family, use_refresh_token
 
-AUTH_TAG = tag("auth", "Sign up, sign in, and renew or revoke tokens.")
+AUTH_TAG = tag("auth")
 # Sign-in and sign-up are rate limited as a whole blueprint (api/limits.py).
 signin = APIBlueprint(
     "signin",

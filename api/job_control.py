@@ -6,10 +6,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Response, jsonify
-from flask_openapi3.blueprint import APIBlueprint
 
 from api.auth import current_principal, requires
-from api.openapi import AUTHENTICATED, BEARER, JSON_BODY, described, responses, tag
+from api.openapi import JSON_BODY, described, responses, secured_blueprint
 from api.publishing import publish_committed
 from api.requests import parse_id
 from api.schemas import BulkRetry, CancelAnswer, JobPath, Retried
@@ -20,14 +19,7 @@ from conveyor.control import cancel_job, retry_job, retry_jobs
 from conveyor.roles import Permission
 from conveyor.views import JobOut
 
-bp = APIBlueprint(
-    "job_control",
-    __name__,
-    url_prefix="/v1/jobs",
-    abp_tags=tag("jobs", "Submit jobs and follow them to their end."),
-    abp_security=BEARER,
-    abp_responses=responses({}, *AUTHENTICATED),
-)
+bp = secured_blueprint("job_control", __name__, "jobs", "/v1/jobs")
 
 
 def _actor(principal: Principal) -> dict[str, Any]:

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 from flask import Response, jsonify
-from flask_openapi3.blueprint import APIBlueprint
 
 from api.auth import requires
-from api.openapi import AUTHENTICATED, BEARER, responses, tag
+from api.openapi import responses, secured_blueprint
 from api.schemas import JobTypeList
 from api.services import services
 from conveyor.roles import Permission
 
-bp = APIBlueprint(
-    "job_types",
-    __name__,
-    abp_tags=tag("jobs", "Submit jobs and follow them to their end."),
-    abp_security=BEARER,
-    abp_responses=responses({}, *AUTHENTICATED),
-)
+bp = secured_blueprint("job_types", __name__, "jobs")
 
 
 @bp.get("/v1/job-types", responses=responses({200: JobTypeList}))

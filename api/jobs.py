@@ -8,19 +8,16 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import Response, jsonify, request, url_for
-from flask_openapi3.blueprint import APIBlueprint
 from redis.exceptions import RedisError
 from werkzeug.wrappers import Response as ResponseBase
 
 from api.auth import current_principal, requires
 from api.openapi import (
-    AUTHENTICATED,
-    BEARER,
     JSON_BODY,
     LOCATION,
     described,
     responses,
-    tag,
+    secured_blueprint,
 )
 from api.publishing import publish_committed
 from api.requests import parse_id
@@ -37,14 +34,7 @@ from conveyor.submit import JobRequest, claim_idempotency_key, submit_jobs
 from conveyor.views import JobOut
 
 logger = logging.getLogger(__name__)
-bp = APIBlueprint(
-    "jobs",
-    __name__,
-    url_prefix="/v1/jobs",
-    abp_tags=tag("jobs", "Submit jobs and follow them to their end."),
-    abp_security=BEARER,
-    abp_responses=responses({}, *AUTHENTICATED),
-)
+bp = secured_blueprint("jobs", __name__, "jobs", "/v1/jobs")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 

@@ -5,25 +5,17 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from flask import Response, jsonify
-from flask_openapi3.blueprint import APIBlueprint
 
 from api.auth import current_principal, requires
 from api.identity_schemas import ApiKeyList, ApiKeyOut, CreatedApiKey, KeyPath, NewApiKey
-from api.openapi import AUTHENTICATED, BEARER, JSON_BODY, empty, responses, tag
+from api.openapi import JSON_BODY, empty, responses, secured_blueprint
 from api.requests import parse_id
 from api.services import services
 from conveyor.audit import audit
 from conveyor.auth import create_api_key, list_api_keys, revoke_api_key
 from conveyor.roles import Permission
 
-bp = APIBlueprint(
-    "api_keys",
-    __name__,
-    url_prefix="/v1/api-keys",
-    abp_tags=tag("api-keys", "Keys for services; each secret is shown once."),
-    abp_security=BEARER,
-    abp_responses=responses({}, *AUTHENTICATED),
-)
+bp = secured_blueprint("api_keys", __name__, "api-keys", "/v1/api-keys")
 
 
 @bp.post("", responses=responses({201: CreatedApiKey}, *JSON_BODY))

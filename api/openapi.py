@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import flask_openapi3_swagger
 from flask import Blueprint, Flask, Response, current_app, jsonify, send_from_directory
+from flask_openapi3.blueprint import APIBlueprint
 from flask_openapi3.models.info import Info
 from flask_openapi3.models.tag import Tag
 from flask_openapi3.openapi import OpenAPI
@@ -112,9 +113,42 @@ class Problem(BaseModel):
     errors: list[FieldError] | None = None
 
 
-def tag(name: str, description: str) -> list[Tag]:
-    """Return a blueprint's tag list."""
-    return [Tag(name=name, description=description)]
+# The document's sections, in the order Swagger UI shows them.
+TAGS = {
+    "health": "Probes for orchestrators.",
+    "auth": "Sign up, sign in, and renew or revoke tokens.",
+    "users": "A tenant's people and their roles.",
+    "api-keys": "Keys for services; each secret is shown once.",
+    "jobs": "Submit jobs and follow them to their end.",
+    "schedules": "Recurring jobs, by cron expression or interval.",
+    "files": "CSV files in for jobs, and the files jobs produce.",
+    "webhooks": "Signed HTTP callbacks on job events.",
+    "operations": "Queues and workers, for operators.",
+    "audit": "Who did what, and when.",
+}
+
+
+def tag(name: str, description: str | None = None) -> list[Tag]:
+    """Return a blueprint's tag list (a domain's own tag gives its description)."""
+    return [Tag(name=name, description=description or TAGS[name])]
+
+
+def secured_blueprint(
+    name: str,
+    import_name: str,
+    section: str,
+    url_prefix: str | None = None,
+    description: str | None = None,
+) -> APIBlueprint:
+    """Return a blueprint whose every operation needs a bearer credential."""
+    return APIBlueprint(
+        name,
+        import_name,
+        url_prefix=url_prefix,
+        abp_tags=tag(section, description),
+        abp_security=BEARER,
+        abp_responses=responses({}, *AUTHENTICATED),
+    )
 
 
 def problems(*statuses: int) -> ResponseDict:

@@ -9,23 +9,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from flask import Response, jsonify
-from flask_openapi3.blueprint import APIBlueprint
 from pydantic import BaseModel
 
 from api.auth import requires
-from api.openapi import AUTHENTICATED, BEARER, responses, tag
+from api.openapi import responses, secured_blueprint
 from api.services import Services, services
 from conveyor.queues import QueueStats, WorkerInfo, online_workers, queue_overview
 from conveyor.roles import Permission
 
-bp = APIBlueprint(
-    "queues",
-    __name__,
-    url_prefix="/v1/queues",
-    abp_tags=tag("operations", "Queues and workers, for operators."),
-    abp_security=BEARER,
-    abp_responses=responses({}, *AUTHENTICATED),
-)
+bp = secured_blueprint("queues", __name__, "operations", "/v1/queues")
 
 
 class QueueOut(BaseModel):

@@ -7,21 +7,18 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from flask import Response, jsonify, url_for
-from flask_openapi3.blueprint import APIBlueprint
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from api.auth import current_principal, requires
 from api.openapi import (
-    AUTHENTICATED,
-    BEARER,
     JSON_BODY,
     LOCATION,
     ObjectId,
     described,
     empty,
     responses,
-    tag,
+    secured_blueprint,
 )
 from api.publishing import publish_committed
 from api.requests import parse_id
@@ -43,14 +40,7 @@ from conveyor.schedules import (
 )
 from conveyor.views import JobOut
 
-bp = APIBlueprint(
-    "schedules",
-    __name__,
-    url_prefix="/v1/schedules",
-    abp_tags=tag("schedules", "Recurring jobs, by cron expression or interval."),
-    abp_security=BEARER,
-    abp_responses=responses({}, *AUTHENTICATED),
-)
+bp = secured_blueprint("schedules", __name__, "schedules", "/v1/schedules")
 
 
 class ScheduleOut(BaseModel):

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 from flask import Response, jsonify
-from flask_openapi3.blueprint import APIBlueprint
 
 from api.auth import current_principal, requires
 from api.identity_schemas import NewUser, UserChange, UserList, UserOut, UserPath
-from api.openapi import AUTHENTICATED, BEARER, JSON_BODY, responses, tag
+from api.openapi import JSON_BODY, responses, secured_blueprint
 from api.requests import parse_id
 from api.services import services
 from conveyor.audit import audit
 from conveyor.identity import add_user, list_users, update_user
 from conveyor.roles import Permission
 
-bp = APIBlueprint(
-    "users",
-    __name__,
-    url_prefix="/v1/users",
-    abp_tags=tag("users", "A tenant's people and their roles."),
-    abp_security=BEARER,
-    abp_responses=responses({}, *AUTHENTICATED),
-)
+bp = secured_blueprint("users", __name__, "users", "/v1/users")
 
 
 @bp.post("", responses=responses({201: UserOut}, 409, *JSON_BODY))

@@ -7,12 +7,11 @@ from datetime import datetime
 from typing import Any
 
 from flask import Response, jsonify
-from flask_openapi3.blueprint import APIBlueprint
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
 from api.auth import current_principal, requires
-from api.openapi import AUTHENTICATED, BEARER, JSON_BODY, ObjectId, empty, responses, tag
+from api.openapi import JSON_BODY, ObjectId, empty, responses, secured_blueprint
 from api.requests import parse_id
 from api.schemas import JobPath
 from api.services import services
@@ -22,13 +21,7 @@ from conveyor.queries import get_job
 from conveyor.roles import Permission
 from conveyor.webhooks import DELIVER_TYPE, EVENTS, create_webhook, get_webhook, list_webhooks
 
-bp = APIBlueprint(
-    "webhooks",
-    __name__,
-    abp_tags=tag("webhooks", "Signed HTTP callbacks on job events."),
-    abp_security=BEARER,
-    abp_responses=responses({}, *AUTHENTICATED),
-)
+bp = secured_blueprint("webhooks", __name__, "webhooks")
 
 
 class NewWebhook(BaseModel):

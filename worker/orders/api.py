@@ -5,21 +5,16 @@ from __future__ import annotations
 from datetime import date
 
 from flask import Response, jsonify
-from flask_openapi3.blueprint import APIBlueprint
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from api.auth import current_principal, requires
-from api.openapi import AUTHENTICATED, BEARER, responses, tag
+from api.openapi import responses, secured_blueprint
 from api.services import services
 from conveyor.roles import Permission
 from worker.orders import reports
 
-bp = APIBlueprint(
-    "orders",
-    __name__,
-    abp_tags=tag("orders", "The orders domain: reports over imported orders."),
-    abp_security=BEARER,
-    abp_responses=responses({}, *AUTHENTICATED),
+bp = secured_blueprint(
+    "orders", __name__, "orders", description="The orders domain: reports over imported orders."
 )
 
 
