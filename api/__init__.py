@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from flask import Flask
+from flask_openapi3.blueprint import APIBlueprint
 
 from api import (
     audit,
@@ -20,6 +21,7 @@ from api import (
     keys,
     limits,
     metrics,
+    openapi,
     queues,
     requests,
     schedules,
@@ -35,7 +37,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     """Build the API for `settings` (read from the environment when omitted)."""
     settings = settings or Settings()
     configure_logging(settings)
-    app = Flask(__name__)
+    app = openapi.create_openapi(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["conveyor"] = services or Services.from_settings(settings)
@@ -43,8 +45,11 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     hygiene.init_app(app, settings)
     metrics.init_app(app)
     errors.init_app(app)
-    auth.init_app(app, settings)
+    # Request hooks run in this order: limits per IP (and per principal), then the caller's
+    # permission, then the body's syntax; flask-openapi3 validates the input last.
     limits.init_app(app, settings, identity.signin)
+    auth.init_app(app, settings)
+    requests.init_body_checks(app)
     blueprints = (
         health.bp,
         identity.signin,
@@ -60,9 +65,10 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         audit.bp,
         webhooks.bp,
     )
-    for blueprint in blueprints:
-        app.register_blueprint(blueprint)
     # Business domains add their routes by configuration, so the API never imports them.
-    for module in settings.api_modules:
-        app.register_blueprint(importlib.import_module(module).bp)
+    domains = tuple(importlib.import_module(module).bp for module in settings.api_modules)
+    for blueprint in (*blueprints, *domains):
+        # Each blueprint's operations go into the OpenAPI document as it is registered.
+        assert isinstance(blueprint, APIBlueprint), f"{blueprint.name}: use an APIBlueprint"
+        app.register_api(blueprint)
     return app

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+import uuid
+from datetime import datetime
+from typing import Any
+
+from flask import Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.auth import authorize
-from api.requests import parse_query
+from api.auth import current_principal, requires
+from api.openapi import responses, secured_blueprint
 from api.services import services
 from conveyor.audit import list_audit
 from conveyor.roles import Permission
 
-bp = Blueprint("audit", __name__)
+bp = secured_blueprint("audit", __name__, "audit")
 
 
 class AuditQuery(BaseModel):
@@ -22,11 +26,30 @@ class AuditQuery(BaseModel):
     before_id: int | None = Field(default=None, ge=1)
 
 
-@bp.get("/v1/audit")
-def index() -> Response:
+class AuditEntryOut(BaseModel):
+    """One audited action."""
+
+    id: int
+    at: datetime
+    actor_user_id: uuid.UUID | None
+    actor_api_key_id: uuid.UUID | None
+    action: str
+    target_type: str
+    target_id: str
+    detail: dict[str, Any] | None
+
+
+class AuditList(BaseModel):
+    """`GET /v1/audit`."""
+
+    items: list[AuditEntryOut]
+
+
+@bp.get("/v1/audit", responses=responses({200: AuditList}, 422))
+@requires(Permission.SEE_AUDIT)
+def index(query: AuditQuery) -> Response:
     """List who did what and when, newest first."""
-    principal = authorize(Permission.SEE_AUDIT)
-    query = parse_query(AuditQuery)
+    principal = current_principal()
     with services().sessions() as session:
         entries = list_audit(
             session, principal.tenant_id, limit=query.limit, before_id=query.before_id

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import jwt
 from flask import Flask, g, request
@@ -21,9 +22,33 @@ from conveyor.roles import Permission, Role, check_permission
 from conveyor.settings import Settings
 from conveyor.tokens import active_user_for_token, record_refresh_token
 
+# Marks a view that needs a caller but no particular permission.
+ANY_CALLER = "any-caller"
+_REQUIRED = "conveyor_requires"
+V = TypeVar("V", bound=Callable[..., Any])
+
+
+def requires(permission: Permission | None = None) -> Callable[[V], V]:
+    """Mark a view as needing a caller (holding `permission`), checked before its input."""
+
+    def mark(view: V) -> V:
+        # Set before flask-openapi3 wraps the view: its wrapper copies the attribute.
+        setattr(view, _REQUIRED, permission or ANY_CALLER)
+        return view
+
+    return mark
+
+
+def current_principal() -> Principal:
+    """Return the caller of a view marked with `requires`."""
+    if "principal" not in g:
+        raise RuntimeError(f"{request.endpoint} reads the caller but is not marked @requires")
+    principal: Principal = g.principal
+    return principal
+
 
 def init_app(app: Flask, settings: Settings) -> None:
-    """Configure flask-jwt-extended: HS256 only, short access tokens, rotating refresh tokens."""
+    """Configure JWTs (HS256, short access tokens) and check callers before anything else."""
     app.config.update(
         JWT_SECRET_KEY=settings.secret_key,
         JWT_ALGORITHM="HS256",
@@ -33,6 +58,17 @@ def init_app(app: Flask, settings: Settings) -> None:
         JWT_TOKEN_LOCATION=["headers"],
     )
     JWTManager(app)
+
+    @app.before_request
+    def _authorize() -> None:
+        # Before the body or query is validated: a stranger learns nothing but 401/403.
+        view = app.view_functions.get(request.endpoint or "")
+        needed = getattr(view, _REQUIRED, None)
+        if needed is None or request.method == "OPTIONS":
+            return
+        principal = authenticate()
+        if needed != ANY_CALLER:
+            check_permission(principal.role, needed)
 
 
 def decode(token: str, expected_type: str) -> dict[str, Any]:
@@ -91,6 +127,17 @@ def authenticate() -> Principal:
     if "principal" in g:
         found: Principal = g.principal
         return found
+    if "auth_failure" in g:
+        # Refused once already (the rate limiter authenticates first): no second lookup.
+        raise Unauthorized(g.auth_failure)
+    try:
+        return _authenticate()
+    except Unauthorized as exc:
+        g.auth_failure = exc.detail
+        raise
+
+
+def _authenticate() -> Principal:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
@@ -111,11 +158,4 @@ def authenticate() -> Principal:
         svc.key_cache.put(token, principal)
     g.principal = principal
     bind_context(tenant_id=principal.tenant_id)
-    return principal
-
-
-def authorize(permission: Permission) -> Principal:
-    """Authenticate the caller and check that their role holds `permission`."""
-    principal = authenticate()
-    check_permission(principal.role, permission)
     return principal

@@ -6,13 +6,15 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, json
+from flask_limiter import RateLimitExceeded
 from sqlalchemy.exc import DataError
 from sqlalchemy.exc import OperationalError as DatabaseError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
+from api.limits import breach_error
 from api.requests import request_id
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, RateLimited
 
 logger = logging.getLogger(__name__)
 PROBLEM_TYPE_BASE = "https://conveyor.dev/problems/"
@@ -34,6 +36,16 @@ def problem(
     return Response(json.dumps(body), status=status, mimetype="application/problem+json")
 
 
+def problem_of(exc: ConveyorError) -> Response:
+    """Build the problem+json response for one of Conveyor's errors."""
+    response = problem(exc.status, exc.title, exc.detail, exc.slug, exc.errors)
+    if exc.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, RateLimited):
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
 def init_app(app: Flask) -> None:
     """Map Conveyor's errors, Werkzeug's HTTP errors and anything unexpected to problems."""
 
@@ -41,10 +53,12 @@ def init_app(app: Flask) -> None:
     def _conveyor_error(exc: ConveyorError) -> Response:
         if exc.status >= 500:
             logger.error("request %s failed: %s", request_id(), exc, exc_info=exc)
-        response = problem(exc.status, exc.title, exc.detail, exc.slug, exc.errors)
-        if exc.status == 401:
-            response.headers["WWW-Authenticate"] = "Bearer"
-        return response
+        return problem_of(exc)
+
+    @app.errorhandler(RateLimitExceeded)
+    def _rate_limited(exc: RateLimitExceeded) -> Response:
+        # Flask-Limiter's breach, told as our own RateLimited (api/limits.py knows the wait).
+        return _conveyor_error(breach_error(exc))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

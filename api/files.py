@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import codecs
+import uuid
 from collections.abc import Iterator
 
-from flask import Blueprint, Response, jsonify, request, stream_with_context
+from flask import Response, jsonify, request, stream_with_context
+from pydantic import BaseModel
 
-from api.auth import authorize
+from api.auth import current_principal, requires
+from api.openapi import responses, secured_blueprint
 from api.requests import parse_id
+from api.schemas import JobPath
 from api.services import services
 from conveyor.errors import UnsupportedMediaType, ValidationFailed
 from conveyor.files import get_artifact, read_artifact, read_file, store_upload
 from conveyor.queries import get_job
 from conveyor.roles import Permission
 
-bp = Blueprint("files", __name__)
+bp = secured_blueprint("files", __name__, "files")
 # curl -F and many clients send files as application/octet-stream; the name and the
 # UTF-8 check decide then.
 CSV_TYPES = {
@@ -45,10 +49,39 @@ def _utf8_checked(chunks: Iterator[bytes]) -> Iterator[bytes]:
     decoder.decode(b"", final=True)
 
 
-@bp.post("/v1/uploads")
+class Uploaded(BaseModel):
+    """A stored upload, to name in a job's payload."""
+
+    id: uuid.UUID
+    filename: str
+    size: int
+
+
+# Not a flask-openapi3 `form` model: that would read the body before the view raises the
+# request's size limit to the upload limit.
+UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary"}},
+            }
+        }
+    },
+}
+
+
+@bp.post(
+    "/v1/uploads",
+    responses=responses({201: Uploaded}, 413, 415, 422),
+    openapi_extensions={"requestBody": UPLOAD_BODY},
+)
+@requires(Permission.SUBMIT)
 def upload() -> tuple[Response, int]:
     """Store a CSV file (multipart field `file`) for a job to read; 201 with its id."""
-    principal = authorize(Permission.SUBMIT)
+    principal = current_principal()
     svc = services()
     # Uploads may be far larger than JSON bodies (Flask 3.1: per-request limit).
     request.max_content_length = svc.settings.max_upload_bytes
@@ -73,12 +106,25 @@ def upload() -> tuple[Response, int]:
     return jsonify(body), 201
 
 
-@bp.get("/v1/jobs/<job_id>/artifact")
-def artifact(job_id: str) -> Response:
+@bp.get(
+    "/v1/jobs/<job_id>/artifact",
+    responses=responses(
+        {
+            200: {
+                "description": "The file, as an attachment.",
+                # The type the job gave its file, e.g. text/csv.
+                "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+        404,
+    ),
+)
+@requires(Permission.READ)
+def artifact(path: JobPath) -> Response:
     """Download the file a job produced, streamed from the database."""
-    principal = authorize(Permission.READ)
+    principal = current_principal()
     svc = services()
-    key = parse_id(job_id, "job")
+    key = parse_id(path.job_id, "job")
     with svc.sessions() as session:
         get_job(session, key, principal.tenant_id)
         found = get_artifact(session, key)

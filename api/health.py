@@ -6,20 +6,37 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Literal
 
-from flask import Blueprint, Response, jsonify
+from flask import Response, jsonify
+from flask_openapi3.blueprint import APIBlueprint
 from kombu import Connection
+from pydantic import BaseModel
 from sqlalchemy import text
 
+from api.openapi import described, responses, tag
 from api.services import Services, services
 
 logger = logging.getLogger(__name__)
-bp = Blueprint("health", __name__)
+bp = APIBlueprint("health", __name__, abp_tags=tag("health"))
 # Seconds each dependency gets to answer; a probe that hangs is as bad as one that fails.
 CHECK_TIMEOUT = 2.0
 
 
-@bp.get("/healthz")
+class Health(BaseModel):
+    """`GET /healthz`."""
+
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    """`GET /readyz`: each dependency's state."""
+
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, Literal["ok", "timeout", "unavailable"]]
+
+
+@bp.get("/healthz", responses=responses({200: Health}))
 def healthz() -> Response:
     """Answer 200 while the process is up; checks no dependency."""
     return jsonify(status="ok")
@@ -53,7 +70,12 @@ CHECKS: dict[str, Callable[[Services], None]] = {
 }
 
 
-@bp.get("/readyz")
+@bp.get(
+    "/readyz",
+    responses=responses(
+        {200: Readiness, 503: described(Readiness, "A dependency is down; `checks` says which.")}
+    ),
+)
 def readyz() -> tuple[Response, int]:
     """Check PostgreSQL, the broker and the result backend at once; 503 names which failed."""
     svc = services()

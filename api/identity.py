@@ -4,28 +4,35 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from flask import Blueprint, Response, jsonify
+from flask import Response, jsonify
+from flask_openapi3.blueprint import APIBlueprint
 
-from api.auth import authenticate, decode, issue_tokens
-from api.identity_schemas import Login, Refresh, Register, UserOut
-from api.requests import parse_body
+from api.auth import current_principal, decode, issue_tokens, requires
+from api.identity_schemas import Login, Me, Refresh, Register, Registered, Tokens, UserOut
+from api.openapi import AUTHENTICATED, BEARER, JSON_BODY, empty, responses, tag
 from api.services import services
 from conveyor.errors import Forbidden, Unauthorized, ValidationFailed
 from conveyor.identity import check_credentials, get_user, register_tenant
 from conveyor.tokens import active_user_for_token, revoke_family, use_refresh_token
 
+AUTH_TAG = tag("auth")
 # Sign-in and sign-up are rate limited as a whole blueprint (api/limits.py).
-signin = Blueprint("signin", __name__, url_prefix="/v1/auth")
-bp = Blueprint("identity", __name__)
+signin = APIBlueprint(
+    "signin",
+    __name__,
+    url_prefix="/v1/auth",
+    abp_tags=AUTH_TAG,
+    abp_responses=responses({}, 429, 503),
+)
+bp = APIBlueprint("identity", __name__, abp_tags=AUTH_TAG)
 
 
-@signin.post("/register")
-def register() -> tuple[Response, int]:
+@signin.post("/register", responses=responses({201: Registered}, 403, 409, *JSON_BODY))
+def register(body: Register) -> tuple[Response, int]:
     """Create a tenant and its first user, an admin (when sign-up is open)."""
     svc = services()
     if not svc.settings.signup_open:
         raise Forbidden("sign-up is by invitation: ask a tenant admin to add you")
-    body = parse_body(Register)
     with svc.sessions.begin() as session:
         tenant, user = register_tenant(session, body.tenant_name, body.email, body.password)
     return jsonify(
@@ -34,19 +41,17 @@ def register() -> tuple[Response, int]:
     ), 201
 
 
-@signin.post("/login")
-def login() -> Response:
+@signin.post("/login", responses=responses({200: Tokens}, 401, *JSON_BODY))
+def login(body: Login) -> Response:
     """Exchange an email and password for an access token and a refresh token."""
-    body = parse_body(Login)
     with services().sessions.begin() as session:
         user = check_credentials(session, body.email, body.password)
         return jsonify(issue_tokens(session, user))
 
 
-@bp.post("/v1/auth/refresh")
-def refresh() -> Response:
+@bp.post("/v1/auth/refresh", responses=responses({200: Tokens}, 401, 503, *JSON_BODY))
+def refresh(body: Refresh) -> Response:
     """Rotate a refresh token; presenting a spent one revokes its whole family."""
-    body = parse_body(Refresh)
     claims = decode(body.refresh_token, "refresh")
     svc = services()
     with svc.sessions.begin() as session:
@@ -59,10 +64,15 @@ def refresh() -> Response:
     return jsonify(tokens)
 
 
-@bp.post("/v1/auth/logout")
+@bp.post(
+    "/v1/auth/logout",
+    security=BEARER,
+    responses=responses({204: empty("Signed out.")}, 422, *AUTHENTICATED),
+)
+@requires()
 def logout() -> tuple[str, int]:
     """Revoke the caller's login: its refresh tokens and its access tokens, at once."""
-    principal = authenticate()
+    principal = current_principal()
     if principal.token_family is None:
         raise ValidationFailed(
             "API keys are revoked with DELETE /v1/api-keys/{id}",
@@ -73,10 +83,11 @@ def logout() -> tuple[str, int]:
     return "", 204
 
 
-@bp.get("/v1/me")
+@bp.get("/v1/me", security=BEARER, responses=responses({200: Me}, *AUTHENTICATED))
+@requires()
 def me() -> Response:
     """Describe the caller: tenant, role, and the user or key behind the request."""
-    principal = authenticate()
+    principal = current_principal()
     user = None
     if principal.user_id is not None:
         with services().sessions() as session:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field
 
+from api.openapi import ObjectId
 from conveyor.models import ApiKey, User
 from conveyor.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH
 from conveyor.roles import Role
@@ -23,6 +25,16 @@ class Strict(BaseModel):
 class Register(Strict):
     """`POST /v1/auth/register`."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "email": "ada@example.com",
+                "password": "correct horse battery",
+                "tenant_name": "Acme",
+            }
+        }
+    )
+
     email: EmailStr = Field(max_length=320)
     password: str = Password
     tenant_name: str = Field(min_length=1, max_length=200)
@@ -31,6 +43,12 @@ class Register(Strict):
 class Login(Strict):
     """`POST /v1/auth/login`."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {"email": "ada@example.com", "password": "correct horse battery"}
+        }
+    )
+
     email: str = Field(min_length=1, max_length=320)
     password: str = Field(min_length=1, max_length=MAX_PASSWORD_LENGTH)
 
@@ -38,11 +56,25 @@ class Login(Strict):
 class Refresh(Strict):
     """`POST /v1/auth/refresh`."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"example": {"refresh_token": "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9…"}}
+    )
+
     refresh_token: str = Field(min_length=1, max_length=4096)
 
 
 class NewUser(Strict):
     """`POST /v1/users`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "email": "grace@example.com",
+                "password": "a long passphrase",
+                "role": "member",
+            }
+        }
+    )
 
     email: EmailStr = Field(max_length=320)
     password: str = Password
@@ -52,12 +84,24 @@ class NewUser(Strict):
 class UserChange(Strict):
     """`PATCH /v1/users/{id}`."""
 
+    model_config = ConfigDict(json_schema_extra={"example": {"role": "viewer"}})
+
     role: Role | None = None
     is_active: bool | None = None
 
 
 class NewApiKey(Strict):
     """`POST /v1/api-keys`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "name": "billing-service",
+                "role": "member",
+                "expires_at": "2027-01-01T00:00:00Z",
+            }
+        }
+    )
 
     name: str = Field(min_length=1, max_length=200)
     role: Role
@@ -116,3 +160,59 @@ class CreatedApiKey(ApiKeyOut):
     """A new key, with its secret token shown this once."""
 
     key: str
+
+
+class TenantOut(BaseModel):
+    """A tenant."""
+
+    id: uuid.UUID
+    name: str
+
+
+class Registered(BaseModel):
+    """`POST /v1/auth/register`: the new tenant and its first user, an admin."""
+
+    tenant: TenantOut
+    user: UserOut
+
+
+class Tokens(BaseModel):
+    """An access token and the refresh token that renews it."""
+
+    access_token: str
+    refresh_token: str
+    token_type: Literal["bearer"]
+    expires_in: int = Field(description="seconds until the access token expires")
+
+
+class Me(BaseModel):
+    """`GET /v1/me`: who the caller is."""
+
+    tenant_id: uuid.UUID
+    role: Role
+    user: UserOut | None
+    api_key_id: uuid.UUID | None
+
+
+class UserList(BaseModel):
+    """`GET /v1/users`."""
+
+    items: list[UserOut]
+
+
+class ApiKeyList(BaseModel):
+    """`GET /v1/api-keys`."""
+
+    items: list[ApiKeyOut]
+
+
+class UserPath(BaseModel):
+    """A user's id in the path."""
+
+    user_id: ObjectId
+
+
+class KeyPath(BaseModel):
+    """An API key's id in the path."""
+
+    key_id: ObjectId

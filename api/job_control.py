@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Response, jsonify
 
-from api.auth import authorize
+from api.auth import current_principal, requires
+from api.openapi import JSON_BODY, described, responses, secured_blueprint
 from api.publishing import publish_committed
-from api.requests import parse_body, parse_id
-from api.schemas import BulkRetry
+from api.requests import parse_id
+from api.schemas import BulkRetry, CancelAnswer, JobPath, Retried
 from api.services import services
 from conveyor.audit import audit
 from conveyor.auth import Principal
@@ -18,7 +19,7 @@ from conveyor.control import cancel_job, retry_job, retry_jobs
 from conveyor.roles import Permission
 from conveyor.views import JobOut
 
-bp = Blueprint("job_control", __name__, url_prefix="/v1/jobs")
+bp = secured_blueprint("job_control", __name__, "jobs", "/v1/jobs")
 
 
 def _actor(principal: Principal) -> dict[str, Any]:
@@ -29,17 +30,28 @@ def _actor(principal: Principal) -> dict[str, Any]:
     }
 
 
-@bp.post("/<job_id>/cancel")
-def cancel(job_id: str) -> tuple[Response, int]:
+@bp.post(
+    "/<job_id>/cancel",
+    responses=responses(
+        {
+            200: CancelAnswer,
+            202: described(CancelAnswer, "The job is running: it has been asked to stop."),
+        },
+        404,
+        409,
+    ),
+)
+@requires(Permission.CANCEL)
+def cancel(path: JobPath) -> tuple[Response, int]:
     """Cancel a waiting job at once (200), or ask a running one to stop (202)."""
-    principal = authorize(Permission.CANCEL)
+    principal = current_principal()
     svc = services()
     with svc.sessions.begin() as session:
         job, outcome = cancel_job(
             session,
             svc.registry,
             principal.tenant_id,
-            parse_id(job_id, "job"),
+            parse_id(path.job_id, "job"),
             datetime.now(UTC),
             _actor(principal),
         )
@@ -48,25 +60,30 @@ def cancel(job_id: str) -> tuple[Response, int]:
     return jsonify(body), 200 if outcome == "cancelled" else 202
 
 
-@bp.post("/<job_id>/retry")
-def retry(job_id: str) -> tuple[Response, int]:
+@bp.post("/<job_id>/retry", responses=responses({202: JobOut}, 404, 409))
+@requires(Permission.RETRY)
+def retry(path: JobPath) -> tuple[Response, int]:
     """Run a failed, cancelled or expired job again, with a fresh attempt budget."""
-    principal = authorize(Permission.RETRY)
+    principal = current_principal()
     svc = services()
     with svc.sessions.begin() as session:
         job = retry_job(
-            session, svc.registry, principal.tenant_id, parse_id(job_id, "job"), _actor(principal)
+            session,
+            svc.registry,
+            principal.tenant_id,
+            parse_id(path.job_id, "job"),
+            _actor(principal),
         )
         audit(session, principal, "job.retry", "job", job.id)
     publish_committed(svc, [job])
     return jsonify(JobOut.of(job).model_dump(mode="json")), 202
 
 
-@bp.post("/retry")
-def retry_many() -> Response:
+@bp.post("/retry", responses=responses({200: Retried}, 409, *JSON_BODY))
+@requires(Permission.RETRY)
+def retry_many(body: BulkRetry) -> Response:
     """Run again every dead job matching the filters (failed ones by default), up to `limit`."""
-    principal = authorize(Permission.RETRY)
-    body = parse_body(BulkRetry)
+    principal = current_principal()
     svc = services()
     with svc.sessions.begin() as session:
         jobs = retry_jobs(

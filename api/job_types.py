@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Response, jsonify
 
-from api.auth import authorize
+from api.auth import requires
+from api.openapi import responses, secured_blueprint
+from api.schemas import JobTypeList
 from api.services import services
 from conveyor.roles import Permission
 
-bp = Blueprint("job_types", __name__)
+bp = secured_blueprint("job_types", __name__, "jobs")
 
 
-@bp.get("/v1/job-types")
+@bp.get("/v1/job-types", responses=responses({200: JobTypeList}))
+@requires(Permission.READ)
 def index() -> Response:
-    """List the registered job types with their options and schemas."""
-    authorize(Permission.READ)
+    """List the job types that can be submitted, with their options and schemas."""
     svc = services()
     return jsonify(
         items=[

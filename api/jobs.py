@@ -7,14 +7,21 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Response, jsonify, request, url_for
 from redis.exceptions import RedisError
 from werkzeug.wrappers import Response as ResponseBase
 
-from api.auth import authorize
+from api.auth import current_principal, requires
+from api.openapi import (
+    JSON_BODY,
+    LOCATION,
+    described,
+    responses,
+    secured_blueprint,
+)
 from api.publishing import publish_committed
-from api.requests import parse_body, parse_id, parse_query
-from api.schemas import EventOut, JobBatch, JobListQuery
+from api.requests import parse_id
+from api.schemas import EventList, EventOut, JobBatch, JobList, JobListQuery, JobPage, JobPath
 from api.services import services
 from conveyor.errors import ValidationFailed
 from conveyor.logs import bind_context
@@ -27,7 +34,7 @@ from conveyor.submit import JobRequest, claim_idempotency_key, submit_jobs
 from conveyor.views import JobOut
 
 logger = logging.getLogger(__name__)
-bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+bp = secured_blueprint("jobs", __name__, "jobs", "/v1/jobs")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
@@ -41,11 +48,32 @@ def _idempotency_key() -> str | None:
     return key
 
 
-@bp.post("")
-def create() -> tuple[Response, int, dict[str, str]]:
-    """Store a job and publish its id: 202, or 200 with the original for a repeated key."""
-    principal = authorize(Permission.SUBMIT)
-    body = parse_body(JobRequest)
+@bp.post(
+    "",
+    responses=responses(
+        {
+            202: described(JobOut, "Accepted: stored, and published to its queue.", LOCATION),
+            200: described(JobOut, "A repeated `Idempotency-Key`: the original job.", LOCATION),
+        },
+        409,
+        *JSON_BODY,
+    ),
+    openapi_extensions={
+        "parameters": [
+            {
+                "name": IDEMPOTENCY_HEADER,
+                "in": "header",
+                "required": False,
+                "description": "Send the same key again to get the original job, not a new one.",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+            }
+        ]
+    },
+)
+@requires(Permission.SUBMIT)
+def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
+    """Submit a job: 202, or 200 with the original for a repeated Idempotency-Key."""
+    principal = current_principal()
     key = _idempotency_key()
     svc = services()
     now = datetime.now(UTC)
@@ -84,11 +112,11 @@ def create() -> tuple[Response, int, dict[str, str]]:
     return jsonify(JobOut.of(job).model_dump(mode="json")), 202, location
 
 
-@bp.post("/batch")
-def create_batch() -> tuple[Response, int]:
-    """Store up to 1,000 jobs in one transaction, all or none, and publish them together."""
-    principal = authorize(Permission.SUBMIT)
-    body = parse_body(JobBatch)
+@bp.post("/batch", responses=responses({202: JobList}, *JSON_BODY))
+@requires(Permission.SUBMIT)
+def create_batch(body: JobBatch) -> tuple[Response, int]:
+    """Submit up to 1,000 jobs in one transaction, all or none."""
+    principal = current_principal()
     svc = services()
     with svc.sessions.begin() as session:
         jobs = submit_jobs(
@@ -105,11 +133,11 @@ def create_batch() -> tuple[Response, int]:
     return jsonify(items=[JobOut.of(job).model_dump(mode="json") for job in jobs]), 202
 
 
-@bp.get("")
-def index() -> Response:
-    """List the tenant's jobs, newest first, filtered, a page at a time."""
-    principal = authorize(Permission.READ)
-    query = parse_query(JobListQuery)
+@bp.get("", responses=responses({200: JobPage}, 422))
+@requires(Permission.READ)
+def index(query: JobListQuery) -> Response:
+    """List jobs, newest first, filtered, a page at a time."""
+    principal = current_principal()
     with services().sessions() as session:
         jobs, next_cursor = list_jobs(
             session, principal.tenant_id, query.filters(), limit=query.limit, cursor=query.cursor
@@ -122,13 +150,20 @@ def index() -> Response:
     return jsonify(items=items, next_cursor=next_cursor, links=links)
 
 
-@bp.get("/<job_id>")
-def show(job_id: str) -> ResponseBase:
-    """Return a job with live progress while it runs; `ETag`, and `304` when unchanged."""
-    principal = authorize(Permission.READ)
+@bp.get(
+    "/<job_id>",
+    responses=responses(
+        {200: JobOut, 304: {"description": "Unchanged since the `ETag` sent in `If-None-Match`."}},
+        404,
+    ),
+)
+@requires(Permission.READ)
+def show(path: JobPath) -> ResponseBase:
+    """Read a job, with live progress while it runs; `ETag`, and 304 when unchanged."""
+    principal = current_principal()
     svc = services()
     with svc.reads() as session:
-        job = get_job(session, parse_id(job_id, "job"), principal.tenant_id)
+        job = get_job(session, parse_id(path.job_id, "job"), principal.tenant_id)
     bind_context(job_id=job.id, job_type=job.type)
     progress = None
     if job.state == JobState.RUNNING:
@@ -141,10 +176,11 @@ def show(job_id: str) -> ResponseBase:
     return response.make_conditional(request)
 
 
-@bp.get("/<job_id>/events")
-def events(job_id: str) -> Response:
-    """Return a job's history: every transition, with each attempt's error and timings."""
-    principal = authorize(Permission.READ)
+@bp.get("/<job_id>/events", responses=responses({200: EventList}, 404))
+@requires(Permission.READ)
+def events(path: JobPath) -> Response:
+    """Read a job's history: every transition, with each attempt's error and timings."""
+    principal = current_principal()
     with services().sessions() as session:
-        history = list_events(session, parse_id(job_id, "job"), principal.tenant_id)
+        history = list_events(session, parse_id(path.job_id, "job"), principal.tenant_id)
         return jsonify(items=[EventOut.of(e).model_dump(mode="json") for e in history])

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from flask import Blueprint, Response, jsonify
+from flask import Response, jsonify
 
-from api.auth import authorize
-from api.identity_schemas import ApiKeyOut, CreatedApiKey, NewApiKey
-from api.requests import parse_body, parse_id
+from api.auth import current_principal, requires
+from api.identity_schemas import ApiKeyList, ApiKeyOut, CreatedApiKey, KeyPath, NewApiKey
+from api.openapi import JSON_BODY, empty, responses, secured_blueprint
+from api.requests import parse_id
 from api.services import services
 from conveyor.audit import audit
 from conveyor.auth import create_api_key, list_api_keys, revoke_api_key
 from conveyor.roles import Permission
 
-bp = Blueprint("api_keys", __name__, url_prefix="/v1/api-keys")
+bp = secured_blueprint("api_keys", __name__, "api-keys", "/v1/api-keys")
 
 
-@bp.post("")
-def create() -> tuple[Response, int]:
+@bp.post("", responses=responses({201: CreatedApiKey}, *JSON_BODY))
+@requires(Permission.MANAGE_KEYS)
+def create(body: NewApiKey) -> tuple[Response, int]:
     """Issue a key no more powerful than its creator."""
-    principal = authorize(Permission.MANAGE_KEYS)
-    body = parse_body(NewApiKey)
+    principal = current_principal()
     svc = services()
     with svc.sessions.begin() as session:
         key, token = create_api_key(
@@ -38,22 +39,24 @@ def create() -> tuple[Response, int]:
     return jsonify(out.model_dump(mode="json")), 201
 
 
-@bp.get("")
+@bp.get("", responses=responses({200: ApiKeyList}))
+@requires(Permission.MANAGE_KEYS)
 def index() -> Response:
     """List the tenant's live keys: prefix, role, created, last used, expiry."""
-    principal = authorize(Permission.MANAGE_KEYS)
+    principal = current_principal()
     with services().sessions() as session:
         keys = list_api_keys(session, principal.tenant_id)
         return jsonify(items=[ApiKeyOut.of(k).model_dump(mode="json") for k in keys])
 
 
-@bp.delete("/<key_id>")
-def revoke(key_id: str) -> tuple[str, int]:
+@bp.delete("/<key_id>", responses=responses({204: empty("Revoked.")}, 404))
+@requires(Permission.MANAGE_KEYS)
+def revoke(path: KeyPath) -> tuple[str, int]:
     """Revoke a key at once."""
-    principal = authorize(Permission.MANAGE_KEYS)
+    principal = current_principal()
     svc = services()
     with svc.sessions.begin() as session:
-        key = parse_id(key_id, "API key")
+        key = parse_id(path.key_id, "API key")
         revoke_api_key(session, principal.tenant_id, key, datetime.now(UTC))
         audit(session, principal, "api_key.revoke", "api_key", key)
     svc.key_cache.clear()

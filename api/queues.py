@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from flask import Blueprint, Response, jsonify
+from flask import Response, jsonify
 from pydantic import BaseModel
 
-from api.auth import authorize
+from api.auth import requires
+from api.openapi import responses, secured_blueprint
 from api.services import Services, services
 from conveyor.queues import QueueStats, WorkerInfo, online_workers, queue_overview
 from conveyor.roles import Permission
 
-bp = Blueprint("queues", __name__, url_prefix="/v1/queues")
+bp = secured_blueprint("queues", __name__, "operations", "/v1/queues")
 
 
 class QueueOut(BaseModel):
@@ -53,10 +54,10 @@ def read_queues(svc: Services) -> tuple[list[QueueStats], list[WorkerInfo]]:
     return queues, online_workers(svc.publisher.app, svc.settings.inspect_timeout)
 
 
-@bp.get("")
+@bp.get("", responses=responses({200: QueuesOut}))
+@requires(Permission.SEE_QUEUES)
 def index() -> Response:
     """Show per-queue depth, oldest waiting job and running jobs, and the live workers."""
-    authorize(Permission.SEE_QUEUES)
     queues, workers = read_queues(services())
     now = datetime.now(UTC)
     body = QueuesOut(

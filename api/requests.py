@@ -1,18 +1,19 @@
-"""Per-request plumbing: request ids and strict JSON bodies parsed into Pydantic models."""
+"""Per-request plumbing: request ids, strict JSON bodies, ids in paths."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 import uuid
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any
 
 from flask import Flask, Response, g, request
-from pydantic import BaseModel, ValidationError
 
 from conveyor.errors import MalformedRequest, NotFound, UnsupportedMediaType, ValidationFailed
 from conveyor.logs import bind_context, clear_context
 
-M = TypeVar("M", bound=BaseModel)
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -43,8 +44,24 @@ def request_id() -> str:
     return str(g.get("request_id", ""))
 
 
-def parse_body(model: type[M]) -> M:
-    """Parse the JSON body into `model`, raising a 4xx that names what is wrong."""
+def init_body_checks(app: Flask) -> None:
+    """Refuse, before validation, a body that a view with a `body` model cannot parse."""
+
+    @app.before_request
+    def _json_only() -> None:
+        view = app.view_functions.get(request.endpoint or "")
+        if view is not None and _takes_body(view):
+            json_object()
+
+
+@functools.cache
+def _takes_body(view: Callable[..., Any]) -> bool:
+    # flask-openapi3 validates a view's `body` argument; its wrapper keeps the signature.
+    return "body" in inspect.signature(view).parameters
+
+
+def json_object() -> dict[str, Any]:
+    """Return the request's JSON object, raising 415, 400 or 422 for anything else."""
     if request.mimetype != "application/json":
         raise UnsupportedMediaType("send the body as application/json")
     try:
@@ -53,23 +70,12 @@ def parse_body(model: type[M]) -> M:
         body = None
     if body is None:
         raise MalformedRequest("the body is not valid JSON")
-    return _validate(model, body, "the request body is not valid")
-
-
-def parse_query(model: type[M]) -> M:
-    """Parse the query string into `model`, raising a 422 that names each wrong parameter."""
-    return _validate(model, request.args.to_dict(), "the query parameters are not valid")
-
-
-def _validate(model: type[M], data: object, detail: str) -> M:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        errors = [
-            {"field": ".".join(str(p) for p in err["loc"]) or "body", "message": err["msg"]}
-            for err in exc.errors(include_url=False, include_input=False)
-        ]
-        raise ValidationFailed(detail, errors=errors) from exc
+    if not isinstance(body, dict):
+        raise ValidationFailed(
+            "the body must be a JSON object",
+            errors=[{"field": "body", "message": "must be a JSON object"}],
+        )
+    return body
 
 
 def parse_id(raw: str, what: str) -> uuid.UUID:

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
-from flask import Blueprint, Response, jsonify, url_for
+from flask import Response, jsonify, url_for
+from pydantic import BaseModel
+from sqlalchemy.orm import Session
 
-from api.auth import authorize
+from api.auth import current_principal, requires
+from api.openapi import (
+    JSON_BODY,
+    LOCATION,
+    ObjectId,
+    described,
+    empty,
+    responses,
+    secured_blueprint,
+)
 from api.publishing import publish_committed
-from api.requests import parse_body, parse_id
+from api.requests import parse_id
 from api.services import services
 from conveyor.audit import audit
 from conveyor.errors import Conflict
@@ -18,6 +29,7 @@ from conveyor.models import Schedule
 from conveyor.roles import Permission
 from conveyor.schedules import (
     ScheduleChange,
+    ScheduleOptions,
     ScheduleSpec,
     create_schedule,
     fire,
@@ -28,7 +40,42 @@ from conveyor.schedules import (
 )
 from conveyor.views import JobOut
 
-bp = Blueprint("schedules", __name__, url_prefix="/v1/schedules")
+bp = secured_blueprint("schedules", __name__, "schedules", "/v1/schedules")
+
+
+class ScheduleOut(BaseModel):
+    """A schedule, with its next run and the state of the last job it fired."""
+
+    id: uuid.UUID
+    name: str
+    job_type: str
+    payload: dict[str, Any]
+    cron: str | None
+    timezone: str | None
+    interval_seconds: int | None
+    enabled: bool
+    misfire_policy: Literal["skip", "run_once"]
+    overlap_policy: Literal["allow", "skip"]
+    options: ScheduleOptions
+    next_run_at: datetime
+    last_job_id: uuid.UUID | None
+    last_job_state: str | None
+
+
+class ScheduleList(BaseModel):
+    """`GET /v1/schedules`."""
+
+    items: list[ScheduleOut]
+
+
+class SchedulePath(BaseModel):
+    """A schedule's id in the path."""
+
+    schedule_id: ObjectId
+
+
+def _schedule(session: Session, tenant_id: uuid.UUID, path: SchedulePath) -> Schedule:
+    return get_schedule(session, tenant_id, parse_id(path.schedule_id, "schedule"))
 
 
 def _out(schedule: Schedule, states: dict[uuid.UUID, str]) -> dict[str, Any]:
@@ -51,30 +98,34 @@ def _out(schedule: Schedule, states: dict[uuid.UUID, str]) -> dict[str, Any]:
     }
 
 
-@bp.post("")
-def create() -> tuple[Response, int, dict[str, str]]:
+@bp.post(
+    "",
+    responses=responses({201: described(ScheduleOut, "Created.", LOCATION)}, 404, 409, *JSON_BODY),
+)
+@requires(Permission.MANAGE_SCHEDULES)
+def create(body: ScheduleSpec) -> tuple[Response, int, dict[str, str]]:
     """Create a schedule; its job type, payload and options are validated now."""
-    principal = authorize(Permission.MANAGE_SCHEDULES)
-    spec = parse_body(ScheduleSpec)
+    principal = current_principal()
     svc = services()
     with svc.sessions.begin() as session:
         schedule = create_schedule(
             session,
             svc.registry,
             principal.tenant_id,
-            spec,
+            body,
             default_queue=svc.settings.default_queue,
             now=datetime.now(UTC),
         )
-        audit(session, principal, "schedule.create", "schedule", schedule.id, {"name": spec.name})
-        body = _out(schedule, {})
-    return jsonify(body), 201, {"Location": url_for("schedules.show", schedule_id=body["id"])}
+        audit(session, principal, "schedule.create", "schedule", schedule.id, {"name": body.name})
+        out = _out(schedule, {})
+    return jsonify(out), 201, {"Location": url_for("schedules.show", schedule_id=out["id"])}
 
 
-@bp.get("")
+@bp.get("", responses=responses({200: ScheduleList}))
+@requires(Permission.READ)
 def index() -> Response:
     """List the tenant's schedules with their next run and last job."""
-    principal = authorize(Permission.READ)
+    principal = current_principal()
     with services().sessions() as session:
         schedules = list_schedules(session, principal.tenant_id)
         states = last_job_states(session, schedules)
@@ -82,23 +133,28 @@ def index() -> Response:
     return jsonify(items=items)
 
 
-@bp.get("/<schedule_id>")
-def show(schedule_id: str) -> Response:
-    """Return one schedule."""
-    principal = authorize(Permission.READ)
+@bp.get("/<schedule_id>", responses=responses({200: ScheduleOut}, 404))
+@requires(Permission.READ)
+def show(path: SchedulePath) -> Response:
+    """Read one schedule."""
+    principal = current_principal()
     with services().sessions() as session:
-        schedule = get_schedule(session, principal.tenant_id, parse_id(schedule_id, "schedule"))
+        schedule = get_schedule(
+            session, principal.tenant_id, parse_id(path.schedule_id, "schedule")
+        )
         return jsonify(_out(schedule, last_job_states(session, [schedule])))
 
 
-@bp.patch("/<schedule_id>")
-def change(schedule_id: str) -> Response:
-    """Change any field; a new timing recomputes the next run."""
-    principal = authorize(Permission.MANAGE_SCHEDULES)
-    body = parse_body(ScheduleChange)
+@bp.patch("/<schedule_id>", responses=responses({200: ScheduleOut}, 404, 409, *JSON_BODY))
+@requires(Permission.MANAGE_SCHEDULES)
+def change(path: SchedulePath, body: ScheduleChange) -> Response:
+    """Change any field of a schedule; a new timing recomputes the next run."""
+    principal = current_principal()
     svc = services()
     with svc.sessions.begin() as session:
-        schedule = get_schedule(session, principal.tenant_id, parse_id(schedule_id, "schedule"))
+        schedule = get_schedule(
+            session, principal.tenant_id, parse_id(path.schedule_id, "schedule")
+        )
         update_schedule(
             session,
             svc.registry,
@@ -112,12 +168,15 @@ def change(schedule_id: str) -> Response:
         return jsonify(_out(schedule, last_job_states(session, [schedule])))
 
 
-@bp.delete("/<schedule_id>")
-def delete(schedule_id: str) -> tuple[str, int]:
+@bp.delete("/<schedule_id>", responses=responses({204: empty("Deleted.")}, 404))
+@requires(Permission.MANAGE_SCHEDULES)
+def delete(path: SchedulePath) -> tuple[str, int]:
     """Delete a schedule; jobs it fired stay, with `schedule_id` cleared."""
-    principal = authorize(Permission.MANAGE_SCHEDULES)
+    principal = current_principal()
     with services().sessions.begin() as session:
-        schedule = get_schedule(session, principal.tenant_id, parse_id(schedule_id, "schedule"))
+        schedule = get_schedule(
+            session, principal.tenant_id, parse_id(path.schedule_id, "schedule")
+        )
         session.delete(schedule)
         audit(
             session, principal, "schedule.delete", "schedule", schedule.id, {"name": schedule.name}
@@ -125,13 +184,16 @@ def delete(schedule_id: str) -> tuple[str, int]:
     return "", 204
 
 
-@bp.post("/<schedule_id>/trigger")
-def trigger(schedule_id: str) -> tuple[Response, int]:
+@bp.post("/<schedule_id>/trigger", responses=responses({202: JobOut}, 404, 409))
+@requires(Permission.MANAGE_SCHEDULES)
+def trigger(path: SchedulePath) -> tuple[Response, int]:
     """Run the schedule's job now, outside its timing; 202 with the job."""
-    principal = authorize(Permission.MANAGE_SCHEDULES)
+    principal = current_principal()
     svc = services()
     with svc.sessions.begin() as session:
-        schedule = get_schedule(session, principal.tenant_id, parse_id(schedule_id, "schedule"))
+        schedule = get_schedule(
+            session, principal.tenant_id, parse_id(path.schedule_id, "schedule")
+        )
         job = fire(
             session,
             svc.registry,

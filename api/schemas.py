@@ -1,23 +1,42 @@
-"""Response bodies and query models of the jobs API (requests: `conveyor.submit.JobRequest`)."""
+"""Request, query, path and response models of the jobs API (one job: `JobRequest`)."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
+from api.openapi import ObjectId
 from conveyor.models import JobEvent
 from conveyor.queries import MAX_PAGE, JobFilter
 from conveyor.states import JobState
 from conveyor.submit import MAX_BATCH, JobRequest
+from conveyor.views import JobOut
 
 
 class JobBatch(BaseModel):
     """`POST /v1/jobs/batch`: up to 1,000 jobs, accepted all together or not at all."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "jobs": [
+                    {"type": "system.sleep", "payload": {"seconds": 1}},
+                    {"type": "system.noop", "priority": 9, "tags": ["nightly"]},
+                ]
+            }
+        },
+    )
     jobs: list[JobRequest] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class JobPath(BaseModel):
+    """A job's id in the path."""
+
+    job_id: ObjectId
 
 
 class JobQuery(BaseModel):
@@ -53,6 +72,9 @@ class JobListQuery(JobQuery):
 class BulkRetry(JobQuery):
     """`POST /v1/jobs/retry`: which dead jobs to run again (failed ones by default)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"example": {"type": "orders.import_csv", "limit": 100}}
+    )
     limit: int = Field(default=100, ge=1, le=1000)
 
 
@@ -75,3 +97,63 @@ class EventOut(BaseModel):
             detail=event.detail,
             at=event.created_at,
         )
+
+
+class EventList(BaseModel):
+    """`GET /v1/jobs/{id}/events`: the job's transitions, oldest first."""
+
+    items: list[EventOut]
+
+
+class JobList(BaseModel):
+    """Jobs accepted together (`POST /v1/jobs/batch`)."""
+
+    items: list[JobOut]
+
+
+class PageLinks(BaseModel):
+    """Links to related pages; `next` is absent on the last page."""
+
+    next: str | None = None
+
+
+class JobPage(BaseModel):
+    """`GET /v1/jobs`: one page of jobs, newest first."""
+
+    items: list[JobOut]
+    next_cursor: str | None
+    links: PageLinks
+
+
+class CancelAnswer(BaseModel):
+    """`POST /v1/jobs/{id}/cancel`: whether the job stopped at once or was asked to stop."""
+
+    outcome: Literal["cancelled", "cancel_requested"]
+    job: JobOut
+
+
+class Retried(BaseModel):
+    """`POST /v1/jobs/retry`: how many dead jobs run again, and which."""
+
+    retried: int
+    ids: list[uuid.UUID]
+
+
+class JobTypeOut(BaseModel):
+    """A job type that can be submitted, with its options and schemas."""
+
+    name: str
+    queues: list[str]
+    priority: int
+    max_attempts: int
+    soft_time_limit: float | None
+    time_limit: float
+    cancellable: bool
+    payload_schema: dict[str, Any]
+    result_schema: dict[str, Any] | None
+
+
+class JobTypeList(BaseModel):
+    """`GET /v1/job-types`."""
+
+    items: list[JobTypeOut]

@@ -2,50 +2,52 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Response, jsonify
 
-from api.auth import authorize
-from api.identity_schemas import NewUser, UserChange, UserOut
-from api.requests import parse_body, parse_id
+from api.auth import current_principal, requires
+from api.identity_schemas import NewUser, UserChange, UserList, UserOut, UserPath
+from api.openapi import JSON_BODY, responses, secured_blueprint
+from api.requests import parse_id
 from api.services import services
 from conveyor.audit import audit
 from conveyor.identity import add_user, list_users, update_user
 from conveyor.roles import Permission
 
-bp = Blueprint("users", __name__, url_prefix="/v1/users")
+bp = secured_blueprint("users", __name__, "users", "/v1/users")
 
 
-@bp.post("")
-def create() -> tuple[Response, int]:
+@bp.post("", responses=responses({201: UserOut}, 409, *JSON_BODY))
+@requires(Permission.MANAGE_USERS)
+def create(body: NewUser) -> tuple[Response, int]:
     """Add a user to the caller's tenant."""
-    principal = authorize(Permission.MANAGE_USERS)
-    body = parse_body(NewUser)
+    principal = current_principal()
     with services().sessions.begin() as session:
         user = add_user(session, principal.tenant_id, body.email, body.password, body.role)
         audit(session, principal, "user.create", "user", user.id, {"role": body.role})
     return jsonify(UserOut.of(user).model_dump(mode="json")), 201
 
 
-@bp.get("")
+@bp.get("", responses=responses({200: UserList}))
+@requires(Permission.MANAGE_USERS)
 def index() -> Response:
     """List the caller's tenant's users."""
-    principal = authorize(Permission.MANAGE_USERS)
+    principal = current_principal()
     with services().sessions() as session:
         users = list_users(session, principal.tenant_id)
         return jsonify(items=[UserOut.of(u).model_dump(mode="json") for u in users])
 
 
-@bp.patch("/<user_id>")
-def change(user_id: str) -> Response:
+@bp.patch("/<user_id>", responses=responses({200: UserOut}, 404, 409, *JSON_BODY))
+@requires(Permission.MANAGE_USERS)
+def change(path: UserPath, body: UserChange) -> Response:
     """Change a user's role, or deactivate or reactivate them."""
-    principal = authorize(Permission.MANAGE_USERS)
-    body = parse_body(UserChange)
+    principal = current_principal()
     svc = services()
     with svc.sessions.begin() as session:
         user = update_user(
             session,
             principal.tenant_id,
-            parse_id(user_id, "user"),
+            parse_id(path.user_id, "user"),
             acting_user_id=principal.user_id,
             role=body.role,
             is_active=body.is_active,

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
-from api.auth import authorize
-from api.requests import parse_body, parse_id
+from api.auth import current_principal, requires
+from api.openapi import JSON_BODY, ObjectId, empty, responses, secured_blueprint
+from api.requests import parse_id
+from api.schemas import JobPath
 from api.services import services
 from conveyor.audit import audit
 from conveyor.models import Job, JobEvent, Webhook
@@ -18,13 +21,21 @@ from conveyor.queries import get_job
 from conveyor.roles import Permission
 from conveyor.webhooks import DELIVER_TYPE, EVENTS, create_webhook, get_webhook, list_webhooks
 
-bp = Blueprint("webhooks", __name__)
+bp = secured_blueprint("webhooks", __name__, "webhooks")
 
 
 class NewWebhook(BaseModel):
     """`POST /v1/webhooks`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "url": "https://hooks.example.com/conveyor",
+                "events": ["job.succeeded", "job.failed"],
+            }
+        },
+    )
     url: str = Field(max_length=2048, pattern=r"^https?://\S+$")
     events: list[str] = Field(min_length=1, max_length=len(EVENTS))
 
@@ -37,6 +48,53 @@ class NewWebhook(BaseModel):
         return sorted(set(events))
 
 
+class WebhookOut(BaseModel):
+    """An endpoint that receives job events."""
+
+    id: uuid.UUID
+    url: str
+    events: list[str]
+    enabled: bool
+    created_at: datetime
+
+
+class CreatedWebhook(WebhookOut):
+    """A new endpoint, with the secret that signs its deliveries shown this once."""
+
+    secret: str
+
+
+class WebhookList(BaseModel):
+    """`GET /v1/webhooks`."""
+
+    items: list[WebhookOut]
+
+
+class WebhookPath(BaseModel):
+    """A webhook's id in the path."""
+
+    webhook_id: ObjectId
+
+
+class DeliveryOut(BaseModel):
+    """One attempt to deliver one of a job's events."""
+
+    delivery_id: uuid.UUID
+    url: str
+    event: str
+    attempt: int
+    outcome: str
+    status_code: int | None
+    seconds: float | None
+    error: str | None
+
+
+class DeliveryList(BaseModel):
+    """`GET /v1/jobs/{id}/deliveries`."""
+
+    items: list[DeliveryOut]
+
+
 def _out(webhook: Webhook) -> dict[str, Any]:
     return {
         "id": str(webhook.id),
@@ -47,11 +105,11 @@ def _out(webhook: Webhook) -> dict[str, Any]:
     }
 
 
-@bp.post("/v1/webhooks")
-def create() -> tuple[Response, int]:
+@bp.post("/v1/webhooks", responses=responses({201: CreatedWebhook}, *JSON_BODY))
+@requires(Permission.MANAGE_WEBHOOKS)
+def create(body: NewWebhook) -> tuple[Response, int]:
     """Register an endpoint; the signing secret is in this answer and never again."""
-    principal = authorize(Permission.MANAGE_WEBHOOKS)
-    body = parse_body(NewWebhook)
+    principal = current_principal()
     with services().sessions.begin() as session:
         webhook = create_webhook(session, principal.tenant_id, body.url, body.events)
         audit(session, principal, "webhook.create", "webhook", webhook.id, {"url": body.url})
@@ -59,30 +117,33 @@ def create() -> tuple[Response, int]:
     return jsonify(out), 201
 
 
-@bp.get("/v1/webhooks")
+@bp.get("/v1/webhooks", responses=responses({200: WebhookList}))
+@requires(Permission.MANAGE_WEBHOOKS)
 def index() -> Response:
     """List the tenant's endpoints (without secrets)."""
-    principal = authorize(Permission.MANAGE_WEBHOOKS)
+    principal = current_principal()
     with services().sessions() as session:
         return jsonify(items=[_out(w) for w in list_webhooks(session, principal.tenant_id)])
 
 
-@bp.delete("/v1/webhooks/<webhook_id>")
-def delete(webhook_id: str) -> tuple[str, int]:
+@bp.delete("/v1/webhooks/<webhook_id>", responses=responses({204: empty("Removed.")}, 404))
+@requires(Permission.MANAGE_WEBHOOKS)
+def delete(path: WebhookPath) -> tuple[str, int]:
     """Remove an endpoint; deliveries still queued for it are skipped."""
-    principal = authorize(Permission.MANAGE_WEBHOOKS)
+    principal = current_principal()
     with services().sessions.begin() as session:
-        webhook = get_webhook(session, principal.tenant_id, parse_id(webhook_id, "webhook"))
+        webhook = get_webhook(session, principal.tenant_id, parse_id(path.webhook_id, "webhook"))
         session.delete(webhook)
         audit(session, principal, "webhook.delete", "webhook", webhook.id)
     return "", 204
 
 
-@bp.get("/v1/jobs/<job_id>/deliveries")
-def deliveries(job_id: str) -> Response:
-    """Every delivery attempt of the job's events: where, outcome, HTTP status, time taken."""
-    principal = authorize(Permission.READ)
-    key = parse_id(job_id, "job")
+@bp.get("/v1/jobs/<job_id>/deliveries", responses=responses({200: DeliveryList}, 404))
+@requires(Permission.READ)
+def deliveries(path: JobPath) -> Response:
+    """List every delivery attempt of a job's events: where, outcome, status, time taken."""
+    principal = current_principal()
+    key = parse_id(path.job_id, "job")
     with services().sessions() as session:
         get_job(session, key, principal.tenant_id)
         rows = session.execute(

@@ -7,8 +7,9 @@ import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
+from amqp.exceptions import AMQPError, MessageNacked
 from celery import Celery
 from kombu.exceptions import KombuError
 from redis import Redis
@@ -26,6 +27,8 @@ UNACKED_KEY = "unacked"
 # Broker commands buffered per round trip when publishing many jobs at once.
 PUBLISH_BATCH = 500
 UNACKED_INDEX_KEY = "unacked_index"
+# Seconds an AMQP publish waits for RabbitMQ's confirm before it counts as failed.
+CONFIRM_TIMEOUT = 5.0
 
 
 def create_celery(settings: Settings, *, name: str, with_result_backend: bool) -> Celery:
@@ -49,18 +52,7 @@ def create_celery(settings: Settings, *, name: str, with_result_backend: bool) -
         worker_prefetch_multiplier=1,
         # Redis keeps live state and progress for a day; the ledger keeps results for good.
         result_expires=settings.result_expires,
-        # Redis redelivers unacked messages after this long. It must outlast the longest
-        # job's hard time limit, or a slow job would be delivered to a second worker while
-        # it still runs (the claim guard still stops it from running twice).
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout,
-            # Redis has no message priority: kombu keeps one list per level, `queue:N`,
-            # and reads lower N first. Ten levels carry Conveyor's ten priorities.
-            "priority_steps": list(PRIORITY_LEVELS),
-            "sep": PRIORITY_SEPARATOR,
-            # With `-Q critical,default,low` a worker drains queues in that order.
-            "queue_order_strategy": "priority",
-        },
+        broker_transport_options=_transport_options(settings),
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         # honcho starts processes in no order: wait for the broker instead of crashing.
         broker_connection_retry_on_startup=True,
@@ -75,7 +67,54 @@ def create_celery(settings: Settings, *, name: str, with_result_backend: bool) -
         task_track_started=False,
         enable_utc=True,
     )
+    if settings.amqp_broker:
+        app.conf.update(_amqp_conf())
     return app
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    if settings.amqp_broker:
+        # Each publish waits for RabbitMQ's confirm: the ledger marks a job published only
+        # once the broker has taken responsibility for its message (written to disk, as
+        # the queue is durable and the message persistent). A nack raises; so does a
+        # confirm that does not come (see CeleryPublisher).
+        return {"confirm_publish": True}
+    return {
+        # Redis redelivers unacked messages after this long. It must outlast the longest
+        # job's hard time limit, or a slow job would be delivered to a second worker while
+        # it still runs (the claim guard still stops it from running twice).
+        "visibility_timeout": settings.visibility_timeout,
+        # Redis has no message priority: kombu keeps one list per level, `queue:N`,
+        # and reads lower N first. Ten levels carry Conveyor's ten priorities.
+        "priority_steps": list(PRIORITY_LEVELS),
+        "sep": PRIORITY_SEPARATOR,
+        # With `-Q critical,default,low` a worker drains queues in that order.
+        "queue_order_strategy": "priority",
+    }
+
+
+def _amqp_conf() -> dict[str, Any]:
+    """Return the Celery settings that make RabbitMQ keep Conveyor's promises."""
+    return {
+        # Classic durable queues with native priorities, not quorum queues: RabbitMQ
+        # 3.10's quorum queues ignore message priority (4.0 gives them two levels), and
+        # Conveyor has ten. Every process declares every queue with the same
+        # `x-max-priority`, as RabbitMQ refuses a redeclaration with other arguments.
+        # The price is no replication: a lost RabbitMQ disk loses messages, and the
+        # reconciler re-drives those jobs from the ledger (README, "Choosing a broker").
+        "task_default_queue_type": "classic",
+        "task_create_missing_queue_type": "classic",
+        "task_queue_max_priority": max(PRIORITY_LEVELS),
+        # Queues, exchanges and messages outlive a broker restart.
+        "task_default_delivery_mode": "persistent",
+        # RabbitMQ closes a channel whose delivery stays unacknowledged past its
+        # consumer_timeout (30 minutes by default): a long job with acks_late does that.
+        # Celery treats the closed channel as fatal unless told to reconnect, and must not
+        # cancel the job still running: RabbitMQ requeues its message, the claim guard
+        # skips that redelivery, and the job finishes once.
+        "broker_channel_error_retry": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+    }
 
 
 @dataclass(frozen=True)
@@ -159,6 +198,9 @@ class CeleryPublisher:
         self._app = app
         # Redis reads priority 0 first; AMQP brokers deliver the highest number first.
         self._redis = str(app.conf.broker_url).startswith(("redis", "rediss", "valkey"))
+        # A broker blocked by a resource alarm never confirms: bound the wait, so a request
+        # fails with PublishFailed (the job stays unpublished, the promoter retries it).
+        self._options = {} if self._redis else {"confirm_timeout": CONFIRM_TIMEOUT}
 
     @property
     def app(self) -> Celery:
@@ -168,14 +210,19 @@ class CeleryPublisher:
     def _broker_priority(self, priority: int) -> int:
         return max(PRIORITY_LEVELS) - priority if self._redis else priority
 
-    def publish(self, messages: Iterable[Message]) -> None:
+    def publish(self, messages: Iterable[Message], *, redeclare: bool = False) -> None:
         """Send one message per job, with the job id as both task id and only argument.
 
         On Redis the messages go out pipelined (kombu's `Producer.batch`), up to
         `PUBLISH_BATCH` commands a round trip instead of one each; a failure discards what
-        was not flushed yet, and the promoter publishes those jobs again.
+        was not flushed yet, and the promoter publishes those jobs again. `redeclare`
+        declares the queues again even where this connection did before: the reconciler's
+        re-drives, for a queue that may have been deleted since (RabbitMQ confirms a
+        message to an exchange with no queue bound, and drops it).
         """
         with self._app.producer_or_acquire() as producer:
+            if redeclare:
+                producer.connection.declared_entities.clear()
             try:
                 with producer.batch(PUBLISH_BATCH):
                     for message in messages:
@@ -189,8 +236,9 @@ class CeleryPublisher:
                             producer=producer,
                             ignore_result=True,
                             headers=_headers(message),
+                            **self._options,
                         )
-            except (KombuError, RedisError, OSError) as exc:
+            except (KombuError, RedisError, AMQPError, MessageNacked, OSError) as exc:
                 # A pipeline that failed midway leaves its connection unusable, and the pool
                 # would hand it out again: drop it, so the next publish connects afresh.
                 with contextlib.suppress(Exception):

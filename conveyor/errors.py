@@ -114,3 +114,29 @@ class Conflict(ConveyorError):
     status = 409
     title = "Conflict"
     slug = "conflict"
+
+
+class RateLimited(ConveyorError):
+    """Raised when a caller sent more requests than its rate limit allows; retry later."""
+
+    status = 429
+    title = "Too many requests"
+    slug = "rate-limited"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        retry_after: int,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(detail, errors=errors)
+        # Whole seconds until a retry can succeed; sent as the `Retry-After` header.
+        self.retry_after = retry_after
+
+
+class QuotaExceeded(RateLimited):
+    """Raised when a tenant's unfinished jobs would exceed its quota; retry when they drain."""
+
+    title = "Quota exceeded"
+    slug = "quota-exceeded"

@@ -106,6 +106,9 @@ class Job(Base):
             unique=True,
             postgresql_where="schedule_occurrence IS NOT NULL",
         ),
+        # A tenant's unfinished jobs (finished_at IS NULL) and its recent finishes: the
+        # quota counts the first and measures its drain rate from the second.
+        Index("ix_jobs_tenant_finished", "tenant_id", "finished_at"),
         # Retention pruning walks finished jobs oldest first.
         Index("ix_jobs_finished", "finished_at", postgresql_where="finished_at IS NOT NULL"),
         # The promoter scans only unfinished work, so the index holds only that.

@@ -69,7 +69,20 @@ class Timing(BaseModel):
 class ScheduleSpec(Timing):
     """`POST /v1/schedules`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "name": "nightly-rollup",
+                "job_type": "orders.rollup",
+                "payload": {},
+                "cron": "0 2 * * *",
+                "timezone": "Europe/Berlin",
+                "misfire_policy": "run_once",
+                "overlap_policy": "skip",
+            }
+        },
+    )
     name: str = Field(min_length=1, max_length=200)
     job_type: str = Field(min_length=1, max_length=200)
     payload: dict[str, Any] = Field(default_factory=dict)
@@ -90,7 +103,7 @@ class ScheduleSpec(Timing):
 class ScheduleChange(Timing):
     """`PATCH /v1/schedules/{id}`: any field of a schedule."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"example": {"enabled": False}})
     name: str | None = Field(default=None, min_length=1, max_length=200)
     job_type: str | None = Field(default=None, min_length=1, max_length=200)
     payload: dict[str, Any] | None = None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from limits import parse_many
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SECRET = "dev-insecure-secret-change-me"  # noqa: S105 - refused outside development
@@ -38,9 +39,15 @@ class Settings(BaseSettings):
     # Seconds the result backend keeps a job's live state; the ledger keeps the rest.
     result_expires: int = Field(default=24 * 3600, ge=60)
     # A message not acknowledged within this many seconds is redelivered by Redis;
-    # the worker refuses job types whose hard time limit does not fit inside it.
+    # on Redis the worker refuses job types whose hard time limit does not fit inside it.
     visibility_timeout: int = Field(default=7200, ge=60)
-    # Hard time limit (seconds) for job types that set none; must fit the visibility timeout.
+    # RabbitMQ's `consumer_timeout` (rabbitmq.conf, in ms there; seconds here), 30 minutes
+    # unless the broker says otherwise. A delivery unacknowledged that long makes RabbitMQ
+    # close the worker's channel and requeue; on an AMQP broker the worker warns at start
+    # about job types whose hard time limit reaches it (README, "Choosing a broker").
+    amqp_consumer_timeout: int = Field(default=1800, ge=1)
+    # Hard time limit (seconds) for job types that set none; on Redis it must fit the
+    # visibility timeout.
     default_time_limit: int = Field(default=1800, ge=1)
     # A running job's worker refreshes its heartbeat this often; after `heartbeat_timeout`
     # seconds of silence the reaper retries or fails the job (its worker is gone).
@@ -93,8 +100,34 @@ class Settings(BaseSettings):
     # Flask-Limiter strings for sign-in and sign-up, per client IP and per email.
     auth_rate_limit_ip: str = "30/minute"
     auth_rate_limit_email: str = "10/minute"
+    # Reverse proxies in front of the API that append the client's address to
+    # X-Forwarded-For; per-IP rate limits count the address the outermost one saw.
+    trusted_proxies: int = Field(default=0, ge=0, le=10)
     # Namespace of rate-limit counters in Redis; shared by every API instance.
     rate_limit_prefix: str = "conveyor-rl"
+    # Rate limits per endpoint group (api/limits.py), each counted per verified principal
+    # (API key or user) and per client IP; Flask-Limiter strings, empty for none. Generous
+    # defaults: they stop a runaway client, not a busy one.
+    rate_limits_enabled: bool = True
+    # X-RateLimit-* headers on every limited response; they cost two Redis round trips each.
+    rate_limit_headers: bool = True
+    rate_limit_submit_principal: str = "60000/minute"
+    rate_limit_submit_ip: str = "120000/minute"
+    rate_limit_read_principal: str = "120000/minute"
+    rate_limit_read_ip: str = "240000/minute"
+    rate_limit_control_principal: str = "6000/minute"
+    rate_limit_control_ip: str = "12000/minute"
+    rate_limit_admin_principal: str = "600/minute"
+    rate_limit_admin_ip: str = "1200/minute"
+    # Most unfinished (scheduled, queued, running, retrying) jobs a tenant may have; a submit
+    # beyond it is refused with 429 until the tenant's jobs drain. 0: no quota.
+    tenant_max_unfinished_jobs: int = Field(default=100_000, ge=0)
+    # Seconds an API process trusts its count of a tenant's unfinished jobs (plus what it
+    # submitted since) before counting again; 0 counts on every submit.
+    tenant_quota_refresh_seconds: float = Field(default=1.0, ge=0, le=60)
+    # The tenant's drain rate (jobs finished per second), from which the quota's
+    # Retry-After is computed, is measured over this many seconds.
+    tenant_drain_window_seconds: float = Field(default=300.0, gt=0)
     log_level: str = "INFO"
     # `auto`: readable text in development, JSON lines everywhere else.
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -114,6 +147,28 @@ class Settings(BaseSettings):
     # Serve Flower under this path (e.g. `flower` for /flower/...) behind a proxy; empty: /.
     flower_url_prefix: str = ""
     data_dir: str = ".conveyor"
+
+    @field_validator(
+        "auth_rate_limit_ip",
+        "auth_rate_limit_email",
+        "rate_limit_submit_principal",
+        "rate_limit_submit_ip",
+        "rate_limit_read_principal",
+        "rate_limit_read_ip",
+        "rate_limit_control_principal",
+        "rate_limit_control_ip",
+        "rate_limit_admin_principal",
+        "rate_limit_admin_ip",
+    )
+    @classmethod
+    def _parse_rate_limit(cls, value: str) -> str:
+        # Refuse a malformed limit at start-up rather than skip it on every request.
+        if value.strip():
+            try:
+                parse_many(value)
+            except ValueError as exc:
+                raise ValueError(f"not a rate limit such as '100/minute': {value!r}") from exc
+        return value.strip()
 
     @model_validator(mode="after")
     def _refuse_weak_secrets(self) -> Settings:
@@ -147,6 +202,11 @@ class Settings(BaseSettings):
     def broker(self) -> str:
         """Return the Celery broker URL (the Redis URL unless set apart)."""
         return self.broker_url or self.redis_url
+
+    @property
+    def amqp_broker(self) -> bool:
+        """Return whether the broker is RabbitMQ (AMQP) rather than Redis."""
+        return self.broker.startswith(("amqp://", "amqps://", "pyamqp://"))
 
     @property
     def result_backend(self) -> str:

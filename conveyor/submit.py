@@ -30,7 +30,18 @@ Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:
 class JobRequest(BaseModel):
     """One job to submit: its type and payload, and how and when it should run."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "type": "system.sleep",
+                "payload": {"seconds": 2},
+                "priority": 5,
+                "tags": ["demo"],
+                "metadata": {"requested_by": "docs"},
+            }
+        },
+    )
 
     type: str = Field(min_length=1, max_length=200)
     payload: dict[str, Any] = Field(default_factory=dict)

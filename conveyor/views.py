@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from conveyor.models import Job
 from conveyor.states import JobState
@@ -21,6 +21,33 @@ class JobError(BaseModel):
 
 class JobOut(BaseModel):
     """A job as clients see it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "id": "0f6b1c1e-3c4d-4e5f-8a9b-0c1d2e3f4a5b",
+                "type": "system.sleep",
+                "state": "running",
+                "queue": "default",
+                "priority": 5,
+                "attempts": 1,
+                "max_attempts": 3,
+                "payload": {"seconds": 2},
+                "result": None,
+                "error": None,
+                "progress": {"current": 10, "total": 20, "percent": 50.0, "eta_seconds": 1.0},
+                "tags": ["demo"],
+                "metadata": {"requested_by": "docs"},
+                "schedule_id": None,
+                "created_at": "2026-11-26T10:00:00Z",
+                "scheduled_for": None,
+                "started_at": "2026-11-26T10:00:01Z",
+                "finished_at": None,
+                "expires_at": None,
+                "cancel_requested_at": None,
+            }
+        }
+    )
 
     id: uuid.UUID
     type: str

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config
+from kombu.exceptions import ChannelError
 from redis import Redis
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -66,9 +68,62 @@ def make_database(server_urls: tuple[str, str]) -> Iterator[Callable[[], str]]:
         drop_database(admin_url, name)
 
 
+# RabbitMQ for the tests marked `brokers`, when one is given (`.ci/run` gives the local one).
+AMQP_URL = os.environ.get("CONVEYOR_TEST_AMQP_URL")
+# The `brokers` tests' parameters. Redis is `None`, the cache key of the unparametrized
+# `broker` fixture every other test uses: moving between those tests and the Redis run of a
+# `brokers` test then rebuilds no session fixture, and no module's worker restarts.
+BROKER_PARAMS = [pytest.param(None, id="redis")] + (
+    [pytest.param("amqp", id="amqp")] if AMQP_URL else []
+)
+# The queues (and their same-named exchanges) this run declared on RabbitMQ, deleted at the
+# end. The guest user cannot create a vhost of its own (only the management API or
+# rabbitmqctl can), so each run keeps to queue names no other run uses.
+AMQP_QUEUES: set[str] = set()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each `brokers` test on Redis, and on RabbitMQ too when one is given."""
+    if metafunc.definition.get_closest_marker("brokers") and "broker" in metafunc.fixturenames:
+        metafunc.parametrize("broker", BROKER_PARAMS, indirect=True, scope="session")
+
+
+def pytest_report_header() -> str:
+    """Say which brokers the `brokers` tests run on, and why only one when so."""
+    if AMQP_URL:
+        return f"brokers: redis, amqp ({AMQP_URL.split('@')[-1]})"
+    return "brokers: redis only (CONVEYOR_TEST_AMQP_URL unset: no RabbitMQ given)"
+
+
 @pytest.fixture(scope="session")
-def settings(server_urls: tuple[str, str], make_database: Callable[[], str]) -> Settings:
-    """Settings for a migrated test database and a queue of this run's own."""
+def broker(request: pytest.FixtureRequest) -> str:
+    """Return the broker a test runs on: Redis unless a `brokers` test asks for AMQP."""
+    return str(getattr(request, "param", None) or "redis")
+
+
+def fresh_queue(settings: Settings, prefix: str) -> str:
+    """Return a queue name no other test uses, deleted at the end if it lives on RabbitMQ."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    if settings.amqp_broker:
+        AMQP_QUEUES.add(name)
+    return name
+
+
+def delete_amqp_queues(url: str, names: Iterable[str]) -> None:
+    """Delete queues and their same-named exchanges from RabbitMQ."""
+    from kombu import Connection
+
+    with Connection(url) as conn:
+        for name in names:
+            # A failed delete closes its channel: one channel each.
+            for delete in ("queue_delete", "exchange_delete"):
+                with conn.channel() as channel, contextlib.suppress(ChannelError):
+                    getattr(channel, delete)(name)
+
+
+@pytest.fixture(scope="session")
+def base_settings(server_urls: tuple[str, str], make_database: Callable[[], str]) -> Settings:
+    """Settings for a migrated test database, Redis and a queue of this run's own."""
     database_url = make_database()
     command.upgrade(alembic_config(Settings(database_url=database_url).sqlalchemy_url), "head")
     return Settings(
@@ -89,9 +144,29 @@ def settings(server_urls: tuple[str, str], make_database: Callable[[], str]) -> 
 
 
 @pytest.fixture(scope="session")
-def engine(settings: Settings) -> Iterator[Engine]:
+def amqp_settings(base_settings: Settings) -> Iterator[Settings]:
+    """Yield the test settings on RabbitMQ, with this run's queue; delete its queues after."""
+    if not AMQP_URL:
+        pytest.skip("RabbitMQ only, and CONVEYOR_TEST_AMQP_URL is unset")
+    moved = base_settings.model_copy(update={"broker_url": AMQP_URL})
+    moved = moved.model_copy(update={"default_queue": fresh_queue(moved, "conveyor-test-amqp")})
+    yield moved
+    delete_amqp_queues(AMQP_URL, sorted(AMQP_QUEUES))
+
+
+@pytest.fixture(scope="session")
+def settings(broker: str, base_settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    """Return the test settings on the broker this test runs on (Redis unless `brokers`)."""
+    if broker == "amqp":
+        moved: Settings = request.getfixturevalue("amqp_settings")
+        return moved
+    return base_settings
+
+
+@pytest.fixture(scope="session")
+def engine(base_settings: Settings) -> Iterator[Engine]:
     """Yield an engine on the test database."""
-    engine = create_db_engine(settings)
+    engine = create_db_engine(base_settings)
     yield engine
     engine.dispose()
 
@@ -137,11 +212,27 @@ def identity(committed: None, sessions: sessionmaker[Session], settings: Setting
 
 
 @pytest.fixture(scope="session")
-def redis_client(settings: Settings) -> Iterator[Redis]:
-    """Yield a Redis client on the test broker and result backend."""
-    client = Redis.from_url(settings.redis_url)
+def redis_client(base_settings: Settings) -> Iterator[Redis]:
+    """Yield a Redis client on the test result backend (and broker, unless on RabbitMQ)."""
+    client = Redis.from_url(base_settings.redis_url)
     yield client
     client.close()
+
+
+_CONTROL_APPS: dict[str, Any] = {}
+
+
+def waiting(settings: Settings, queue: str | None = None) -> int | None:
+    """Return how many messages wait in a queue (the default one), on either broker."""
+    from conveyor.broker import create_celery
+    from conveyor.queues import broker_depths
+
+    if settings.broker not in _CONTROL_APPS:
+        _CONTROL_APPS[settings.broker] = create_celery(
+            settings, name="test-depth", with_result_backend=False
+        )
+    queue = queue or settings.default_queue
+    return broker_depths(_CONTROL_APPS[settings.broker], [queue])[queue]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
@@ -208,7 +299,7 @@ def bearer(token: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def worker(settings: Settings) -> Iterator[Any]:
-    """Run a real Celery worker (thread pool) consuming this run's queue."""
+    """Run a real Celery worker (thread pool) consuming this run's queue, on its broker."""
     import celery.contrib.testing.tasks  # noqa: F401 - registers the ping task start_worker needs
     from celery.contrib.testing.worker import start_worker
 
@@ -217,6 +308,9 @@ def worker(settings: Settings) -> Iterator[Any]:
     app = create_celery_app(settings)
     with start_worker(
         app, pool="threads", concurrency=2, perform_ping_check=False, shutdown_timeout=30
-    ):
+    ) as running:
+        # The event loop sleeps until its next timer (up to 10 s on an idle AMQP connection)
+        # before it notices the stop: a frequent no-op timer lets it stop at once.
+        running.timer.call_repeatedly(0.5, lambda: None)
         yield app
     app.conveyor.engine.dispose()

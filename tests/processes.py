@@ -17,7 +17,7 @@ from celery import Celery
 
 from conveyor.broker import create_celery
 from conveyor.settings import Settings
-from tests.conftest import wait_for
+from tests.conftest import fresh_queue, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,13 +50,15 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         CONVEYOR_AUTH_RATE_LIMIT_EMAIL=settings.auth_rate_limit_email,
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
+    if settings.broker_url:  # a `brokers` test on RabbitMQ
+        env["CONVEYOR_BROKER_URL"] = settings.broker_url
     env.update(extra)
     return env
 
 
 def own_queue(settings: Settings, prefix: str) -> Settings:
     """Return the settings with a queue no other test's worker consumes."""
-    return settings.model_copy(update={"default_queue": f"{prefix}-{uuid.uuid4().hex[:8]}"})
+    return settings.model_copy(update={"default_queue": fresh_queue(settings, prefix)})
 
 
 @dataclass

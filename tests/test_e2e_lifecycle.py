@@ -1,4 +1,7 @@
-"""The job contract with a real worker on real Redis: retries, permanent failure, cancellation."""
+"""The job contract with a real worker on a real broker: retries, permanent failure, cancellation.
+
+Every test runs on Redis, and on RabbitMQ too when `CONVEYOR_TEST_AMQP_URL` is set.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from tests.conftest import wait_for
 from tests.test_e2e import finished, submit
 from worker.housekeeping import Housekeeper
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.brokers]
 
 
 def run_until_finished(worker: Any, client: Any, auth: dict[str, str], job_id: str) -> Any:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
 import subprocess
 import sys
 import urllib.error
@@ -24,25 +22,13 @@ from conveyor.bootstrap import Identity
 from conveyor.broker import queue_lists
 from conveyor.embedded import free_port
 from conveyor.settings import Settings
+from tests.browser import ARTIFACTS, CHROMIUM_FLAGS, chromium
 from tests.conftest import wait_for
 from tests.processes import ROOT, WorkerProcess, own_queue, process_env, start_worker, stop
 from worker.flower import flower_environment, protect_flower_metrics
 
 PASSWORD = "flower-test-password"
 PREFIX = "flower"
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = Path("/usr/bin/chromium")
-# A closed network: no updates, sync, QUIC or first-run pings; root needs --no-sandbox.
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def test_flower_options_come_from_settings(tmp_path: Path) -> None:
@@ -200,23 +186,6 @@ def test_every_page_and_metrics_need_the_login(flower: FlowerRun, finished_job: 
         assert 'flower_events_total{task="system.noop"' in response.read().decode()
     # Only the liveness probe stays open, and it says nothing but OK.
     assert status_of(f"{flower.url}/healthcheck") == 200
-
-
-def chromium() -> Path:
-    """Return Debian's Chromium, installing it with apt-get if need be, or skip saying why."""
-    if CHROMIUM.exists():
-        return CHROMIUM
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("Chromium is not installed and cannot be: apt-get needs root")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
-        try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        except subprocess.TimeoutExpired:
-            pytest.skip(f"Chromium could not be installed: {' '.join(command)} timed out")
-        if done.returncode != 0:
-            pytest.skip(f"Chromium could not be installed: {done.stderr.strip()[-500:]}")
-    return CHROMIUM
 
 
 @pytest.mark.e2e

@@ -17,7 +17,7 @@ from conveyor.broker import Message, broker_task_ids, queue_depth, queue_lists
 from conveyor.jobs import claim_job
 from conveyor.models import Job
 from conveyor.settings import Settings
-from tests.conftest import wait_for
+from tests.conftest import fresh_queue, wait_for, waiting
 from tests.factories import job_factory
 from worker.app import create_celery_app
 from worker.housekeeping import Housekeeper
@@ -56,10 +56,11 @@ def test_database_errors_reach_clients_without_sql() -> None:
     assert public_error(plain) is plain
 
 
+@pytest.mark.brokers
 def test_the_housekeeping_loop_promotes_on_its_own(
     settings: Settings, identity: Identity, sessions: sessionmaker[Session], redis_client: Any
 ) -> None:
-    queue = f"hk-{uuid.uuid4().hex[:8]}"
+    queue = fresh_queue(settings, "hk")
     app = create_celery_app(
         settings.model_copy(update={"promote_interval": 0.05, "default_queue": queue})
     )
@@ -80,8 +81,9 @@ def test_the_housekeeping_loop_promotes_on_its_own(
     finally:
         housekeeper.stop()
         app.conveyor.engine.dispose()
-    assert queue_depth(redis_client, queue) == 1
-    redis_client.delete(f"{queue}:9")
+    assert waiting(settings, queue) == 1
+    if not settings.amqp_broker:  # RabbitMQ's queues go at the end of the run
+        redis_client.delete(f"{queue}:9")
 
 
 def test_the_housekeeping_loop_survives_a_database_outage(settings: Settings) -> None:
@@ -120,6 +122,7 @@ def test_a_result_over_the_cap_fails_the_job_clearly() -> None:
         _as_result({"blob": "x" * 2000}, limit=1024)
 
 
+@pytest.mark.brokers
 def test_the_final_result_is_left_in_the_result_backend(
     worker: Any, client: Any, auth: dict[str, str], redis_client: Any
 ) -> None:
@@ -219,4 +222,42 @@ def test_the_reconciler_redrives_a_job_whose_consumer_died_before_claiming(
         redis_client.hdel("unacked", tag)
         redis_client.zrem("unacked_index", tag)
         redis_client.delete(queue, *(f"{queue}:{n}" for n in range(1, 10)))
+        app.conveyor.engine.dispose()
+
+
+def test_on_rabbitmq_the_reconciler_redrives_the_jobs_of_a_drained_queue(
+    amqp_settings: Settings, identity: Identity, sessions: sessionmaker[Session]
+) -> None:
+    from kombu import Connection
+
+    queue = fresh_queue(amqp_settings, "rc")
+    app = create_celery_app(amqp_settings.model_copy(update={"default_queue": queue}))
+    housekeeper = Housekeeper.for_app(app)
+
+    def published_long_ago(job_id: uuid.UUID) -> None:
+        with sessions.begin() as session:
+            session.get_one(Job, job_id).published_at = datetime.now(UTC) - timedelta(hours=1)
+
+    try:
+        with sessions.begin() as session:
+            job = job_factory(session, identity.tenant.id)
+            job.queue = queue
+        housekeeper.publisher.publish([Message.of(job)])
+        published_long_ago(job.id)
+        # AMQP cannot say which messages wait; one does, so the job may be behind it.
+        assert waiting(amqp_settings, queue) == 1
+        assert housekeeper.reconcile() == 0
+        # The broker loses the message (a purge here; a lost disk in life): re-driven.
+        with Connection(amqp_settings.broker) as conn, conn.channel() as channel:
+            channel.queue_purge(queue)
+        assert housekeeper.reconcile() == 1
+        assert waiting(amqp_settings, queue) == 1
+        # The queue itself is gone: re-driven, and publishing declares it again.
+        with Connection(amqp_settings.broker) as conn, conn.channel() as channel:
+            channel.queue_delete(queue)
+        published_long_ago(job.id)
+        assert housekeeper.reconcile() == 1
+        assert waiting(amqp_settings, queue) == 1
+        assert housekeeper.reconcile() == 0  # freshly published: nothing stale now
+    finally:
         app.conveyor.engine.dispose()

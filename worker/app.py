@@ -44,6 +44,8 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     app.conf.task_queues = [Queue(name) for name in consumed_queues(settings, services)]
     for job_type in services.registry:
         _register_job_task(app, services, job_type)
+    if settings.amqp_broker:
+        _warn_of_consumer_timeout(services)
 
     @beat_init.connect(weak=False)
     def _start_housekeeping(**_: Any) -> None:
@@ -100,10 +102,37 @@ def consumed_queues(settings: Settings, services: WorkerServices) -> list[str]:
     return first + sorted(names - set(first))
 
 
+def _warn_of_consumer_timeout(services: WorkerServices) -> None:
+    """Name the job types that may outrun RabbitMQ's consumer_timeout, once, at start.
+
+    A warning, not a refusal as for Redis' visibility timeout: stock RabbitMQ times out
+    after 30 minutes while Conveyor's defaults allow longer jobs, and outrunning it stays
+    safe (the channel is reopened, the requeued message is skipped by the claim guard, the
+    job finishes once). It only costs a reconnect and a wasted delivery; raising
+    consumer_timeout in rabbitmq.conf avoids both.
+    """
+    settings = services.settings
+    limits = {t.name: t.time_limit or settings.default_time_limit for t in services.registry}
+    slow = [
+        f"{name} ({limit}s)"
+        for name, limit in sorted(limits.items())
+        if limit >= settings.amqp_consumer_timeout
+    ]
+    if slow:
+        logger.warning(
+            "job types may run longer than RabbitMQ's consumer_timeout (%ds): %s. "
+            "Raise consumer_timeout in rabbitmq.conf above the longest, and "
+            "CONVEYOR_AMQP_CONSUMER_TIMEOUT with it",
+            settings.amqp_consumer_timeout,
+            ", ".join(slow),
+        )
+
+
 def _register_job_task(app: Celery, services: WorkerServices, job_type: JobType) -> None:
     """Register a task named after the job type, so Flower shows jobs by type."""
     limit = job_type.time_limit or services.settings.default_time_limit
-    if limit >= services.settings.visibility_timeout:
+    # The visibility timeout is Redis' alone; RabbitMQ's consumer_timeout is checked apart.
+    if not services.settings.amqp_broker and limit >= services.settings.visibility_timeout:
         # Redis would hand the message to a second worker while the first still runs it.
         msg = (
             f"job type {job_type.name} may run {limit}s, longer than the broker's "

@@ -36,6 +36,7 @@ from conveyor.jobs import (
 )
 from conveyor.metrics import JOBS_FINISHED, JOBS_REDRIVEN
 from conveyor.models import Job
+from conveyor.queues import broker_depths
 from conveyor.retention import prune
 from conveyor.schedules import fire_due_schedules
 from worker.runner import WorkerServices, utcnow
@@ -103,11 +104,11 @@ class Housekeeper:
         self.stats[name] = self.stats.get(name, 0) + n
         return n
 
-    def _publish(self, messages: list[Message]) -> None:
+    def _publish(self, messages: list[Message], *, redeclare: bool = False) -> None:
         """Publish after the jobs' commit, then mark them published."""
         if not messages:
             return
-        self.publisher.publish(messages)
+        self.publisher.publish(messages, redeclare=redeclare)
         with self.services.sessions.begin() as session:
             mark_published(session, [m.job_id for m in messages], utcnow())
 
@@ -174,36 +175,58 @@ class Housekeeper:
     def reconcile(self) -> int:
         """Re-publish queued jobs whose message the broker no longer has; return how many.
 
-        A message a consumer took more than `reconcile_after` seconds ago for a job still
-        queued counts as gone too: prefetch is one per process, so that consumer died between
-        receiving and claiming. A second message is harmless; the claim guard runs one.
+        On Redis, a message a consumer took more than `reconcile_after` seconds ago for a job
+        still queued counts as gone too: prefetch is one per process, so that consumer died
+        between receiving and claiming. RabbitMQ cannot be looked into: see `_amqp_lost`.
+        A second message is harmless; the claim guard runs one.
         """
         settings = self.services.settings
-        if not str(settings.broker).startswith(("redis", "valkey")):
-            return 0  # only a Redis broker can be looked into; AMQP brokers keep messages
-        self._redis = self._redis or Redis.from_url(settings.broker, socket_timeout=5)
         with self.services.sessions.begin() as session:
             stale = stale_queued_jobs(session, utcnow(), older_than=settings.reconcile_after)
             if not stale:
                 return 0
-            present = broker_task_ids(
-                self._redis,
-                {j.queue for j in stale},
-                settings.reconcile_scan_limit,
-                delivered_since=time.time() - settings.reconcile_after,
-            )
-            if present is None:
+            lost = self._amqp_lost(stale) if settings.amqp_broker else self._redis_lost(stale)
+            if lost is None:
                 logger.info("broker backlog too deep to reconcile this pass")
                 return 0
-            lost: list[Job] = [j for j in stale if str(j.id) not in present]
             for job in lost:
                 job.published_at = None
             messages = [Message.of(j) for j in lost]
-        self._publish(messages)
+        self._publish(messages, redeclare=True)
         if messages:
             JOBS_REDRIVEN.labels("reconciled").inc(len(messages))
             logger.warning("re-drove %d queued jobs missing from the broker", len(messages))
         return self._count("redriven", len(messages))
+
+    def _redis_lost(self, stale: list[Job]) -> list[Job] | None:
+        """Return the stale jobs whose message is neither waiting nor freshly delivered."""
+        settings = self.services.settings
+        self._redis = self._redis or Redis.from_url(settings.broker, socket_timeout=5)
+        present = broker_task_ids(
+            self._redis,
+            {j.queue for j in stale},
+            settings.reconcile_scan_limit,
+            delivered_since=time.time() - settings.reconcile_after,
+        )
+        if present is None:
+            return None  # too deep to read this pass
+        return [j for j in stale if str(j.id) not in present]
+
+    def _amqp_lost(self, stale: list[Job]) -> list[Job]:
+        """Return the stale jobs of queues RabbitMQ holds no waiting message for.
+
+        AMQP cannot list a queue's messages, nor see deliveries a consumer holds. It does not
+        need to: durable queues, persistent messages and publisher confirms keep what was
+        published, and a consumer that dies hands its deliveries back at once (there is no
+        visibility timeout to wait out). So a message goes missing only with the queue or
+        the broker's disk. A queue that is empty (or gone) while jobs on it have been queued
+        for `reconcile_after` seconds has lost their messages; a queue with messages waiting
+        may still hold them behind a backlog, so its jobs wait for a pass when it has
+        drained. At worst a job held unclaimed by a live consumer gets a second message,
+        which the claim guard skips: nothing runs twice.
+        """
+        depths = broker_depths(self.app, sorted({j.queue for j in stale}))
+        return [j for j in stale if depths[j.queue] == 0]
 
     def prune(self) -> dict[str, int]:
         """Delete one batch of each kind of row past its retention."""

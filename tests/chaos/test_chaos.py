@@ -341,10 +341,13 @@ def test_redelivery_past_the_visibility_timeout_never_runs_a_job_twice(cluster: 
     from kombu import Connection
 
     first = cluster.start_worker("w1", concurrency=1)
-    status, _, job = cluster.submit("chaos.count", {"key": "slow", "seconds": 8})
+    # Long enough to outlast the second worker's start on a loaded 2-core machine (8 s did
+    # not: w2 was ready only after the job had finished, leaving nothing to redeliver).
+    status, _, job = cluster.submit("chaos.count", {"key": "slow", "seconds": 25})
     assert status == 202
     wait_for(lambda: busy_children(cluster, "w1"), timeout=30, interval=0.02)
     cluster.start_worker("w2", concurrency=1)
+    assert busy_children(cluster, "w1"), "the job ended before the second worker was up"
     # What Redis does when a job outruns the visibility timeout: the unacked message goes
     # back to its queue while the first worker still runs it. Done here with a zero timeout
     # instead of waiting an hour.

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from datetime import date
 
-from flask import Blueprint, Response, jsonify
+from flask import Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from api.auth import authorize
-from api.requests import parse_query
+from api.auth import current_principal, requires
+from api.openapi import responses, secured_blueprint
 from api.services import services
 from conveyor.roles import Permission
 from worker.orders import reports
 
-bp = Blueprint("orders", __name__)
+bp = secured_blueprint(
+    "orders", __name__, "orders", description="The orders domain: reports over imported orders."
+)
 
 
 class RevenueQuery(BaseModel):
@@ -31,11 +33,26 @@ class RevenueQuery(BaseModel):
         return self
 
 
-@bp.get("/v1/reports/daily-revenue")
-def daily_revenue() -> Response:
+class DailyRevenue(BaseModel):
+    """One day's orders and revenue in one currency."""
+
+    day: date
+    currency: str
+    orders: int
+    total: str = Field(pattern=r"^-?[0-9]+(\.[0-9]+)?$", examples=["15.50"])
+
+
+class RevenueReport(BaseModel):
+    """`GET /v1/reports/daily-revenue`."""
+
+    items: list[DailyRevenue]
+
+
+@bp.get("/v1/reports/daily-revenue", responses=responses({200: RevenueReport}, 422))
+@requires(Permission.READ)
+def daily_revenue(query: RevenueQuery) -> Response:
     """Read the revenue rollup for a date range (and currency), cached per tenant."""
-    principal = authorize(Permission.READ)
-    query = parse_query(RevenueQuery)
+    principal = current_principal()
     svc = services()
     with svc.sessions() as session:
         items, cached = reports.daily_revenue(

@@ -203,6 +203,10 @@ def daily_revenue(ctx: JobContext, payload: DateRange) -> dict[str, Any]:
     ).rowcount  # type: ignore[attr-defined]
     redis, tenant_id = ctx.redis, ctx.tenant_id
     if redis is not None:
+        # Before the commit too: a client that sees this job succeeded must not be served
+        # a report cached before it (the after-commit bump alone raced with that read).
+        # After the commit: a report cached from old rows while this commit was under way.
+        reports.invalidate(redis, tenant_id)
         ctx.after_commit(lambda: reports.invalidate(redis, tenant_id))
     return {"days": written}
 

@@ -1,0 +1,447 @@
+"""Rate limits per endpoint group (per IP and per principal) and the tenant's job quota."""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from flask import Flask
+from limits.errors import StorageError
+from redis import Redis
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from api import create_app
+from api.limits import OUTAGE_SECONDS, _LimiterLog, _Outage, endpoint_group, ip_key
+from conveyor import quota as quota_module
+from conveyor.bootstrap import Identity
+from conveyor.errors import QuotaExceeded, ValidationFailed
+from conveyor.models import Job
+from conveyor.quota import DRAIN_SAMPLE, DrainRate, TenantQuota
+from conveyor.settings import Settings
+from conveyor.states import JobState
+from tests.conftest import bearer
+from tests.factories import job_factory
+from tests.test_api import assert_problem, job_count, published
+from tests.test_identity import login, register
+
+NOOP = {"type": "system.noop", "payload": {}}
+RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+
+
+@pytest.fixture
+def make_app(settings: Settings) -> Iterator[Callable[..., Flask]]:
+    """Build apps on the test settings with overrides and rate-limit counters of their own."""
+    apps: list[Flask] = []
+
+    def make(**update: Any) -> Flask:
+        changes = {"rate_limit_prefix": f"rl-{uuid.uuid4().hex}", **update}
+        app = create_app(settings.model_copy(update=changes))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["conveyor"].engine.dispose()
+
+
+def window_ttl(redis_client: Redis, app: Flask, scope: str) -> int:
+    """Return the seconds Redis keeps the one counter of `scope` in `app`'s namespace."""
+    prefix = app.extensions["conveyor"].settings.rate_limit_prefix
+    (key,) = list(redis_client.scan_iter(f"LIMITS:LIMITER/{prefix}/*/{scope}/*"))
+    ttl: int = redis_client.ttl(key)
+    return ttl
+
+
+def assert_retry_after_is_the_window(response: Any, ttl_before: int, ttl_after: int) -> None:
+    """Check `Retry-After` against the counter's TTL read just before and just after."""
+    # Time only shrinks the TTL, so these bounds hold however slowly the test runs.
+    assert 1 <= ttl_after - 1 <= int(response.headers["Retry-After"]) <= ttl_before + 1 <= 61
+
+
+@pytest.mark.parametrize(
+    ("blueprint", "endpoint", "method", "group"),
+    [
+        ("jobs", "jobs.create", "POST", "submit"),
+        ("jobs", "jobs.create_batch", "POST", "submit"),
+        ("files", "files.upload", "POST", "submit"),
+        ("jobs", "jobs.show", "GET", "read"),
+        ("queues", "queues.index", "GET", "read"),
+        ("orders", "orders.daily_revenue", "GET", "read"),
+        ("job_control", "job_control.cancel", "POST", "control"),
+        ("job_control", "job_control.retry_many", "POST", "control"),
+        ("schedules", "schedules.trigger", "POST", "control"),
+        ("schedules", "schedules.create", "POST", "admin"),
+        ("api_keys", "api_keys.revoke", "DELETE", "admin"),
+        ("users", "users.update", "PATCH", "admin"),
+        ("webhooks", "webhooks.create", "POST", "admin"),
+        ("signin", "signin.login", "POST", None),
+        ("health", "health.readyz", "GET", None),
+        ("metrics", "metrics.metrics", "GET", None),
+        ("jobs", "jobs.create", "OPTIONS", None),
+        (None, "static", "GET", None),
+    ],
+)
+def test_endpoint_groups_follow_blueprint_and_method(
+    blueprint: str | None, endpoint: str, method: str, group: str | None
+) -> None:
+    assert endpoint_group(blueprint, endpoint, method) == group
+
+
+def test_principal_limit_is_429_with_retry_after_and_writes_nothing(
+    make_app: Callable[..., Flask],
+    identity: Identity,
+    role_tokens: dict[str, str],
+    sessions: sessionmaker[Session],
+    redis_client: Redis,
+    settings: Settings,
+) -> None:
+    app = make_app(rate_limit_submit_principal="2/minute")
+    client = app.test_client()
+    mine = bearer(identity.token)
+    for remaining in (1, 0):
+        accepted = client.post("/v1/jobs", json=NOOP, headers=mine)
+        assert accepted.status_code == 202
+        assert accepted.headers["X-RateLimit-Limit"] == "2"
+        assert accepted.headers["X-RateLimit-Remaining"] == str(remaining)
+        assert "Retry-After" not in accepted.headers
+    jobs, messages = job_count(sessions), published(redis_client, settings)
+
+    before = window_ttl(redis_client, app, "principal-submit")
+    refused = client.post("/v1/jobs", json=NOOP, headers=mine)
+    after = window_ttl(redis_client, app, "principal-submit")
+    body = assert_problem(refused, 429)
+    assert body["type"].endswith("/rate-limited")
+    assert "API key" in body["detail"]
+    assert_retry_after_is_the_window(refused, before, after)
+    assert refused.headers["X-RateLimit-Remaining"] == "0"
+    assert int(refused.headers["X-RateLimit-Reset"]) > 0
+    batch = client.post("/v1/jobs/batch", json={"jobs": [NOOP] * 3}, headers=mine)
+    assert_problem(batch, 429)
+    assert (job_count(sessions), published(redis_client, settings)) == (jobs, messages)
+
+    # Another key from the same address has a bucket of its own; reads are another group.
+    member = bearer(role_tokens["member"])
+    assert client.post("/v1/jobs", json=NOOP, headers=member).status_code == 202
+    assert client.get("/v1/jobs", headers=mine).status_code == 200
+
+
+def test_ip_limit_counts_every_caller_from_one_address(
+    make_app: Callable[..., Flask],
+    identity: Identity,
+    role_tokens: dict[str, str],
+    redis_client: Redis,
+) -> None:
+    app = make_app(rate_limit_read_ip="3/minute")
+    client = app.test_client()
+    assert client.get("/v1/jobs", headers=bearer(identity.token)).status_code == 200
+    assert client.get("/v1/jobs", headers=bearer(role_tokens["viewer"])).status_code == 200
+    assert_problem(client.get("/v1/jobs"), 401)  # anonymous, counted all the same
+
+    before = window_ttl(redis_client, app, "ip-read")
+    refused = client.get("/v1/jobs", headers=bearer(role_tokens["member"]))
+    body = assert_problem(refused, 429)
+    assert "client IP" in body["detail"]
+    assert_retry_after_is_the_window(refused, before, window_ttl(redis_client, app, "ip-read"))
+    other = {"REMOTE_ADDR": "192.0.2.7"}
+    assert (
+        client.get("/v1/jobs", headers=bearer(identity.token), environ_base=other).status_code
+        == 200
+    )
+    assert client.get("/v1/jobs", environ_base=other).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("trusted", "forwarded", "counted"),
+    [
+        (0, "203.0.113.9", "127.0.0.1"),  # no proxy trusted: the header is ignored
+        (1, "203.0.113.9", "203.0.113.9"),  # one proxy appended the client
+        (1, "10.6.6.6, 203.0.113.9", "203.0.113.9"),  # a client-made entry is skipped
+        (2, "203.0.113.9, 10.0.0.2", "203.0.113.9"),  # two proxies
+        (2, None, "127.0.0.1"),  # no header: the peer
+    ],
+)
+def test_client_ip_trusts_only_the_configured_proxies(
+    make_app: Callable[..., Flask], trusted: int, forwarded: str | None, counted: str
+) -> None:
+    app = make_app(trusted_proxies=trusted)
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    with app.test_request_context("/healthz", headers=headers):
+        assert ip_key() == f"ip:{counted}"
+
+
+def test_forged_tokens_cannot_spend_someone_elses_principal_bucket(
+    make_app: Callable[..., Flask], identity: Identity
+) -> None:
+    client = make_app(rate_limit_read_principal="2/minute").test_client()
+    prefix = identity.token.split("_")[1]
+    forged = bearer(f"cvk_{prefix}_not-the-secret")
+    for _ in range(5):
+        assert_problem(client.get("/v1/jobs", headers=forged), 401)
+    statuses = [client.get("/v1/jobs", headers=bearer(identity.token)).status_code for _ in "abc"]
+    assert statuses == [200, 200, 429]
+
+
+def test_each_group_has_its_own_limits(
+    make_app: Callable[..., Flask], identity: Identity, role_tokens: dict[str, str]
+) -> None:
+    app = make_app(
+        rate_limit_read_principal="1/minute",
+        rate_limit_control_principal="1/minute",
+        rate_limit_admin_principal="",
+        rate_limit_admin_ip="",
+    )
+    client = app.test_client()
+    auth = bearer(identity.token)
+    job = client.post("/v1/jobs", json=NOOP, headers=auth).get_json()
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth).status_code == 200
+    assert_problem(client.get("/v1/jobs", headers=auth), 429)
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth).status_code == 200
+    assert_problem(client.post(f"/v1/jobs/{job['id']}/retry", headers=auth), 429)
+    # No admin limits at all: nothing refused, and no headers that would describe one.
+    for n in range(3):
+        created = client.post(
+            "/v1/api-keys", json={"name": f"k{n}", "role": "viewer"}, headers=auth
+        )
+        assert created.status_code == 201
+        assert not set(RATE_HEADERS) & set(created.headers.keys())
+    # Probes are never limited.
+    assert client.get("/healthz").status_code == 200
+    assert "X-RateLimit-Limit" not in client.get("/healthz").headers
+
+
+def test_rate_limits_can_be_turned_off(
+    make_app: Callable[..., Flask], identity: Identity, committed: None
+) -> None:
+    client = make_app(
+        rate_limits_enabled=False,
+        rate_limit_read_principal="1/minute",
+        rate_limit_read_ip="1/minute",
+    ).test_client()
+    for _ in range(3):
+        response = client.get("/v1/jobs", headers=bearer(identity.token))
+        assert response.status_code == 200
+        assert "X-RateLimit-Limit" not in response.headers
+
+
+def test_headers_can_be_left_out_while_429s_keep_retry_after(
+    make_app: Callable[..., Flask], identity: Identity
+) -> None:
+    client = make_app(rate_limit_headers=False, rate_limit_read_principal="1/minute").test_client()
+    auth = bearer(identity.token)
+    allowed = client.get("/v1/jobs", headers=auth)
+    refused = client.get("/v1/jobs", headers=auth)
+    assert allowed.status_code == 200
+    assert_problem(refused, 429)
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    for response in (allowed, refused):
+        assert not set(RATE_HEADERS) & set(response.headers.keys())
+
+
+def test_rate_limiting_fails_open_with_a_warning_and_no_headers(
+    make_app: Callable[..., Flask],
+    identity: Identity,
+    settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Only the limiter's Redis is gone (a closed loopback port); broker and backend stay.
+    app = make_app(
+        redis_url="redis://127.0.0.1:1/0",
+        broker_url=settings.redis_url,
+        result_backend_url=settings.redis_url,
+        rate_limit_read_principal="1/minute",
+        rate_limit_read_ip="1/minute",
+        rate_limit_submit_principal="1/minute",
+    )
+    client = app.test_client()
+    auth = bearer(identity.token)
+    with caplog.at_level(logging.WARNING):
+        responses = [client.get("/v1/jobs", headers=auth) for _ in range(3)]
+        responses.append(client.post("/v1/jobs", json=NOOP, headers=auth))
+    assert [r.status_code for r in responses] == [200, 200, 200, 202]
+    for response in responses:
+        assert not set(RATE_HEADERS) & set(response.headers.keys())
+        assert "Retry-After" not in response.headers
+    warnings = [r for r in caplog.records if "rate limiting is off" in r.getMessage()]
+    assert warnings
+    assert all(r.levelno == logging.WARNING for r in warnings)
+    # Flask-Limiter's own traceback per request is replaced by that warning.
+    assert not [r for r in caplog.records if r.name == "flask-limiter" and r.exc_info]
+
+
+def test_an_outage_warns_once_and_ends_by_itself(caplog: pytest.LogCaptureFixture) -> None:
+    clock = [0.0]
+    outage = _Outage(OUTAGE_SECONDS, clock=lambda: clock[0])
+    log = _LimiterLog(outage)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            try:
+                raise StorageError(ConnectionError("refused"))
+            except StorageError:
+                log.exception("Failed to rate limit. Swallowing error")
+        assert outage.active()
+        clock[0] = OUTAGE_SECONDS
+        assert not outage.active()
+        try:
+            raise KeyError("a bug, not an outage")
+        except KeyError:
+            log.exception("on_breach callback failed")
+    assert not outage.active()
+    assert [r.levelno for r in caplog.records] == [logging.WARNING, logging.ERROR]
+    assert "ConnectionError: refused" in caplog.records[0].getMessage()
+    assert caplog.records[1].exc_info is not None
+
+
+def finish_jobs(
+    sessions: sessionmaker[Session], tenant_id: uuid.UUID, count: int, ago: timedelta
+) -> None:
+    """Record `count` of the tenant's jobs as finished `ago`."""
+    with sessions.begin() as session:
+        ids = [job_factory(session, tenant_id).id for _ in range(count)]
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(ids))
+            .values(state=JobState.SUCCEEDED, finished_at=datetime.now(UTC) - ago)
+        )
+
+
+def test_quota_refuses_submits_with_retry_after_from_the_drain_rate(
+    make_app: Callable[..., Flask],
+    identity: Identity,
+    sessions: sessionmaker[Session],
+    redis_client: Redis,
+    settings: Settings,
+) -> None:
+    # 30 jobs finished in the 300 s window: the tenant drains 0.1 jobs a second.
+    finish_jobs(sessions, identity.tenant.id, 30, ago=timedelta(seconds=60))
+    finish_jobs(sessions, identity.tenant.id, 50, ago=timedelta(seconds=900))  # too long ago
+    app = make_app(
+        tenant_max_unfinished_jobs=3,
+        tenant_quota_refresh_seconds=0,
+        tenant_drain_window_seconds=300,
+    )
+    client = app.test_client()
+    auth = bearer(identity.token)
+    assert client.post("/v1/jobs/batch", json={"jobs": [NOOP] * 2}, headers=auth).status_code == 202
+    assert client.post("/v1/jobs", json=NOOP, headers=auth).status_code == 202
+    jobs, messages = job_count(sessions), published(redis_client, settings)
+
+    refused = client.post("/v1/jobs", json=NOOP, headers=auth)
+    body = assert_problem(refused, 429)
+    assert body["type"].endswith("/quota-exceeded")
+    assert refused.headers["Retry-After"] == str(math.ceil(1 / (30 / 300)))  # 10 s
+    batch = client.post("/v1/jobs/batch", json={"jobs": [NOOP] * 2}, headers=auth)
+    assert_problem(batch, 429)
+    assert batch.headers["Retry-After"] == "20"
+    assert (job_count(sessions), published(redis_client, settings)) == (jobs, messages)
+    # A batch larger than the whole quota could never fit: no point in retrying.
+    too_big = client.post("/v1/jobs/batch", json={"jobs": [NOOP] * 4}, headers=auth)
+    assert_problem(too_big, 422)
+
+    # A finished job makes room for one more.
+    with sessions.begin() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == (client.get("/v1/jobs?limit=1", headers=auth).json["items"][0]["id"]))
+            .values(state=JobState.SUCCEEDED, finished_at=datetime.now(UTC))
+        )
+    assert client.post("/v1/jobs", json=NOOP, headers=auth).status_code == 202
+
+
+def test_quota_with_nothing_drained_suggests_a_minute(
+    make_app: Callable[..., Flask], identity: Identity
+) -> None:
+    client = make_app(tenant_max_unfinished_jobs=1).test_client()
+    auth = bearer(identity.token)
+    assert client.post("/v1/jobs", json=NOOP, headers=auth).status_code == 202
+    refused = client.post("/v1/jobs", json=NOOP, headers=auth)
+    assert_problem(refused, 429)
+    assert refused.headers["Retry-After"] == "60"
+
+
+def test_quota_leaves_other_tenants_viewers_and_reads_alone(
+    make_app: Callable[..., Flask], identity: Identity, role_tokens: dict[str, str]
+) -> None:
+    client = make_app(tenant_max_unfinished_jobs=1).test_client()
+    auth = bearer(identity.token)
+    assert client.post("/v1/jobs", json=NOOP, headers=auth).status_code == 202
+    assert_problem(client.post("/v1/jobs", json=NOOP, headers=auth), 429)
+    # A viewer may not submit at all: that, not the quota, is its answer.
+    assert_problem(client.post("/v1/jobs", json=NOOP, headers=bearer(role_tokens["viewer"])), 403)
+    assert client.get("/v1/jobs", headers=auth).status_code == 200
+    assert register(client, "owner@other.example.com").status_code == 201
+    theirs = bearer(login(client, "owner@other.example.com").get_json()["access_token"])
+    assert client.post("/v1/jobs", json=NOOP, headers=theirs).status_code == 202
+
+
+class CountingSessions:
+    """A session factory that counts how often it is used."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        self.opened = 0
+
+    def __call__(self) -> AbstractContextManager[Session]:
+        self.opened += 1
+        return self.sessions()
+
+
+def test_quota_counts_a_tenant_once_per_refresh(
+    identity: Identity, sessions: sessionmaker[Session]
+) -> None:
+    clock = [0.0]
+    quota = TenantQuota(3, refresh=1.0, drain_window=300, clock=lambda: clock[0])
+    counting = CountingSessions(sessions)
+    tenant, now = identity.tenant.id, datetime.now(UTC)
+    quota.admit(counting, tenant, 1, now)
+    quota.admit(counting, tenant, 2, now)
+    assert counting.opened == 1  # counted once; the second admit adds to that count
+    with pytest.raises(QuotaExceeded):
+        quota.admit(counting, tenant, 1, now)
+    assert counting.opened == 2  # no recount within the refresh, only the drain rate
+    clock[0] = 1.0
+    quota.admit(counting, tenant, 3, now)  # nothing was written: a fresh count finds room
+    assert counting.opened == 3
+    with pytest.raises(ValidationFailed):
+        quota.admit(counting, tenant, 4, now)
+    TenantQuota(0, refresh=1.0, drain_window=300).admit(counting, tenant, 10**6, now)
+    assert counting.opened == 3
+
+
+def test_a_busy_tenants_drain_rate_comes_from_its_latest_finishes(
+    identity: Identity, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quota_module, "DRAIN_SAMPLE", 4)
+    now = datetime.now(UTC)
+    for seconds in (2, 4, 6, 8, 10, 200):
+        finish_jobs(sessions, identity.tenant.id, 1, ago=timedelta(seconds=seconds))
+    with sessions() as session:
+        # The latest 4 finished within 8 s, far less than the 300 s window: 0.5 jobs/s.
+        busy = quota_module.drain_rate(session, identity.tenant.id, now, 300)
+        assert busy.finished == 4
+        assert busy.seconds == pytest.approx(8, abs=0.5)
+        monkeypatch.setattr(quota_module, "DRAIN_SAMPLE", 1000)
+        assert quota_module.drain_rate(session, identity.tenant.id, now, 300) == DrainRate(6, 300)
+
+
+@pytest.mark.parametrize(
+    ("rate", "excess", "wait"),
+    [
+        (DrainRate(30, 300.0), 1, 10),
+        (DrainRate(30, 300.0), 7, 70),
+        (DrainRate(3, 300.0), 1, 100),
+        (DrainRate(DRAIN_SAMPLE, 0.5), 1, 1),  # fast drains still wait a second
+        (DrainRate(1, 300.0), 1000, 3600),  # and slow ones at most an hour
+        (DrainRate(0, 300.0), 5, 60),  # nothing drained: try again in a minute
+    ],
+)
+def test_retry_after_is_the_excess_over_the_drain_rate(
+    rate: DrainRate, excess: int, wait: int
+) -> None:
+    assert rate.retry_after(excess) == wait
