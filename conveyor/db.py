@@ -6,6 +6,7 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.settings import Settings
+from conveyor.snapshots import SnapshotStore
 
 
 def create_db_engine(settings: Settings) -> Engine:
@@ -23,7 +24,16 @@ def create_db_engine(settings: Settings) -> Engine:
     )
 
 
-def create_session_factory(engine: Engine) -> sessionmaker[Session]:
-    """Build the session factory whose `begin()` owns one unit of work."""
+def create_session_factory(
+    engine: Engine, snapshots: SnapshotStore | None = None
+) -> sessionmaker[Session]:
+    """Build the session factory whose `begin()` owns one unit of work.
+
+    With `snapshots`, each commit writes the job snapshots its transitions noted; every
+    factory whose sessions change jobs needs it, or the status poll could serve a stale one.
+    """
     # expire_on_commit=False: handlers serialise rows after the commit.
-    return sessionmaker(engine, expire_on_commit=False)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    if snapshots is not None:
+        snapshots.attach(factory)
+    return factory

@@ -19,8 +19,9 @@ from typing import Any
 from sqlalchemy import CTE, ColumnElement, Select, func, insert, literal, or_, select, update
 from sqlalchemy.orm import Session
 
-from conveyor.models import Job, JobEvent
+from conveyor.models import Job, JobEvent, Webhook
 from conveyor.registry import RetryPolicy
+from conveyor.snapshots import Snapshot, note, note_tombstones
 from conveyor.states import NOT_STARTED, JobState, sources_of
 from conveyor.webhooks import enqueue_deliveries
 
@@ -43,6 +44,7 @@ class ClaimedJob:
     due_at: datetime | None = None
 
 
+_DUE_AT = func.coalesce(Job.scheduled_for, Job.created_at).label("due_at")
 # The columns of a ClaimedJob, in its field order.
 _CLAIMED = (
     Job.id,
@@ -53,8 +55,25 @@ _CLAIMED = (
     Job.max_attempts,
     Job.started_at,
     Job.worker,
-    func.coalesce(Job.scheduled_for, Job.created_at).label("due_at"),
+    _DUE_AT,
 )
+_CLAIMED_FIELDS = tuple(f.name for f in dataclasses.fields(ClaimedJob))
+# Every column of a job, and the attribute each one maps to: a transition returns the
+# whole row (no extra round trip) so its snapshot is exactly what the ledger now holds.
+_ROW = tuple(Job.__table__.c)
+_ROW_ATTRIBUTES = tuple(
+    (column.name, Job.__mapper__.get_property_by_column(column).key) for column in _ROW
+)
+
+
+def _note_row(session: Session, values: Any) -> Job:
+    """Note the snapshot of a row a transition returned with its event's id; return the row.
+
+    The `Job` is transient (never added to the session): a read-only copy of the row.
+    """
+    job = Job(**{attribute: values[name] for name, attribute in _ROW_ATTRIBUTES})
+    note(session, [Snapshot.of(job, values["event_id"])])
+    return job
 
 
 def record_event(
@@ -64,15 +83,18 @@ def record_event(
     target: JobState,
     attempt: int,
     detail: dict[str, Any] | None = None,
-) -> None:
-    """Append one transition to a job's history; a finished job's webhooks go out with it."""
-    session.execute(
-        insert(JobEvent).values(
-            job_id=job_id, from_state=source, to_state=target, attempt=attempt, detail=detail
-        )
-    )
+) -> int:
+    """Append one transition to a job's history and return its id; webhooks go with a finish."""
+    event_id = session.execute(
+        insert(JobEvent)
+        .values(job_id=job_id, from_state=source, to_state=target, attempt=attempt, detail=detail)
+        .returning(JobEvent.id)
+    ).scalar_one()
+    # The caller changed the row without reading it back: invalidate its snapshot.
+    note_tombstones(session, [(job_id, event_id)])
     if target.is_terminal:
         enqueue_deliveries(session, job_id, target, datetime.now(UTC))
+    return event_id
 
 
 def mark_published(session: Session, job_ids: Sequence[uuid.UUID], now: datetime) -> None:
@@ -106,7 +128,7 @@ def claim_job(session: Session, job_id: uuid.UUID, worker: str, now: datetime) -
             worker=worker,
             cancel_requested_at=None,
         )
-        .returning(*_CLAIMED)
+        .returning(*_ROW, _DUE_AT)
         .cte("moved")
     )
     stmt = _with_event(
@@ -115,7 +137,9 @@ def claim_job(session: Session, job_id: uuid.UUID, worker: str, now: datetime) -
     row = session.execute(stmt).one_or_none()
     if row is None:
         return None
-    return ClaimedJob(*row)
+    values = row._mapping
+    _note_row(session, values)
+    return ClaimedJob(**{name: values[name] for name in _CLAIMED_FIELDS})
 
 
 def _with_event(
@@ -128,6 +152,7 @@ def _with_event(
     """Select what the guarded UPDATE `moved` returned, inserting its event in the same statement.
 
     One round trip per transition instead of two; the event is written only if a row moved.
+    The row comes back with the event's id as `event_id`.
     """
     event = (
         insert(JobEvent)
@@ -141,9 +166,13 @@ def _with_event(
                 literal(detail, JobEvent.detail.type),
             ),
         )
+        .returning(JobEvent.id, JobEvent.job_id)
         .cte("event")
     )
-    return select(moved).add_cte(event)
+    # The event's id versions the job's snapshot (conveyor.snapshots).
+    return select(moved, event.c.id.label("event_id")).join_from(
+        moved, event, moved.c.id == event.c.job_id
+    )
 
 
 def _finish(
@@ -158,15 +187,32 @@ def _finish(
         update(Job)
         .where(Job.id == job.id, Job.state == JobState.RUNNING, Job.attempt == job.attempt)
         .values(state=target, **values)
-        .returning(Job.id)
+        .returning(*_ROW)
         .cte("moved")
     )
     stmt = _with_event(moved, JobState.RUNNING, target, job.attempt, detail)
-    if session.execute(stmt).one_or_none() is None:
+    if target.is_terminal:
+        # Whether any endpoint listens, asked in the same statement: most tenants have
+        # none, and then a finish costs no further round trip.
+        stmt = stmt.add_columns(
+            select(Webhook.id)
+            .where(
+                Webhook.tenant_id == moved.c.tenant_id,
+                Webhook.enabled.is_(True),
+                Webhook.events.contains([f"job.{target.value}"]),
+            )
+            .exists()
+            .label("subscribed")
+        )
+    row = session.execute(stmt).one_or_none()
+    if row is None:
         return False
+    finished = _note_row(session, row._mapping)
     if target.is_terminal:
         # What record_event does for every other terminal transition.
-        enqueue_deliveries(session, job.id, target, datetime.now(UTC))
+        enqueue_deliveries(
+            session, job.id, target, datetime.now(UTC), job=finished, subscribed=row.subscribed
+        )
     return True
 
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from conveyor.errors import Conflict, ValidationFailed
 from conveyor.models import IdempotencyKey, Job, JobEvent
 from conveyor.registry import JobRegistry
+from conveyor.snapshots import Snapshot, note
 from conveyor.states import JobState
 
 # A run time this far in the past is a clock skew, not a mistake; further back is refused.
@@ -182,13 +183,14 @@ def submit_jobs(
     jobs = [Job(**row) for row in rows]
     session.add_all(jobs)
     session.flush()
-    session.execute(
-        insert(JobEvent),
+    event_ids = session.scalars(
+        insert(JobEvent).returning(JobEvent.id, sort_by_parameter_order=True),
         [
             {"job_id": row["id"], "from_state": None, "to_state": row["state"], "attempt": 0}
             for row in rows
         ],
-    )
+    ).all()
+    note(session, [Snapshot.of(job, v) for job, v in zip(jobs, event_ids, strict=True)])
     return jobs
 
 
