@@ -20,6 +20,7 @@ from conveyor.schedules import (
     ScheduleChange,
     ScheduleSpec,
     create_schedule,
+    detach_jobs,
     fire,
     get_schedule,
     last_job_states,
@@ -118,6 +119,7 @@ def delete(schedule_id: str) -> tuple[str, int]:
     principal = authorize(Permission.MANAGE_SCHEDULES)
     with services().sessions.begin() as session:
         schedule = get_schedule(session, principal.tenant_id, parse_id(schedule_id, "schedule"))
+        detach_jobs(session, schedule.id)
         session.delete(schedule)
         audit(
             session, principal, "schedule.delete", "schedule", schedule.id, {"name": schedule.name}
