@@ -47,6 +47,7 @@ SNAPSHOT_PREFIX = "conveyor:job:"
 # Above any event id (Lua numbers are doubles: exact up to 2**53).
 GONE = float(2**53)
 _PENDING = "conveyor_snapshots"
+_SAVEPOINTS = "conveyor_snapshot_savepoints"
 
 # Overwrite only with a newer version; a tombstone (no document) keeps only the version.
 _WRITE = """
@@ -116,6 +117,8 @@ class SnapshotStore:
     def attach(self, factory: sessionmaker[Session]) -> None:
         """Write every session's noted snapshots after its commit; forget them on rollback."""
         event.listen(factory, "after_commit", self._after_commit)
+        event.listen(factory, "after_transaction_create", _mark_savepoint)
+        event.listen(factory, "after_soft_rollback", _roll_back)
         event.listen(factory, "after_transaction_end", _forget)
 
     def _after_commit(self, session: Session) -> None:
@@ -199,8 +202,26 @@ def read_job_view(
     return JobOut.of(job, progress).model_dump(mode="json")
 
 
-def _forget(session: Session, transaction: SessionTransaction) -> None:
-    # Only the outermost transaction: a savepoint rolled back inside a unit of work that
-    # then commits must not lose the snapshots noted before it (they would go stale).
-    if transaction.parent is None:
+def _mark_savepoint(session: Session, transaction: SessionTransaction) -> None:
+    # Remember how many snapshots were noted when a savepoint began, to drop the ones
+    # noted inside it if it rolls back while the unit of work goes on to commit.
+    if transaction.nested:
+        session.info.setdefault(_SAVEPOINTS, {})[transaction] = len(session.info.get(_PENDING, []))
+
+
+def _roll_back(session: Session, previous_transaction: SessionTransaction) -> None:
+    if previous_transaction.nested:
+        mark = session.info.get(_SAVEPOINTS, {}).pop(previous_transaction, None)
+        if mark is not None:
+            del session.info.get(_PENDING, [])[mark:]
+    elif previous_transaction.parent is None:
         session.info.pop(_PENDING, None)
+
+
+def _forget(session: Session, transaction: SessionTransaction) -> None:
+    # Only the root: SQLAlchemy also ends savepoints (before their after_soft_rollback)
+    # and inner subtransactions here.
+    if transaction.parent is None:
+        # The unit of work is over (written after its commit, or rolled back).
+        session.info.pop(_PENDING, None)
+        session.info.pop(_SAVEPOINTS, None)

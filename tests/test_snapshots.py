@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from conveyor.jobs import claim_job, succeed_job
 from conveyor.retention import prune
 from conveyor.settings import Settings
 from conveyor.snapshots import Snapshot, SnapshotStore, snapshot_key
+from tests.factories import job_factory
 
 
 @pytest.fixture
@@ -190,3 +192,15 @@ def test_an_unreachable_redis_falls_back_to_the_ledger(
     response = client.get(f"/v1/jobs/{job_id}", headers=auth)
     assert response.status_code == 200
     assert response.get_json()["state"] == "queued"
+
+
+def test_a_rolled_back_savepoint_leaves_no_snapshot(
+    identity: Any, sessions: sessionmaker[Session], redis_client: Redis
+) -> None:
+    with sessions.begin() as session:
+        with contextlib.suppress(RuntimeError), session.begin_nested():
+            dropped = job_factory(session, identity.tenant.id).id
+            raise RuntimeError
+        kept = job_factory(session, identity.tenant.id).id
+    assert not redis_client.exists(snapshot_key(dropped))
+    assert redis_client.exists(snapshot_key(kept))
