@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy import insert, select
+from sqlalchemy import insert, literal, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -160,7 +160,7 @@ def submit_jobs(
     """Validate every request, then insert all the jobs and their first events, or none.
 
     Queued jobs are for the caller to publish after its commit; scheduled ones wait for
-    the promoter.
+    the promoter. The jobs returned are transient copies of the rows, not in the session.
     """
     if len(requests) > MAX_BATCH:
         raise _fail(None, "jobs", f"at most {MAX_BATCH} jobs in one batch")
@@ -180,17 +180,38 @@ def submit_jobs(
         )
         for n, request in enumerate(requests)
     ]
+    # Core statements, not the ORM unit of work (a third of a batch's time went to
+    # flushing); the returned jobs are plain transient copies of the rows.
+    if len(rows) == 1:
+        # The job and its first event in one statement: one round trip fewer per submit.
+        inserted = insert(Job).values(rows[0]).returning(Job.id, Job.state).cte("inserted")
+        stmt = insert(JobEvent).from_select(
+            ["job_id", "from_state", "to_state", "attempt"],
+            select(
+                inserted.c.id,
+                literal(None, JobEvent.from_state.type),
+                inserted.c.state,
+                literal(0, JobEvent.attempt.type),
+            ),
+        )
+        event_ids: dict[uuid.UUID, int] = {
+            job_id: event_id
+            for job_id, event_id in session.execute(stmt.returning(JobEvent.job_id, JobEvent.id))
+        }
+    else:
+        session.execute(insert(Job), rows)
+        event_ids = {
+            job_id: event_id
+            for job_id, event_id in session.execute(
+                insert(JobEvent).returning(JobEvent.job_id, JobEvent.id),
+                [
+                    {"job_id": r["id"], "from_state": None, "to_state": r["state"], "attempt": 0}
+                    for r in rows
+                ],
+            )
+        }
     jobs = [Job(**row) for row in rows]
-    session.add_all(jobs)
-    session.flush()
-    event_ids = session.scalars(
-        insert(JobEvent).returning(JobEvent.id, sort_by_parameter_order=True),
-        [
-            {"job_id": row["id"], "from_state": None, "to_state": row["state"], "attempt": 0}
-            for row in rows
-        ],
-    ).all()
-    note(session, [Snapshot.of(job, v) for job, v in zip(jobs, event_ids, strict=True)])
+    note(session, [Snapshot.of(job, event_ids[job.id]) for job in jobs])
     return jobs
 
 
