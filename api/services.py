@@ -24,8 +24,9 @@ class Services:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
-    # For one-statement reads (the status poll): autocommit, so no BEGIN and no ROLLBACK
-    # round trips around the SELECT; a single statement is its own consistent snapshot.
+    # For one-statement units of work (the status poll's fallback, marking jobs published):
+    # autocommit, so no BEGIN and no COMMIT/ROLLBACK round trips around the statement; a
+    # single statement is atomic and its own consistent snapshot. No job transitions here.
     reads: sessionmaker[Session]
     redis: Redis
     publisher: CeleryPublisher

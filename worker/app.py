@@ -44,6 +44,9 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         settings=settings,
         engine=engine,
         sessions=create_session_factory(engine, snapshots),
+        statements=create_session_factory(
+            engine.execution_options(isolation_level="AUTOCOMMIT"), snapshots
+        ),
         registry=load_job_types(settings.job_modules),
     )
     app.conveyor = services
