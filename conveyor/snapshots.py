@@ -15,9 +15,11 @@ Versions, for the job's latest event id `v`:
 - `GONE`: the job was deleted; nothing may bring it back.
 
 A snapshot carries its tenant, and a read for another tenant ignores it, so isolation
-stays the ledger's. A failed write deletes the key (best effort); a failed read falls
-back to the ledger. Progress is not copied here: it stays in the Celery result backend,
-on the same Redis, and the poll reads both in one pipelined round trip.
+stays the ledger's. A failed write deletes the keys; when Redis is unreachable for that
+too, the process retries the writes with its next write or read (until then its reads
+go to the ledger). A failed read falls back to the ledger. Progress is not copied here:
+it stays in the Celery result backend, on the same Redis, and the poll reads both in
+one pipelined round trip.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ SNAPSHOT_PREFIX = "conveyor:job:"
 GONE = float(2**53)
 _PENDING = "conveyor_snapshots"
 _SAVEPOINTS = "conveyor_snapshot_savepoints"
+# Unwritten snapshots a process keeps for a retry while Redis is unreachable.
+MAX_RETRIES = 100_000
 
 # Overwrite only with a newer version; a tombstone (no document) keeps only the version.
 _WRITE = """
@@ -108,6 +112,8 @@ class SnapshotStore:
         self._redis = redis
         self._ttl = ttl
         self._write = redis.register_script(_WRITE)
+        # Snapshots whose write failed while Redis was unreachable, retried later.
+        self._retries: list[Snapshot] = []
 
     @property
     def redis(self) -> Redis:
@@ -128,9 +134,11 @@ class SnapshotStore:
 
     def write(self, snapshots: Sequence[Snapshot]) -> None:
         """Store the snapshots, each only if newer than what is there; never raises."""
+        # Writes that failed earlier go first: the version guard makes a late one harmless.
+        batch = [*self._take_retries(), *snapshots]
         try:
             with self._redis.pipeline(transaction=False) as pipe:
-                for snap in snapshots:
+                for snap in batch:
                     self._write(
                         keys=[snapshot_key(snap.job_id)],
                         args=[
@@ -144,13 +152,25 @@ class SnapshotStore:
                 pipe.execute()
         except RedisError:
             # A snapshot that missed its update must not be served: drop them all, so the
-            # poll reads the ledger. If Redis is unreachable for this too, a read would
-            # fail the same way and fall back as well.
-            logger.warning("could not write %d job snapshots", len(snapshots), exc_info=True)
+            # poll reads the ledger.
+            logger.warning("could not write %d job snapshots", len(batch), exc_info=True)
             try:
-                self._redis.delete(*(snapshot_key(s.job_id) for s in snapshots))
+                self._redis.delete(*(snapshot_key(s.job_id) for s in batch))
             except RedisError:
-                logger.warning("could not drop %d job snapshots", len(snapshots))
+                # Redis is unreachable, and may come back with the old snapshots (AOF, a
+                # partition): retry these with this process's next write or read. Lost
+                # if the process dies meanwhile; the TTL bounds that.
+                self._keep_for_retry(batch)
+
+    def _take_retries(self) -> list[Snapshot]:
+        retries, self._retries = self._retries, []
+        return retries
+
+    def _keep_for_retry(self, snapshots: Sequence[Snapshot]) -> None:
+        kept = [*self._retries, *snapshots]
+        if len(kept) > MAX_RETRIES:
+            logger.error("dropping %d unwritten job snapshots", len(kept) - MAX_RETRIES)
+        self._retries = kept[-MAX_RETRIES:]
 
     def read(self, job_id: uuid.UUID, tenant_id: uuid.UUID) -> dict[str, Any] | None:
         """Return the job's public view from its snapshot, live progress included, or `None`.
@@ -158,6 +178,10 @@ class SnapshotStore:
         `None` when there is no usable snapshot (absent, a tombstone, another tenant's
         job, or Redis unreachable): the caller reads the ledger.
         """
+        if self._retries:
+            self.write([])
+            if self._retries:
+                return None  # still unreachable: the ledger answers
         try:
             with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hmget(snapshot_key(job_id), ["t", "doc"])

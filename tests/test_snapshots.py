@@ -204,3 +204,22 @@ def test_a_rolled_back_savepoint_leaves_no_snapshot(
         kept = job_factory(session, identity.tenant.id).id
     assert not redis_client.exists(snapshot_key(dropped))
     assert redis_client.exists(snapshot_key(kept))
+
+
+def test_writes_that_failed_while_redis_was_away_are_retried(
+    store: SnapshotStore, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenant, job_id = uuid.uuid4(), uuid.uuid4()
+    doc = json.dumps({"state": "queued", "started_at": None})
+    store.write([Snapshot(job_id, 1, tenant, doc)])
+    away = Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "_redis", away)
+        succeeded = json.dumps({"state": "succeeded", "started_at": None})
+        store.write([Snapshot(job_id, 2, tenant, succeeded)])  # neither written nor dropped
+        assert store.read(job_id, tenant) is None  # this process knows: the ledger answers
+    # Redis is back with the old snapshot; the next read writes the newer one first.
+    view = store.read(job_id, tenant)
+    assert view is not None
+    assert view["state"] == "succeeded"
+    redis_client.delete(snapshot_key(job_id))
