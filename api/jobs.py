@@ -8,7 +8,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import Response, jsonify, request, url_for
-from redis.exceptions import RedisError
 from werkzeug.wrappers import Response as ResponseBase
 
 from api.auth import current_principal, requires
@@ -26,10 +25,9 @@ from api.services import services
 from conveyor.errors import ValidationFailed
 from conveyor.logs import bind_context
 from conveyor.metrics import JOBS_SUBMITTED
-from conveyor.progress import read_progress
 from conveyor.queries import get_job, list_events, list_jobs
 from conveyor.roles import Permission
-from conveyor.states import JobState
+from conveyor.snapshots import read_job_view
 from conveyor.submit import JobRequest, claim_idempotency_key, submit_jobs
 from conveyor.views import JobOut
 
@@ -159,19 +157,14 @@ def index(query: JobListQuery) -> Response:
 )
 @requires(Permission.READ)
 def show(path: JobPath) -> ResponseBase:
-    """Read a job, with live progress while it runs; `ETag`, and 304 when unchanged."""
+    """Read a job, with live progress while it runs (from Redis when it can); `ETag`, 304."""
     principal = current_principal()
     svc = services()
-    with svc.reads() as session:
-        job = get_job(session, parse_id(path.job_id, "job"), principal.tenant_id)
-    bind_context(job_id=job.id, job_type=job.type)
-    progress = None
-    if job.state == JobState.RUNNING:
-        try:
-            progress = read_progress(svc.redis, job.id)
-        except RedisError:
-            logger.warning("progress of job %s unavailable", job.id, exc_info=True)
-    response = jsonify(JobOut.of(job, progress).model_dump(mode="json"))
+    view = read_job_view(
+        svc.snapshots, svc.reads, parse_id(path.job_id, "job"), principal.tenant_id
+    )
+    bind_context(job_id=view["id"], job_type=view["type"])
+    response = jsonify(view)
     response.add_etag()
     return response.make_conditional(request)
 

@@ -32,6 +32,7 @@ from conveyor.schedules import (
     ScheduleOptions,
     ScheduleSpec,
     create_schedule,
+    detach_jobs,
     fire,
     get_schedule,
     last_job_states,
@@ -177,6 +178,7 @@ def delete(path: SchedulePath) -> tuple[str, int]:
         schedule = get_schedule(
             session, principal.tenant_id, parse_id(path.schedule_id, "schedule")
         )
+        detach_jobs(session, schedule.id)
         session.delete(schedule)
         audit(
             session, principal, "schedule.delete", "schedule", schedule.id, {"name": schedule.name}

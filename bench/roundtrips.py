@@ -2,8 +2,8 @@
 
 Throughput on a shared machine drifts; round trips do not. This drives the real API
 (Flask's test client) and the real task runner in-process on embedded servers (or
-`BENCH_DATABASE_URL` / `BENCH_REDIS_URL`) and counts, per operation, pool checkouts
-(each one pre-pings), BEGINs, statements and COMMITs. Usage: `python -m bench.roundtrips`.
+`BENCH_DATABASE_URL` / `BENCH_REDIS_URL`) and counts, per operation, pre-pings (if the
+pool pings at checkout), BEGINs, statements and COMMITs. Usage: `python -m bench.roundtrips`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def watch(engine: Engine) -> Counter[str]:
 
         return count
 
-    event.listen(engine, "checkout", lambda *_: counts.update(["checkout (pre-ping)"]))
+    if getattr(engine.pool, "_pre_ping", False):
+        event.listen(engine, "checkout", lambda *_: counts.update(["checkout (pre-ping)"]))
     event.listen(engine, "before_cursor_execute", lambda *_: counts.update(["statement"]))
     for name in ("begin", "commit", "rollback"):
         event.listen(engine, name, sent(name))

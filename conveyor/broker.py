@@ -7,10 +7,16 @@ import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, cast
 
 from amqp.exceptions import AMQPError, MessageNacked
 from celery import Celery
+from celery.events.dispatcher import EventDispatcher
+from celery.events.event import Event
+from celery.utils.nodenames import anon_nodename
+from celery.utils.time import utcoffset
+from kombu import Producer
 from kombu.exceptions import KombuError
 from redis import Redis
 from redis.exceptions import RedisError
@@ -201,6 +207,7 @@ class CeleryPublisher:
         # A broker blocked by a resource alarm never confirms: bound the wait, so a request
         # fails with PublishFailed (the job stays unpublished, the promoter retries it).
         self._options = {} if self._redis else {"confirm_timeout": CONFIRM_TIMEOUT}
+        self._sent_events = bool(app.conf.task_send_sent_event)
 
     @property
     def app(self) -> Celery:
@@ -218,26 +225,58 @@ class CeleryPublisher:
         was not flushed yet, and the promoter publishes those jobs again. `redeclare`
         declares the queues again even where this connection did before: the reconciler's
         re-drives, for a queue that may have been deleted since (RabbitMQ confirms a
-        message to an exchange with no queue bound, and drops it).
+        message to an exchange with no queue bound, and drops it). The `task-sent` events
+        (for Flower) go out as one list message per call, as a Celery worker sends its
+        buffered task events, instead of one broker command per job.
         """
+        batch = list(messages)
+        if not batch:
+            return
+        amqp = self._app.amqp
+        # What send_task would work out per message, worked out once per call.
+        origin = anon_nodename()
+        reply_to = self._app.thread_oid
+        events: list[dict[str, Any]] = []
         with self._app.producer_or_acquire() as producer:
             if redeclare:
                 producer.connection.declared_entities.clear()
             try:
                 with producer.batch(PUBLISH_BATCH):
-                    for message in messages:
+                    for message in batch:
                         job_id = str(message.job_id)
-                        self._app.send_task(
+                        task_message = amqp.create_task_message(
+                            job_id,
                             message.task_name,
-                            args=[job_id],
-                            task_id=job_id,
+                            [job_id],
+                            {},
+                            reply_to=reply_to,
+                            origin=origin,
+                            ignore_result=True,
+                            # saferepr of a one-string list, without its cost.
+                            argsrepr=repr([job_id]),
+                            kwargsrepr="{}",
+                            create_sent_event=self._sent_events,
+                        )
+                        amqp.send_task_message(
+                            producer,
+                            message.task_name,
+                            # The sent event goes out with the others, below.
+                            task_message._replace(sent_event=None),
                             queue=message.queue,
                             priority=self._broker_priority(message.priority),
-                            producer=producer,
-                            ignore_result=True,
                             headers=_headers(message),
                             **self._options,
                         )
+                        if task_message.sent_event is not None:
+                            events.append(
+                                {
+                                    **task_message.sent_event,
+                                    "queue": message.queue,
+                                    "exchange": "",
+                                    "routing_key": message.queue,
+                                }
+                            )
+                    self._send_events(producer, events)
             except (KombuError, RedisError, AMQPError, MessageNacked, OSError) as exc:
                 # A pipeline that failed midway leaves its connection unusable, and the pool
                 # would hand it out again: drop it, so the next publish connects afresh.
@@ -246,3 +285,35 @@ class CeleryPublisher:
                 # Kombu, redis-py and sockets each have their own errors, and a failed
                 # batch says "delivery is uncertain": callers see one exception for all.
                 raise PublishFailed(f"the broker did not take the messages: {exc}") from exc
+
+    def _send_events(self, producer: Producer, fields: list[dict[str, Any]]) -> None:
+        """Publish `task-sent` events as one list body, which Celery's event receivers accept."""
+        if not fields:
+            return
+        dispatcher = self._dispatcher
+        events = [
+            Event(
+                "task-sent",
+                hostname=dispatcher.hostname,
+                utcoffset=utcoffset(),
+                pid=dispatcher.pid,
+                clock=self._app.clock.forward(),
+                **event,
+            )
+            for event in fields
+        ]
+        producer.publish(
+            events,
+            routing_key="task.multi",
+            exchange=dispatcher.exchange.name,
+            declare=[dispatcher.exchange],
+            serializer=dispatcher.serializer,
+            headers=dispatcher.headers,
+            delivery_mode=dispatcher.delivery_mode,
+        )
+
+    @cached_property
+    def _dispatcher(self) -> EventDispatcher:
+        # Disabled: it only lends its exchange and settings; events go through our producer.
+        dispatcher: EventDispatcher = self._app.events.Dispatcher(enabled=False)
+        return dispatcher

@@ -6,14 +6,15 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from conveyor.errors import Conflict
 from conveyor.jobs import record_event
-from conveyor.models import Job
+from conveyor.models import Job, JobEvent
 from conveyor.queries import JobFilter, get_job
 from conveyor.registry import JobRegistry
+from conveyor.snapshots import Snapshot, note
 from conveyor.states import NOT_STARTED, RETRYABLE_BY_HAND, JobState
 
 CancelOutcome = Literal["cancelled", "cancel_requested"]
@@ -46,6 +47,10 @@ def cancel_job(
             raise Conflict(f"a running {job.type} job cannot be cancelled")
         job.cancel_requested_at = job.cancel_requested_at or now
         session.flush()
+        # A change without an event: version it just above the latest event, so the
+        # running snapshot (written at that event) cannot come back over it.
+        latest = session.scalar(select(func.max(JobEvent.id)).where(JobEvent.job_id == job.id))
+        note(session, [Snapshot.of(job, (latest or 0) + 0.5)])
         return job, "cancel_requested"
     raise Conflict(f"a {state} job cannot be cancelled")
 

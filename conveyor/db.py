@@ -2,28 +2,62 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, create_engine
+import select
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.settings import Settings
+from conveyor.snapshots import SnapshotStore
 
 
 def create_db_engine(settings: Settings) -> Engine:
-    """Build a pooled engine; `pool_pre_ping` survives a database restart."""
-    return create_engine(
+    """Build a pooled engine that survives a database restart without a ping per checkout."""
+    engine = create_engine(
         settings.sqlalchemy_url,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_pool_max_overflow,
-        pool_pre_ping=True,
         connect_args={
             "connect_timeout": 5,
             # psycopg prepares a query server-side after 5 runs; None never does (PgBouncer).
             **({} if settings.db_prepared_statements else {"prepare_threshold": None}),
         },
     )
+    # Instead of pool_pre_ping (a round trip at every checkout, 17% of a worker's database
+    # time): look at the socket, which costs no round trip.
+    event.listen(engine, "checkout", _refuse_closed_connection)
+    return engine
 
 
-def create_session_factory(engine: Engine) -> sessionmaker[Session]:
-    """Build the session factory whose `begin()` owns one unit of work."""
+def _refuse_closed_connection(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Make the pool replace a connection the server has closed.
+
+    An idle pooled connection expects nothing from the server, so a readable socket
+    means the server hung up (a restart or a terminated backend sends its goodbye and
+    closes) or the connection is already known broken. Raising DisconnectionError makes
+    the pool connect afresh; any failure later is a disconnect error, which invalidates
+    the whole pool, and the request fails as it would have with a ping (503).
+    """
+    if dbapi_connection.closed or dbapi_connection.broken:
+        raise DisconnectionError("the pooled connection is closed")
+    poller = select.poll()
+    poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    if poller.poll(0):
+        raise DisconnectionError("the server closed the pooled connection")
+
+
+def create_session_factory(
+    engine: Engine, snapshots: SnapshotStore | None = None
+) -> sessionmaker[Session]:
+    """Build the session factory whose `begin()` owns one unit of work.
+
+    With `snapshots`, each commit writes the job snapshots its transitions noted; every
+    factory whose sessions change jobs needs it, or the status poll could serve a stale one.
+    """
     # expire_on_commit=False: handlers serialise rows after the commit.
-    return sessionmaker(engine, expire_on_commit=False)
+    factory = sessionmaker(engine, expire_on_commit=False)
+    if snapshots is not None:
+        snapshots.attach(factory)
+    return factory

@@ -8,6 +8,7 @@ beside the guarded `UPDATE ... WHERE state IN (...)`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import uuid
 from collections import Counter
@@ -16,11 +17,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CTE, ColumnElement, Select, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    CTE,
+    ColumnElement,
+    Select,
+    bindparam,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
-from conveyor.models import Job, JobEvent
+from conveyor.models import Job, JobEvent, Webhook
 from conveyor.registry import RetryPolicy
+from conveyor.snapshots import Snapshot, note, note_tombstones
 from conveyor.states import NOT_STARTED, JobState, sources_of
 from conveyor.webhooks import enqueue_deliveries
 
@@ -43,6 +56,7 @@ class ClaimedJob:
     due_at: datetime | None = None
 
 
+_DUE_AT = func.coalesce(Job.scheduled_for, Job.created_at).label("due_at")
 # The columns of a ClaimedJob, in its field order.
 _CLAIMED = (
     Job.id,
@@ -53,8 +67,25 @@ _CLAIMED = (
     Job.max_attempts,
     Job.started_at,
     Job.worker,
-    func.coalesce(Job.scheduled_for, Job.created_at).label("due_at"),
+    _DUE_AT,
 )
+_CLAIMED_FIELDS = tuple(f.name for f in dataclasses.fields(ClaimedJob))
+# Every column of a job, and the attribute each one maps to: a transition returns the
+# whole row (no extra round trip) so its snapshot is exactly what the ledger now holds.
+_ROW = tuple(Job.__table__.c)
+_ROW_ATTRIBUTES = tuple(
+    (column.name, Job.__mapper__.get_property_by_column(column).key) for column in _ROW
+)
+
+
+def _note_row(session: Session, values: Any) -> Job:
+    """Note the snapshot of a row a transition returned with its event's id; return the row.
+
+    The `Job` is transient (never added to the session): a read-only copy of the row.
+    """
+    job = Job(**{attribute: values[name] for name, attribute in _ROW_ATTRIBUTES})
+    note(session, [Snapshot.of(job, values["event_id"])])
+    return job
 
 
 def record_event(
@@ -64,15 +95,18 @@ def record_event(
     target: JobState,
     attempt: int,
     detail: dict[str, Any] | None = None,
-) -> None:
-    """Append one transition to a job's history; a finished job's webhooks go out with it."""
-    session.execute(
-        insert(JobEvent).values(
-            job_id=job_id, from_state=source, to_state=target, attempt=attempt, detail=detail
-        )
-    )
+) -> int:
+    """Append one transition to a job's history and return its id; webhooks go with a finish."""
+    event_id = session.execute(
+        insert(JobEvent)
+        .values(job_id=job_id, from_state=source, to_state=target, attempt=attempt, detail=detail)
+        .returning(JobEvent.id)
+    ).scalar_one()
+    # The caller changed the row without reading it back: invalidate its snapshot.
+    note_tombstones(session, [(job_id, event_id)])
     if target.is_terminal:
         enqueue_deliveries(session, job_id, target, datetime.now(UTC))
+    return event_id
 
 
 def mark_published(session: Session, job_ids: Sequence[uuid.UUID], now: datetime) -> None:
@@ -91,10 +125,25 @@ def claim_job(session: Session, job_id: uuid.UUID, worker: str, now: datetime) -
     That covers a duplicate or redelivered message, a cancelled job, and an expired one
     (the housekeeper marks those `expired`).
     """
+    params = {"p_job_id": job_id, "p_now": now, "p_worker": worker, "p_detail": {"worker": worker}}
+    row = session.execute(_claim_statement(), params).one_or_none()
+    if row is None:
+        return None
+    values = row._mapping
+    _note_row(session, values)
+    return ClaimedJob(**{name: values[name] for name in _CLAIMED_FIELDS})
+
+
+# The claim and finish statements are built once, with bound parameters: building and
+# hashing these CTEs per call took more of a worker's time than PostgreSQL took to run
+# them (py-spy during `make bench`). Parameter names avoid the jobs table's column names.
+@functools.cache
+def _claim_statement() -> Select[Any]:
+    now = bindparam("p_now", type_=Job.started_at.type)
     moved = (
         update(Job)
         .where(
-            Job.id == job_id,
+            Job.id == bindparam("p_job_id", type_=Job.id.type),
             Job.state.in_(sources_of(JobState.RUNNING)),
             or_(Job.expires_at.is_(None), Job.expires_at > now),
         )
@@ -103,19 +152,48 @@ def claim_job(session: Session, job_id: uuid.UUID, worker: str, now: datetime) -
             attempt=Job.attempt + 1,
             started_at=now,
             heartbeat_at=now,
-            worker=worker,
+            worker=bindparam("p_worker", type_=Job.worker.type),
             cancel_requested_at=None,
         )
-        .returning(*_CLAIMED)
+        .returning(*_ROW, _DUE_AT)
         .cte("moved")
     )
-    stmt = _with_event(
-        moved, JobState.QUEUED, JobState.RUNNING, moved.c.attempt, {"worker": worker}
+    detail = bindparam("p_detail", type_=JobEvent.detail.type)
+    return _with_event(moved, JobState.QUEUED, JobState.RUNNING, moved.c.attempt, detail)
+
+
+@functools.cache
+def _finish_statement(target: JobState, columns: tuple[str, ...]) -> Select[Any]:
+    moved = (
+        update(Job)
+        .where(
+            Job.id == bindparam("p_job_id", type_=Job.id.type),
+            Job.state == JobState.RUNNING,
+            Job.attempt == bindparam("p_attempt", type_=Job.attempt.type),
+        )
+        .values(
+            state=target,
+            **{c: bindparam(f"p_{c}", type_=Job.__table__.c[c].type) for c in columns},
+        )
+        .returning(*_ROW)
+        .cte("moved")
     )
-    row = session.execute(stmt).one_or_none()
-    if row is None:
-        return None
-    return ClaimedJob(*row)
+    detail = bindparam("p_detail", type_=JobEvent.detail.type)
+    stmt = _with_event(moved, JobState.RUNNING, target, moved.c.attempt, detail)
+    if target.is_terminal:
+        # Whether any endpoint listens, asked in the same statement: most tenants have
+        # none, and then a finish costs no further round trip.
+        stmt = stmt.add_columns(
+            select(Webhook.id)
+            .where(
+                Webhook.tenant_id == moved.c.tenant_id,
+                Webhook.enabled.is_(True),
+                Webhook.events.contains([f"job.{target.value}"]),
+            )
+            .exists()
+            .label("subscribed")
+        )
+    return stmt
 
 
 def _with_event(
@@ -123,11 +201,12 @@ def _with_event(
     source: JobState | None,
     target: JobState,
     attempt: ColumnElement[int] | int,
-    detail: dict[str, Any] | None,
+    detail: ColumnElement[Any] | dict[str, Any] | None,
 ) -> Select[Any]:
     """Select what the guarded UPDATE `moved` returned, inserting its event in the same statement.
 
     One round trip per transition instead of two; the event is written only if a row moved.
+    The row comes back with the event's id as `event_id`.
     """
     event = (
         insert(JobEvent)
@@ -138,12 +217,18 @@ def _with_event(
                 literal(source, JobEvent.from_state.type),
                 literal(target, JobEvent.to_state.type),
                 attempt if isinstance(attempt, ColumnElement) else literal(attempt),
-                literal(detail, JobEvent.detail.type),
+                detail
+                if isinstance(detail, ColumnElement)
+                else literal(detail, JobEvent.detail.type),
             ),
         )
+        .returning(JobEvent.id, JobEvent.job_id)
         .cte("event")
     )
-    return select(moved).add_cte(event)
+    # The event's id versions the job's snapshot (conveyor.snapshots).
+    return select(moved, event.c.id.label("event_id")).join_from(
+        moved, event, moved.c.id == event.c.job_id
+    )
 
 
 def _finish(
@@ -154,19 +239,18 @@ def _finish(
     **values: Any,
 ) -> bool:
     """Move a running attempt to `target`; `False` if the attempt no longer owns the job."""
-    moved = (
-        update(Job)
-        .where(Job.id == job.id, Job.state == JobState.RUNNING, Job.attempt == job.attempt)
-        .values(state=target, **values)
-        .returning(Job.id)
-        .cte("moved")
-    )
-    stmt = _with_event(moved, JobState.RUNNING, target, job.attempt, detail)
-    if session.execute(stmt).one_or_none() is None:
+    stmt = _finish_statement(target, tuple(sorted(values)))
+    params = {f"p_{name}": value for name, value in values.items()}
+    params |= {"p_job_id": job.id, "p_attempt": job.attempt, "p_detail": detail}
+    row = session.execute(stmt, params).one_or_none()
+    if row is None:
         return False
+    finished = _note_row(session, row._mapping)
     if target.is_terminal:
         # What record_event does for every other terminal transition.
-        enqueue_deliveries(session, job.id, target, datetime.now(UTC))
+        enqueue_deliveries(
+            session, job.id, target, datetime.now(UTC), job=finished, subscribed=row.subscribed
+        )
     return True
 
 

@@ -22,8 +22,11 @@ def progress_meta(current: int, total: int | None, message: str | None) -> dict[
 def read_progress(redis: Redis, job_id: uuid.UUID) -> dict[str, Any] | None:
     """Return a job's latest progress from the result backend, or `None` if it has none."""
     raw = redis.get(f"{RESULT_KEY_PREFIX}{job_id}")
-    if raw is None:
-        return None
+    return None if raw is None else parse_progress(raw)
+
+
+def parse_progress(raw: bytes | str) -> dict[str, Any] | None:
+    """Return the progress in a result-backend document, or `None` if it holds none."""
     try:
         meta = json.loads(raw)
     except ValueError:

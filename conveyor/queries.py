@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Select, select, tuple_
+from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.orm import Session
 
 from conveyor.errors import NotFound, ValidationFailed
@@ -51,6 +51,17 @@ def get_job(session: Session, job_id: uuid.UUID, tenant_id: uuid.UUID) -> Job:
     if job is None:
         raise NotFound(f"there is no job {job_id}")
     return job
+
+
+def get_job_versioned(session: Session, job_id: uuid.UUID, tenant_id: uuid.UUID) -> tuple[Job, int]:
+    """Return the tenant's job and the id of its latest event, both read in one statement."""
+    latest = select(func.max(JobEvent.id)).where(JobEvent.job_id == Job.id).scalar_subquery()
+    row = session.execute(
+        select(Job, latest).where(Job.id == job_id, Job.tenant_id == tenant_id)
+    ).one_or_none()
+    if row is None:
+        raise NotFound(f"there is no job {job_id}")
+    return row[0], row[1] or 0
 
 
 def encode_cursor(job: Job) -> str:

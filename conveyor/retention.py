@@ -9,6 +9,7 @@ from sqlalchemy import CursorResult, delete, select, tuple_
 from sqlalchemy.orm import Session
 
 from conveyor.models import IdempotencyKey, Job, RefreshToken
+from conveyor.snapshots import GONE, Snapshot, note
 
 
 def prune(
@@ -35,12 +36,14 @@ def prune(
     old_tokens = select(RefreshToken.id).where(RefreshToken.expires_at < now).limit(batch_size)
     key_columns = tuple_(IdempotencyKey.tenant_id, IdempotencyKey.key)
     # Job events go with their job (ON DELETE CASCADE).
+    pruned = session.scalars(delete(Job).where(Job.id.in_(old_jobs)).returning(Job.id)).all()
+    # A pruned job is gone for good: no snapshot may show it again.
+    note(session, [Snapshot(job_id, GONE) for job_id in pruned])
     statements = {
-        "jobs": delete(Job).where(Job.id.in_(old_jobs)),
         "idempotency_keys": delete(IdempotencyKey).where(key_columns.in_(old_keys)),
         "refresh_tokens": delete(RefreshToken).where(RefreshToken.id.in_(old_tokens)),
     }
-    return {
+    return {"jobs": len(pruned)} | {
         name: cast("CursorResult[Any]", session.execute(statement)).rowcount
         for name, statement in statements.items()
     }

@@ -12,13 +12,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from conveyor.errors import Conflict, NotFound, ValidationFailed
-from conveyor.models import Job, Schedule
+from conveyor.models import Job, JobEvent, Schedule
 from conveyor.registry import JobRegistry
+from conveyor.snapshots import Snapshot, note
 from conveyor.states import NOT_STARTED, JobState
 from conveyor.submit import JobRequest, check_request, submit_jobs
 
@@ -324,3 +325,20 @@ def fire_due_schedules(
         schedule.next_run_at = next_occurrence(schedule, now)
     session.flush()
     return fired
+
+
+def detach_jobs(session: Session, schedule_id: uuid.UUID) -> None:
+    """Unlink a schedule's jobs before it is deleted, invalidating their snapshots.
+
+    The foreign key would null `schedule_id` by itself, but unseen by the snapshots, which
+    would keep showing the schedule. No event is written: version just above the latest.
+    """
+    latest = select(func.max(JobEvent.id)).where(JobEvent.job_id == Job.id).scalar_subquery()
+    rows = session.execute(
+        update(Job)
+        .where(Job.schedule_id == schedule_id)
+        .values(schedule_id=None)
+        .returning(Job.id, latest)
+        .execution_options(synchronize_session=False)
+    ).all()
+    note(session, [Snapshot(job_id, (version or 0) + 0.5) for job_id, version in rows])

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy import insert, select
+from sqlalchemy import Insert, Table, bindparam, insert, literal, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from conveyor.errors import Conflict, ValidationFailed
 from conveyor.models import IdempotencyKey, Job, JobEvent
 from conveyor.registry import JobRegistry
+from conveyor.snapshots import Snapshot, note
 from conveyor.states import JobState
 
 # A run time this far in the past is a clock skew, not a mistake; further back is refused.
@@ -170,7 +172,7 @@ def submit_jobs(
     """Validate every request, then insert all the jobs and their first events, or none.
 
     Queued jobs are for the caller to publish after its commit; scheduled ones wait for
-    the promoter.
+    the promoter. The jobs returned are transient copies of the rows, not in the session.
     """
     if len(requests) > MAX_BATCH:
         raise _fail(None, "jobs", f"at most {MAX_BATCH} jobs in one batch")
@@ -190,17 +192,55 @@ def submit_jobs(
         )
         for n, request in enumerate(requests)
     ]
+    # Core statements, not the ORM unit of work (a third of a batch's time went to
+    # flushing); the returned jobs are plain transient copies of the rows.
+    if len(rows) == 1:
+        # The job and its first event in one statement: one round trip fewer per submit.
+        (row,) = rows
+        stmt = _insert_one_statement(tuple(row))
+        params = {f"p_{key}": value for key, value in row.items()}
+        event_ids: dict[uuid.UUID, int] = {
+            job_id: event_id for job_id, event_id in session.execute(stmt, params)
+        }
+    else:
+        session.execute(insert(Job), rows)
+        event_ids = {
+            job_id: event_id
+            for job_id, event_id in session.execute(
+                insert(JobEvent).returning(JobEvent.job_id, JobEvent.id),
+                [
+                    {"job_id": r["id"], "from_state": None, "to_state": r["state"], "attempt": 0}
+                    for r in rows
+                ],
+            )
+        }
     jobs = [Job(**row) for row in rows]
-    session.add_all(jobs)
-    session.flush()
-    session.execute(
-        insert(JobEvent),
-        [
-            {"job_id": row["id"], "from_state": None, "to_state": row["state"], "attempt": 0}
-            for row in rows
-        ],
-    )
+    note(session, [Snapshot.of(job, event_ids[job.id]) for job in jobs])
     return jobs
+
+
+@functools.cache
+def _insert_one_statement(keys: tuple[str, ...]) -> Insert:
+    """Build, once per set of columns, the statement inserting one job and its first event."""
+    columns = {key: Job.__mapper__.attrs[key].columns[0] for key in keys}
+    values = {column: bindparam(f"p_{key}", type_=column.type) for key, column in columns.items()}
+    # Core tables, not the ORM entities: executed with parameters, an ORM insert would be
+    # taken for a bulk insert of those parameters.
+    jobs, events = cast("Table", Job.__table__), cast("Table", JobEvent.__table__)
+    inserted = insert(jobs).values(values).returning(jobs.c.id, jobs.c.state).cte("inserted")
+    return (
+        insert(events)
+        .from_select(
+            ["job_id", "from_state", "to_state", "attempt"],
+            select(
+                inserted.c.id,
+                literal(None, JobEvent.from_state.type),
+                inserted.c.state,
+                literal(0, JobEvent.attempt.type),
+            ),
+        )
+        .returning(events.c.job_id, events.c.id)
+    )
 
 
 def claim_idempotency_key(

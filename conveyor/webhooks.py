@@ -74,25 +74,37 @@ def get_webhook(session: Session, tenant_id: uuid.UUID, webhook_id: uuid.UUID) -
 
 
 def enqueue_deliveries(
-    session: Session, job_id: uuid.UUID, state: JobState, now: datetime
+    session: Session,
+    job_id: uuid.UUID,
+    state: JobState,
+    now: datetime,
+    *,
+    job: Job | None = None,
+    subscribed: bool | None = None,
 ) -> list[Job]:
-    """Insert one delivery job per subscribed endpoint (and the job's callback URL)."""
+    """Insert one delivery job per subscribed endpoint (and the job's callback URL).
+
+    A caller that already holds the finished row passes it as `job`, and `subscribed`
+    when it knows whether any endpoint listens: each saves a round trip.
+    """
     if DELIVER_TYPE not in registry:
         return []  # deliveries are not loaded (CONVEYOR_JOB_MODULES) in this process
     event = f"job.{state.value}"
-    job = session.get(Job, job_id)
+    job = job or session.get(Job, job_id)
     if job is None or job.type == DELIVER_TYPE:
         return []  # deliveries of deliveries would never end
-    targets: list[dict[str, Any]] = [
-        {"url": w.url, "webhook_id": str(w.id)}
-        for w in session.scalars(
-            select(Webhook).where(
-                Webhook.tenant_id == job.tenant_id,
-                Webhook.enabled.is_(True),
-                Webhook.events.contains([event]),
+    targets: list[dict[str, Any]] = []
+    if subscribed is not False:
+        targets = [
+            {"url": w.url, "webhook_id": str(w.id)}
+            for w in session.scalars(
+                select(Webhook).where(
+                    Webhook.tenant_id == job.tenant_id,
+                    Webhook.enabled.is_(True),
+                    Webhook.events.contains([event]),
+                )
             )
-        )
-    ]
+        ]
     if job.callback_url:
         targets.append({"url": job.callback_url, "webhook_id": None})
     if not targets:

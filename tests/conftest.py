@@ -23,6 +23,7 @@ from conveyor.bootstrap import Identity, create_tenant_identity
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.embedded import create_database, drop_database, embedded_services
 from conveyor.settings import Settings
+from conveyor.snapshots import SnapshotStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLES = (
@@ -172,9 +173,11 @@ def engine(base_settings: Settings) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
-def sessions(engine: Engine) -> sessionmaker[Session]:
-    """Return the session factory code under test uses."""
-    return create_session_factory(engine)
+def sessions(engine: Engine, settings: Settings) -> Iterator[sessionmaker[Session]]:
+    """Return the session factory code under test uses, writing job snapshots as it does."""
+    redis = Redis.from_url(settings.redis_url)
+    yield create_session_factory(engine, SnapshotStore(redis, settings.result_expires))
+    redis.close()
 
 
 @pytest.fixture

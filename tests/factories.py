@@ -33,7 +33,7 @@ def job_factory(
     """Submit a job through the real submit path (and a tenant for it when none is given)."""
     tenant_id = tenant_id or tenant_factory(session).id
     request = JobRequest(type=type_name, payload=payload or {}, **options)
-    (job,) = submit_jobs(
+    (submitted,) = submit_jobs(
         session,
         load_job_types(["conveyor.jobtypes.system"]),
         [request],
@@ -41,4 +41,5 @@ def job_factory(
         default_queue=QUEUE,
         now=datetime.now(UTC),
     )
-    return job
+    # submit_jobs returns a transient copy of the row; tests refresh the session's own.
+    return session.get_one(Job, submitted.id)

@@ -109,7 +109,8 @@ def test_overlap_skip_waits_for_the_previous_job(
         (first,) = fired(db_session, datetime.now(UTC))
         frozen.tick(60)
         assert fired(db_session, datetime.now(UTC)) == []  # the first is still queued
-        first.state = "succeeded"
+        # Fired jobs come back as copies of their rows: change the session's own.
+        db_session.get_one(Job, first.id).state = "succeeded"
         db_session.flush()
         frozen.tick(60)
         assert len(fired(db_session, datetime.now(UTC))) == 1

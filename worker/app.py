@@ -16,6 +16,7 @@ from celery.signals import (
     worker_ready,
 )
 from kombu import Queue
+from redis import Redis
 
 from conveyor.broker import REQUEST_ID_HEADER, create_celery
 from conveyor.db import create_db_engine, create_session_factory
@@ -23,6 +24,7 @@ from conveyor.logs import bind_context, clear_context, configure_logging
 from conveyor.metrics import serve_metrics
 from conveyor.registry import JobType, load_job_types
 from conveyor.settings import Settings
+from conveyor.snapshots import SnapshotStore
 from worker.housekeeping import Housekeeper
 from worker.runner import WorkerServices, fail_timed_out, run_job
 
@@ -34,10 +36,17 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings()
     app = create_celery(settings, name="conveyor-worker", with_result_backend=True)
     engine = create_db_engine(settings)
+    # Connects on first use; redis-py reconnects in each forked pool child.
+    snapshots = SnapshotStore(
+        Redis.from_url(settings.result_backend, socket_timeout=5), settings.result_expires
+    )
     services = WorkerServices(
         settings=settings,
         engine=engine,
-        sessions=create_session_factory(engine),
+        sessions=create_session_factory(engine, snapshots),
+        statements=create_session_factory(
+            engine.execution_options(isolation_level="AUTOCOMMIT"), snapshots
+        ),
         registry=load_job_types(settings.job_modules),
     )
     app.conveyor = services

@@ -112,6 +112,9 @@ class WorkerServices:
     engine: Engine
     sessions: sessionmaker[Session]
     registry: JobRegistry
+    # Autocommit, for units of work that are one statement (the claim): a statement is
+    # atomic by itself, so BEGIN and COMMIT would be two round trips for nothing.
+    statements: sessionmaker[Session]
     name: str = field(default_factory=socket.gethostname)
     heartbeats: Heartbeats = field(init=False)
     redis: Redis = field(init=False)
@@ -170,7 +173,7 @@ def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
     except ValueError:
         logger.error("dropping message with malformed job id %r", raw_job_id)
         return "malformed"
-    with services.sessions.begin() as session:
+    with services.statements.begin() as session:
         claimed = claim_job(session, job_id, services.name, utcnow())
     if claimed is None:
         # A redelivery, a duplicate publish, a cancelled or expired job: ack and skip.

@@ -1,0 +1,251 @@
+"""Job state snapshots in Redis: the status poll's fast path, the ledger its fallback.
+
+Every transition notes a snapshot in its session; after the commit the session factory
+writes them (one pipelined round trip). A snapshot is versioned by the id of the job's
+latest event (`job_events.id` comes from a sequence, and transitions of one job are
+serialised by its row lock, so ids grow in transition order), and a Lua script keeps
+only a newer version: writers that lose a race can never bring an older state back.
+
+Versions, for the job's latest event id `v`:
+- `v`: the document is exactly the row as of that event (submit, claim, finish, a fill
+  from the ledger);
+- `v - 0.5`: a tombstone from a transition that had no row at hand (cancel, retry,
+  promote, expire): it blocks every older writer, and the next ledger read fills in `v`;
+- `v + 0.5`: a change without an event (a cancel request on a running job);
+- `GONE`: the job was deleted; nothing may bring it back.
+
+A snapshot carries its tenant, and a read for another tenant ignores it, so isolation
+stays the ledger's. A failed write deletes the keys; when Redis is unreachable for that
+too, the process retries the writes with its next write or read (until then its reads
+go to the ledger). A failed read falls back to the ledger. Progress is not copied here:
+it stays in the Celery result backend, on the same Redis, and the poll reads both in
+one pipelined round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import event
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
+
+from conveyor.models import Job
+from conveyor.progress import RESULT_KEY_PREFIX, parse_progress, read_progress
+from conveyor.queries import get_job_versioned
+from conveyor.states import JobState
+from conveyor.views import JobOut, with_eta
+
+logger = logging.getLogger(__name__)
+
+SNAPSHOT_PREFIX = "conveyor:job:"
+# Above any event id (Lua numbers are doubles: exact up to 2**53).
+GONE = float(2**53)
+_PENDING = "conveyor_snapshots"
+_SAVEPOINTS = "conveyor_snapshot_savepoints"
+# Unwritten snapshots a process keeps for a retry while Redis is unreachable.
+MAX_RETRIES = 100_000
+
+# Overwrite only with a newer version; a tombstone (no document) keeps only the version.
+_WRITE = """
+local current = redis.call('HGET', KEYS[1], 'v')
+if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+redis.call('DEL', KEYS[1])
+if ARGV[4] == '' then
+  redis.call('HSET', KEYS[1], 'v', ARGV[1])
+else
+  redis.call('HSET', KEYS[1], 'v', ARGV[1], 't', ARGV[3], 'doc', ARGV[4])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+def snapshot_key(job_id: uuid.UUID) -> str:
+    """Return the Redis key of a job's snapshot."""
+    return f"{SNAPSHOT_PREFIX}{job_id}"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One job's state as of `version`, or a tombstone when `doc` is `None`."""
+
+    job_id: uuid.UUID
+    version: float
+    tenant_id: uuid.UUID | None = None
+    doc: str | None = None
+
+    @classmethod
+    def of(cls, job: Job, version: float) -> Snapshot:
+        """Return the snapshot of a ledger row as of `version`."""
+        # With `progress: null` in its place: a read fills it in without moving the keys,
+        # so the body (and its ETag) is byte for byte what the ledger path answers.
+        view = JobOut.of(job).model_dump(mode="json")
+        return cls(job.id, version, job.tenant_id, json.dumps(view, separators=(",", ":")))
+
+
+def note(session: Session, snapshots: Iterable[Snapshot]) -> None:
+    """Queue snapshots to be written once `session` commits (dropped on rollback)."""
+    session.info.setdefault(_PENDING, []).extend(snapshots)
+
+
+def note_tombstones(session: Session, versions: Iterable[tuple[uuid.UUID, int]]) -> None:
+    """Invalidate the snapshots of jobs whose transition (event id given) had no row at hand."""
+    note(session, (Snapshot(job_id, event_id - 0.5) for job_id, event_id in versions))
+
+
+def _version_text(version: float) -> str:
+    return str(int(version)) if version == int(version) else repr(version)
+
+
+class SnapshotStore:
+    """Writes and reads job snapshots in Redis (the result backend's instance)."""
+
+    def __init__(self, redis: Redis, ttl: int) -> None:
+        self._redis = redis
+        self._ttl = ttl
+        self._write = redis.register_script(_WRITE)
+        # Snapshots whose write failed while Redis was unreachable, retried later.
+        self._retries: list[Snapshot] = []
+
+    @property
+    def redis(self) -> Redis:
+        """Return the Redis client the snapshots live in (the result backend's)."""
+        return self._redis
+
+    def attach(self, factory: sessionmaker[Session]) -> None:
+        """Write every session's noted snapshots after its commit; forget them on rollback."""
+        event.listen(factory, "after_commit", self._after_commit)
+        event.listen(factory, "after_transaction_create", _mark_savepoint)
+        event.listen(factory, "after_soft_rollback", _roll_back)
+        event.listen(factory, "after_transaction_end", _forget)
+
+    def _after_commit(self, session: Session) -> None:
+        pending: list[Snapshot] = session.info.pop(_PENDING, [])
+        if pending:
+            self.write(pending)
+
+    def write(self, snapshots: Sequence[Snapshot]) -> None:
+        """Store the snapshots, each only if newer than what is there; never raises."""
+        # Writes that failed earlier go first: the version guard makes a late one harmless.
+        batch = [*self._take_retries(), *snapshots]
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                for snap in batch:
+                    self._write(
+                        keys=[snapshot_key(snap.job_id)],
+                        args=[
+                            _version_text(snap.version),
+                            self._ttl,
+                            str(snap.tenant_id or ""),
+                            snap.doc or "",
+                        ],
+                        client=pipe,
+                    )
+                pipe.execute()
+        except RedisError:
+            # A snapshot that missed its update must not be served: drop them all, so the
+            # poll reads the ledger.
+            logger.warning("could not write %d job snapshots", len(batch), exc_info=True)
+            try:
+                self._redis.delete(*(snapshot_key(s.job_id) for s in batch))
+            except RedisError:
+                # Redis is unreachable, and may come back with the old snapshots (AOF, a
+                # partition): retry these with this process's next write or read. Lost
+                # if the process dies meanwhile; the TTL bounds that.
+                self._keep_for_retry(batch)
+
+    def _take_retries(self) -> list[Snapshot]:
+        retries, self._retries = self._retries, []
+        return retries
+
+    def _keep_for_retry(self, snapshots: Sequence[Snapshot]) -> None:
+        kept = [*self._retries, *snapshots]
+        if len(kept) > MAX_RETRIES:
+            logger.error("dropping %d unwritten job snapshots", len(kept) - MAX_RETRIES)
+        self._retries = kept[-MAX_RETRIES:]
+
+    def read(self, job_id: uuid.UUID, tenant_id: uuid.UUID) -> dict[str, Any] | None:
+        """Return the job's public view from its snapshot, live progress included, or `None`.
+
+        `None` when there is no usable snapshot (absent, a tombstone, another tenant's
+        job, or Redis unreachable): the caller reads the ledger.
+        """
+        if self._retries:
+            self.write([])
+            if self._retries:
+                return None  # still unreachable: the ledger answers
+        try:
+            with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(snapshot_key(job_id), ["t", "doc"])
+                pipe.get(f"{RESULT_KEY_PREFIX}{job_id}")
+                (owner, doc), progress_raw = pipe.execute()
+        except RedisError:
+            logger.warning("snapshot of job %s unavailable", job_id, exc_info=True)
+            return None
+        if doc is None or owner is None or owner.decode() != str(tenant_id):
+            return None
+        view: dict[str, Any] = json.loads(doc)
+        progress = None
+        if view["state"] == JobState.RUNNING and progress_raw is not None:
+            started = view.get("started_at")
+            progress = with_eta(
+                parse_progress(progress_raw), datetime.fromisoformat(started) if started else None
+            )
+        view["progress"] = progress
+        return view
+
+
+def read_job_view(
+    store: SnapshotStore, reads: sessionmaker[Session], job_id: uuid.UUID, tenant_id: uuid.UUID
+) -> dict[str, Any]:
+    """Return the tenant's job as clients see it: from its snapshot, else from the ledger.
+
+    A ledger read stores what it read as the snapshot (versioned by the latest event it
+    saw, so a newer snapshot written meanwhile wins). `NotFound` for another tenant's job.
+    """
+    view = store.read(job_id, tenant_id)
+    if view is not None:
+        return view
+    with reads() as session:
+        job, version = get_job_versioned(session, job_id, tenant_id)
+    store.write([Snapshot.of(job, version)])
+    progress = None
+    if job.state == JobState.RUNNING:
+        try:
+            progress = read_progress(store.redis, job.id)
+        except RedisError:
+            logger.warning("progress of job %s unavailable", job.id, exc_info=True)
+    return JobOut.of(job, progress).model_dump(mode="json")
+
+
+def _mark_savepoint(session: Session, transaction: SessionTransaction) -> None:
+    # Remember how many snapshots were noted when a savepoint began, to drop the ones
+    # noted inside it if it rolls back while the unit of work goes on to commit.
+    if transaction.nested:
+        session.info.setdefault(_SAVEPOINTS, {})[transaction] = len(session.info.get(_PENDING, []))
+
+
+def _roll_back(session: Session, previous_transaction: SessionTransaction) -> None:
+    if previous_transaction.nested:
+        mark = session.info.get(_SAVEPOINTS, {}).pop(previous_transaction, None)
+        if mark is not None:
+            del session.info.get(_PENDING, [])[mark:]
+    elif previous_transaction.parent is None:
+        session.info.pop(_PENDING, None)
+
+
+def _forget(session: Session, transaction: SessionTransaction) -> None:
+    # Only the root: SQLAlchemy also ends savepoints (before their after_soft_rollback)
+    # and inner subtransactions here.
+    if transaction.parent is None:
+        # The unit of work is over (written after its commit, or rolled back).
+        session.info.pop(_PENDING, None)
+        session.info.pop(_SAVEPOINTS, None)
