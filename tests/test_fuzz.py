@@ -58,6 +58,8 @@ def fuzzed_app(settings: Settings, redis_client: Redis) -> Iterator[Any]:
     redis_client.delete(*queue_lists(own.default_queue))
 
 
+# Bounded by the example count; the time cap is for a machine busy with other work.
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_every_answer_is_documented_and_none_is_a_server_error(
     fuzzed_app: Any, identity: Identity, mode: GenerationMode
