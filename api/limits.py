@@ -6,6 +6,8 @@
 - Sign-in and sign-up are limited per client IP and per email instead.
 - Submitting jobs is refused while the tenant's unfinished jobs are at their quota.
 
+Each counter's increment also answers its count and expiry (api/rate_windows.py), so the
+`X-RateLimit-*` headers and a 429's `Retry-After` cost no Redis round trip of their own.
 When Redis is unreachable, rate limiting steps aside for a few seconds (fail open) with one
 warning, and responses carry no rate-limit headers rather than made-up ones.
 """
@@ -25,6 +27,7 @@ from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded, RequestL
 from flask_limiter.util import get_remote_address
 from limits.errors import StorageError
 
+from api import rate_windows
 from api.auth import authenticate
 from api.services import services
 from conveyor.auth import Principal
@@ -167,7 +170,7 @@ class _LimiterLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 
 def _retry_after(limit: RequestLimit) -> int:
-    """Return whole seconds until the window of `limit` reopens (asks Redis)."""
+    """Return whole seconds until the window of `limit` reopens (as its hit found it)."""
     reset, _ = limit.window
     return max(1, math.ceil(reset - time.time()))
 
@@ -194,8 +197,8 @@ def breach_error(exc: RateLimitExceeded) -> RateLimited:
 
 def _add_headers(limiter: Limiter, outage: _Outage) -> Callable[[Response], Response]:
     def add_headers(response: Response) -> Response:
-        # The principal's limit when it was counted, else the client IP's; read back from
-        # Redis now, and left out when Redis cannot say: no header is better than a guess.
+        # The principal's limit when it was counted, else the client IP's, as the hit's own
+        # reply left it; left out when Redis could not say: no header is better than a guess.
         current = limiter.current_limit
         if current is None or outage.active():
             return response
@@ -233,6 +236,7 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
         group: getattr(settings, f"rate_limit_{group}_principal") for group in GROUPS
     }
     outage = _Outage(OUTAGE_SECONDS)
+    rate_windows.register()
     limiter = Limiter(
         key_func=ip_key,
         app=app,
@@ -241,6 +245,8 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
         # Every storage failure arrives as a StorageError, whatever the backend's driver.
         storage_options={"socket_connect_timeout": 1, "socket_timeout": 1, "wrap_exceptions": True},
         key_prefix=settings.rate_limit_prefix,
+        # limits' fixed window, whose hit also returns what the headers need.
+        strategy=rate_windows.STRATEGY,
         # Written by `add_headers` below, never from counts Redis did not give.
         headers_enabled=False,
         # A Redis outage must not lock everyone out: let requests through (see _LimiterLog).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from limits.errors import StorageError
+from limits.storage import RedisStorage
 from redis import Redis
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
@@ -130,6 +132,31 @@ def test_principal_limit_is_429_with_retry_after_and_writes_nothing(
     member = bearer(role_tokens["member"])
     assert client.post("/v1/jobs", json=NOOP, headers=member).status_code == 202
     assert client.get("/v1/jobs", headers=mine).status_code == 200
+
+
+def test_headers_come_from_the_hit_without_reading_redis_again(
+    make_app: Callable[..., Flask], identity: Identity, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(rate_limit_read_principal="3/minute")
+    client = app.test_client()
+    auth = bearer(identity.token)
+
+    def no_read_back(*_: Any) -> None:
+        raise AssertionError("the window was read back from Redis")
+
+    # A read-back would fail, be swallowed by the limiter and leave the headers out.
+    monkeypatch.setattr(RedisStorage, "get", no_read_back)
+    monkeypatch.setattr(RedisStorage, "get_expiry", no_read_back)
+    for remaining in (2, 1, 0):
+        allowed = client.get("/v1/jobs", headers=auth)
+        assert allowed.status_code == 200
+        assert allowed.headers["X-RateLimit-Limit"] == "3"
+        assert allowed.headers["X-RateLimit-Remaining"] == str(remaining)
+        assert 0 <= int(allowed.headers["X-RateLimit-Reset"]) - time.time() <= 61
+    refused = client.get("/v1/jobs", headers=auth)
+    assert_problem(refused, 429)
+    assert refused.headers["X-RateLimit-Remaining"] == "0"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
 
 
 def test_ip_limit_counts_every_caller_from_one_address(
