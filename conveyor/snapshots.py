@@ -1,10 +1,10 @@
 """Job state snapshots in Redis: the status poll's fast path, the ledger its fallback.
 
 Every transition notes a snapshot in its session; after the commit the session factory
-writes them (one pipelined round trip). A snapshot is versioned by the id of the job's
-latest event (`job_events.id` comes from a sequence, and transitions of one job are
-serialised by its row lock, so ids grow in transition order), and a Lua script keeps
-only a newer version: writers that lose a race can never bring an older state back.
+writes them (one pipelined round trip of `EVALSHA`s). A snapshot is versioned by the id
+of the job's latest event (`job_events.id` comes from a sequence, and transitions of one
+job are serialised by its row lock, so ids grow in transition order), and a Lua script
+keeps only a newer version: writers that lose a race can never bring an older state back.
 
 Versions, for the job's latest event id `v`:
 - `v`: the document is exactly the row as of that event (submit, claim, finish, a fill
@@ -33,7 +33,7 @@ from datetime import datetime
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
@@ -137,19 +137,13 @@ class SnapshotStore:
         # Writes that failed earlier go first: the version guard makes a late one harmless.
         batch = [*self._take_retries(), *snapshots]
         try:
-            with self._redis.pipeline(transaction=False) as pipe:
-                for snap in batch:
-                    self._write(
-                        keys=[snapshot_key(snap.job_id)],
-                        args=[
-                            _version_text(snap.version),
-                            self._ttl,
-                            str(snap.tenant_id or ""),
-                            snap.doc or "",
-                        ],
-                        client=pipe,
-                    )
-                pipe.execute()
+            try:
+                self._send(batch)
+            except NoScriptError:
+                # Redis restarted or flushed its scripts: load ours, then the same writes
+                # again (the version guard makes a repeat harmless).
+                self._redis.script_load(_WRITE)
+                self._send(batch)
         except RedisError:
             # A snapshot that missed its update must not be served: drop them all, so the
             # poll reads the ledger.
@@ -161,6 +155,22 @@ class SnapshotStore:
                 # partition): retry these with this process's next write or read. Lost
                 # if the process dies meanwhile; the TTL bounds that.
                 self._keep_for_retry(batch)
+
+    def _send(self, batch: Sequence[Snapshot]) -> None:
+        # EVALSHA by hand: a redis-py Script in a pipeline costs a SCRIPT EXISTS round trip
+        # before every pipeline; the script is loaded once, and again only when Redis lost it.
+        with self._redis.pipeline(transaction=False) as pipe:
+            for snap in batch:
+                pipe.evalsha(
+                    self._write.sha,
+                    1,
+                    snapshot_key(snap.job_id),
+                    _version_text(snap.version),
+                    self._ttl,
+                    str(snap.tenant_id or ""),
+                    snap.doc or "",
+                )
+            pipe.execute()
 
     def _take_retries(self) -> list[Snapshot]:
         retries, self._retries = self._retries, []

@@ -223,3 +223,17 @@ def test_writes_that_failed_while_redis_was_away_are_retried(
     assert view is not None
     assert view["state"] == "succeeded"
     redis_client.delete(snapshot_key(job_id))
+
+
+def test_a_write_after_redis_lost_its_scripts_loads_the_script_again(
+    store: SnapshotStore, redis_client: Redis
+) -> None:
+    tenant, job_id = uuid.uuid4(), uuid.uuid4()
+    doc = json.dumps({"state": "queued", "started_at": None})
+    # What a Redis restart without persistence of scripts looks like to a running process.
+    redis_client.script_flush()
+    store.write([Snapshot(job_id, 1, tenant, doc)])
+    view = store.read(job_id, tenant)
+    assert view is not None
+    assert view["state"] == "queued"
+    redis_client.delete(snapshot_key(job_id))
