@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     # (API key or user) and per client IP; Flask-Limiter strings, empty for none. Generous
     # defaults: they stop a runaway client, not a busy one.
     rate_limits_enabled: bool = True
-    # X-RateLimit-* headers on every limited response; they cost two Redis round trips each.
+    # X-RateLimit-* headers on every limited response, from the counter's own hit (no extra read).
     rate_limit_headers: bool = True
     rate_limit_submit_principal: str = "60000/minute"
     rate_limit_submit_ip: str = "120000/minute"
