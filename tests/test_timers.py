@@ -8,6 +8,8 @@ from types import SimpleNamespace
 from kombu.asynchronous import Hub
 from kombu.asynchronous.timer import Timer
 
+from conveyor.settings import Settings
+from worker.app import create_celery_app
 from worker.timers import PurgeCancelledTimers, purge_cancelled
 
 JOBS = 10_000
@@ -73,3 +75,7 @@ def test_workers_without_an_event_loop_skip_the_sweep() -> None:
         SimpleNamespace(use_eventloop=False, hub=None)
     )
 
+
+def test_the_worker_app_installs_the_sweep(base_settings: Settings) -> None:
+    app = create_celery_app(base_settings)
+    assert PurgeCancelledTimers in app.steps["worker"]
