@@ -27,6 +27,7 @@ from conveyor.settings import Settings
 from conveyor.snapshots import SnapshotStore
 from worker.housekeeping import Housekeeper
 from worker.runner import WorkerServices, fail_timed_out, run_job
+from worker.timers import install as install_timer_purge
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     app.conf.task_queues = [Queue(name) for name in consumed_queues(settings, services)]
     for job_type in services.registry:
         _register_job_task(app, services, job_type)
+    # Every job has a time limit: drop each one's cancelled timer once it has finished.
+    install_timer_purge(app)
     if settings.amqp_broker:
         _warn_of_consumer_timeout(services)
 
