@@ -106,10 +106,6 @@ def test_the_broker_delivers_higher_priorities_first(
 # Celery's worker thread warns on each connection loss that its default will cancel such
 # jobs in 6.0 (Conveyor sets that option explicitly); pytest lists it in its summary (a
 # filterwarnings mark on this test did not silence it).
-# Isolated: after some other modules in the same process (test_beat, test_api_failures) its
-# in-process worker sometimes never runs the job and then never exits, and every later
-# in-process worker hangs at start. Alone it passes; the cause is not found yet.
-@pytest.mark.isolated
 @pytest.mark.e2e
 def test_on_rabbitmq_a_job_outliving_its_channel_runs_once(
     amqp_settings: Settings,
