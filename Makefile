@@ -22,7 +22,6 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest --cov --cov-report=term $(PYTEST_ARGS)
-	$(BIN)/python -m pytest -m isolated --no-cov $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -300,20 +300,34 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+@contextlib.contextmanager
+def in_process_worker(app: Any) -> Iterator[Any]:
+    """Run `app`'s Celery worker in a thread of this process (thread pool) for the block."""
+    import celery.contrib.testing.tasks  # noqa: F401 - registers the ping task start_worker needs
+    from celery.contrib.testing.worker import start_worker
+    from celery.worker import state
+
+    try:
+        with start_worker(
+            app, pool="threads", concurrency=2, perform_ping_check=False, shutdown_timeout=30
+        ) as running:
+            # The event loop sleeps until its next timer (up to 10 s on an idle AMQP
+            # connection) before it notices the stop: a frequent no-op timer lets it stop at once.
+            running.timer.call_repeatedly(0.5, lambda: None)
+            yield running
+    finally:
+        # start_worker stops its worker with this process-wide flag, and leaves it set when
+        # the worker thread outstays shutdown_timeout: every later in-process worker would
+        # then stop before it is ready, and hang its test at start instead of this one failing.
+        state.should_terminate = None
+
+
 @pytest.fixture(scope="module")
 def worker(settings: Settings) -> Iterator[Any]:
     """Run a real Celery worker (thread pool) consuming this run's queue, on its broker."""
-    import celery.contrib.testing.tasks  # noqa: F401 - registers the ping task start_worker needs
-    from celery.contrib.testing.worker import start_worker
-
     from worker.app import create_celery_app
 
     app = create_celery_app(settings)
-    with start_worker(
-        app, pool="threads", concurrency=2, perform_ping_check=False, shutdown_timeout=30
-    ) as running:
-        # The event loop sleeps until its next timer (up to 10 s on an idle AMQP connection)
-        # before it notices the stop: a frequent no-op timer lets it stop at once.
-        running.timer.call_repeatedly(0.5, lambda: None)
+    with in_process_worker(app):
         yield app
     app.conveyor.engine.dispose()

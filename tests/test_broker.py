@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
+from typing import Any
 
 import pytest
 from redis import Redis
@@ -15,7 +17,7 @@ from conveyor.broker import CeleryPublisher, Message, create_celery, queue_lists
 from conveyor.errors import PublishFailed
 from conveyor.models import JobEvent
 from conveyor.settings import Settings
-from tests.conftest import bearer, fresh_queue, wait_for
+from tests.conftest import bearer, fresh_queue, in_process_worker, wait_for
 from worker.app import create_celery_app
 
 # Nothing listens on port 1: building apps on it connects nothing, publishing fails.
@@ -104,41 +106,56 @@ def test_the_broker_delivers_higher_priorities_first(
 # Celery's worker thread warns on each connection loss that its default will cancel such
 # jobs in 6.0 (Conveyor sets that option explicitly); pytest lists it in its summary (a
 # filterwarnings mark on this test did not silence it).
-# Isolated: after some other modules in the same process (test_beat, test_api_failures) its
-# in-process worker sometimes never runs the job and then never exits, and every later
-# in-process worker hangs at start. Alone it passes; the cause is not found yet.
-@pytest.mark.isolated
 @pytest.mark.e2e
 def test_on_rabbitmq_a_job_outliving_its_channel_runs_once(
-    amqp_settings: Settings, identity: Identity, sessions: sessionmaker[Session]
+    amqp_settings: Settings,
+    identity: Identity,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import celery.contrib.testing.tasks  # noqa: F401 - registers the ping task start_worker needs
-    from celery.contrib.testing.worker import start_worker
+    from amqp.channel import Channel
 
     from api import create_app
     from tests.test_e2e import finished, submit
 
+    # A py-amqp connection is not thread-safe: a second thread waiting for a reply on the
+    # worker's connection steals frames from the event loop, and one of the two then waits
+    # for ever. Record which threads consume and which set the prefetch count (basic.qos
+    # waits for its qos-ok).
+    consuming: set[int] = set()
+    prefetch: list[tuple[int, int]] = []
+    basic_consume, basic_qos = Channel.basic_consume, Channel.basic_qos
+
+    def consume(channel: Channel, *args: Any, **kwargs: Any) -> Any:
+        consuming.add(threading.get_ident())
+        return basic_consume(channel, *args, **kwargs)
+
+    def qos(channel: Channel, prefetch_size: int, prefetch_count: int, a_global: bool) -> Any:
+        prefetch.append((threading.get_ident(), prefetch_count))
+        return basic_qos(channel, prefetch_size, prefetch_count, a_global)
+
+    monkeypatch.setattr(Channel, "basic_consume", consume)
+    monkeypatch.setattr(Channel, "basic_qos", qos)
     api = create_app(amqp_settings)
     client = api.test_client()
     assert client.get("/readyz").status_code == 200
     auth = bearer(identity.token)
     app = create_celery_app(amqp_settings)
-    with start_worker(
-        app, pool="threads", concurrency=2, perform_ping_check=False, shutdown_timeout=30
-    ) as running:
-        running.timer.call_repeatedly(0.5, lambda: None)  # see the `worker` fixture
+    with in_process_worker(app) as running:
         job_id = submit(client, auth, "system.sleep", {"seconds": 2})
         wait_for(lambda: client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["progress"])
         # What consumer_timeout does to a long job: RabbitMQ closes the worker's channel with
         # 406 PRECONDITION_FAILED and requeues its deliveries. An ack of an unknown tag earns
-        # the same close at once (one frame written from this thread; the worker's is busy
-        # polling).
+        # the same close at once (one frame written from this thread: py-amqp serializes
+        # writes; only reading the connection belongs to the worker's event loop).
         running.consumer.task_consumer.channel.basic_ack(999_999)
         body = wait_for(lambda: finished(client, auth, job_id), timeout=30)
         assert (body["state"], body["attempts"]) == ("succeeded", 1)
         # The worker reconnected and serves the next job; the requeued one was skipped.
         other = submit(client, auth, "system.noop", {})
         assert wait_for(lambda: finished(client, auth, other))["state"] == "succeeded"
+        # The prefetch count, cut to one at the reconnect, is back to one per pool thread.
+        wait_for(lambda: prefetch[-1][1] == 2)
     app.conveyor.engine.dispose()
     api.extensions["conveyor"].engine.dispose()
     with sessions() as session:
@@ -148,3 +165,7 @@ def test_on_rabbitmq_a_job_outliving_its_channel_runs_once(
             )
         )
     assert runs == 1
+    # Every change of the prefetch count, the restoring ones included, came from the
+    # consuming thread (Celery's own restore runs in the pool thread that acks).
+    assert 1 in [count for _, count in prefetch]
+    assert {thread for thread, _ in prefetch} <= consuming

@@ -25,6 +25,7 @@ from conveyor.metrics import serve_metrics
 from conveyor.registry import JobType, load_job_types
 from conveyor.settings import Settings
 from conveyor.snapshots import SnapshotStore
+from worker.consumer import install as install_loop_bound_consumer
 from worker.housekeeping import Housekeeper
 from worker.runner import WorkerServices, fail_timed_out, run_job
 from worker.timers import install as install_timer_purge
@@ -56,6 +57,8 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         _register_job_task(app, services, job_type)
     # Every job has a time limit: drop each one's cancelled timer once it has finished.
     install_timer_purge(app)
+    # A thread-pool worker must not touch its broker connection outside its event loop.
+    install_loop_bound_consumer(app)
     if settings.amqp_broker:
         _warn_of_consumer_timeout(services)
 
