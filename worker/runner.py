@@ -116,7 +116,7 @@ class WorkerServices:
     engine: Engine
     sessions: sessionmaker[Session]
     registry: JobRegistry
-    # Autocommit, for units of work that are one statement (the claim): a statement is
+    # Autocommit, for units of work that are one statement (the claim, a quiet finish): one is
     # atomic by itself, so BEGIN and COMMIT would be two round trips for nothing.
     statements: sessionmaker[Session]
     name: str = field(default_factory=socket.gethostname)
