@@ -20,8 +20,10 @@ from typing import Any
 from sqlalchemy import (
     CTE,
     ColumnElement,
+    Exists,
     Select,
     Update,
+    and_,
     bindparam,
     func,
     insert,
@@ -30,13 +32,13 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from conveyor.models import Job, JobEvent, Webhook
 from conveyor.registry import RetryPolicy
 from conveyor.snapshots import Snapshot, note, note_tombstones
 from conveyor.states import NOT_STARTED, JobState, sources_of
-from conveyor.webhooks import enqueue_deliveries
+from conveyor.webhooks import DELIVER_TYPE, enqueue_deliveries
 
 ERROR_MESSAGE_LIMIT = 2000
 
@@ -55,6 +57,9 @@ class ClaimedJob:
     worker: str | None = None
     # When the job fell due (created, or its delay or backoff over): the start of its wait.
     due_at: datetime | None = None
+    # Whether its success enqueues deliveries (a callback URL, a subscribed webhook), as of
+    # the claim: then only a transaction can finish it (succeed_job_quietly says why).
+    success_delivers: bool = True
 
 
 _DUE_AT = func.coalesce(Job.scheduled_for, Job.created_at).label("due_at")
@@ -169,18 +174,52 @@ def _claim_statement() -> Select[Any]:
         .cte("moved")
     )
     detail = bindparam("p_detail", type_=JobEvent.detail.type)
-    return _with_event(moved, JobState.QUEUED, JobState.RUNNING, moved.c.attempt, detail)
+    delivers = and_(
+        moved.c.type != DELIVER_TYPE,
+        or_(
+            moved.c.callback_url.is_not(None),
+            _subscribed(moved.c.tenant_id, JobState.SUCCEEDED),
+        ),
+    )
+    return _with_event(
+        moved, JobState.QUEUED, JobState.RUNNING, moved.c.attempt, detail
+    ).add_columns(delivers.label("success_delivers"))
+
+
+def _subscribed(
+    tenant_id: ColumnElement[uuid.UUID] | InstrumentedAttribute[uuid.UUID], target: JobState
+) -> Exists:
+    """Return whether an enabled webhook of the tenant listens for jobs reaching `target`."""
+    return (
+        select(Webhook.id)
+        .where(
+            Webhook.tenant_id == tenant_id,
+            Webhook.enabled.is_(True),
+            Webhook.events.contains([f"job.{target.value}"]),
+        )
+        .exists()
+    )
 
 
 @functools.cache
-def _finish_statement(target: JobState, columns: tuple[str, ...]) -> Select[Any]:
+def _finish_statement(target: JobState, columns: tuple[str, ...], quiet: bool) -> Select[Any]:
+    guards = [
+        Job.id == bindparam("p_job_id", type_=Job.id.type),
+        Job.state == JobState.RUNNING,
+        Job.attempt == bindparam("p_attempt", type_=Job.attempt.type),
+    ]
+    if quiet:
+        # Moves nothing when the transition would enqueue deliveries (enqueue_deliveries'
+        # rules): those must be inserted in the transition's own transaction.
+        guards.append(
+            or_(
+                Job.type == DELIVER_TYPE,
+                and_(Job.callback_url.is_(None), ~_subscribed(Job.tenant_id, target)),
+            )
+        )
     moved = (
         update(Job)
-        .where(
-            Job.id == bindparam("p_job_id", type_=Job.id.type),
-            Job.state == JobState.RUNNING,
-            Job.attempt == bindparam("p_attempt", type_=Job.attempt.type),
-        )
+        .where(*guards)
         .values(
             state=target,
             **{c: bindparam(f"p_{c}", type_=Job.__table__.c[c].type) for c in columns},
@@ -192,17 +231,9 @@ def _finish_statement(target: JobState, columns: tuple[str, ...]) -> Select[Any]
     stmt = _with_event(moved, JobState.RUNNING, target, moved.c.attempt, detail)
     if target.is_terminal:
         # Whether any endpoint listens, asked in the same statement: most tenants have
-        # none, and then a finish costs no further round trip.
-        stmt = stmt.add_columns(
-            select(Webhook.id)
-            .where(
-                Webhook.tenant_id == moved.c.tenant_id,
-                Webhook.enabled.is_(True),
-                Webhook.events.contains([f"job.{target.value}"]),
-            )
-            .exists()
-            .label("subscribed")
-        )
+        # none, and then a finish costs no further round trip. A quiet finish has none.
+        subscribed = literal(False) if quiet else _subscribed(moved.c.tenant_id, target)
+        stmt = stmt.add_columns(subscribed.label("subscribed"))
     return stmt
 
 
@@ -246,10 +277,15 @@ def _finish(
     job: ClaimedJob,
     target: JobState,
     detail: dict[str, Any] | None = None,
+    *,
+    quiet: bool = False,
     **values: Any,
 ) -> bool:
-    """Move a running attempt to `target`; `False` if the attempt no longer owns the job."""
-    stmt = _finish_statement(target, tuple(sorted(values)))
+    """Move a running attempt to `target`; `False` if the attempt no longer owns the job.
+
+    `quiet` moves it only if the transition enqueues no delivery (else `False` too).
+    """
+    stmt = _finish_statement(target, tuple(sorted(values)), quiet)
     params = {f"p_{name}": value for name, value in values.items()}
     params |= {"p_job_id": job.id, "p_attempt": job.attempt, "p_detail": detail}
     row = session.execute(stmt, params).one_or_none()
@@ -279,6 +315,28 @@ def succeed_job(
     """Finish an attempt as `succeeded` with its result."""
     return _finish(
         session, job, JobState.SUCCEEDED, _timings(job, now), result=result, finished_at=now
+    )
+
+
+def succeed_job_quietly(
+    session: Session, job: ClaimedJob, result: dict[str, Any] | None, now: datetime
+) -> bool:
+    """Succeed an attempt in one statement, unless its success enqueues deliveries.
+
+    For an autocommit session, when the job wrote nothing: with no delivery to insert
+    beside it, the guarded statement is the whole unit of work (one round trip instead of
+    BEGIN, statement, COMMIT). `False` moved nothing: the attempt lost the job, or the job
+    has a callback URL or a webhook listens (deliveries must commit with the success);
+    `succeed_job` in a transaction tells the two apart.
+    """
+    return _finish(
+        session,
+        job,
+        JobState.SUCCEEDED,
+        _timings(job, now),
+        quiet=True,
+        result=result,
+        finished_at=now,
     )
 
 

@@ -19,7 +19,8 @@ stays the ledger's. A failed write deletes the keys; when Redis is unreachable f
 too, the process retries the writes with its next write or read (until then its reads
 go to the ledger). A failed read falls back to the ledger. Progress is not copied here:
 it stays in the Celery result backend, on the same Redis, and the poll reads both in
-one pipelined round trip.
+one pipelined round trip. A job's final result-backend document may be noted beside its
+snapshot and goes out in the same pipeline (best effort: the ledger has the result).
 """
 
 from __future__ import annotations
@@ -91,9 +92,28 @@ class Snapshot:
         return cls(job.id, version, job.tenant_id, json.dumps(view, separators=(",", ":")))
 
 
-def note(session: Session, snapshots: Iterable[Snapshot]) -> None:
-    """Queue snapshots to be written once `session` commits (dropped on rollback)."""
-    session.info.setdefault(_PENDING, []).extend(snapshots)
+@dataclass(frozen=True)
+class BackendResult:
+    """A task's document in the Celery result backend, stored and announced as Celery does.
+
+    Celery's Redis backend SETs the key with its TTL and PUBLISHes the same value to the
+    key's channel (for a waiting `AsyncResult.get()`).
+    """
+
+    key: bytes | str
+    value: bytes | str
+    ttl: int | None
+
+
+Pending = Snapshot | BackendResult
+
+
+def note(session: Session, writes: Iterable[Pending]) -> None:
+    """Queue snapshots (and result documents) to be written once `session` commits.
+
+    Dropped on rollback.
+    """
+    session.info.setdefault(_PENDING, []).extend(writes)
 
 
 def note_tombstones(session: Session, versions: Iterable[tuple[uuid.UUID, int]]) -> None:
@@ -128,14 +148,17 @@ class SnapshotStore:
         event.listen(factory, "after_transaction_end", _forget)
 
     def _after_commit(self, session: Session) -> None:
-        pending: list[Snapshot] = session.info.pop(_PENDING, [])
+        pending: list[Pending] = session.info.pop(_PENDING, [])
         if pending:
             self.write(pending)
 
-    def write(self, snapshots: Sequence[Snapshot]) -> None:
-        """Store the snapshots, each only if newer than what is there; never raises."""
+    def write(self, writes: Sequence[Pending]) -> None:
+        """Store the snapshots, each only if newer than what is there; never raises.
+
+        Result documents go in the same pipeline; if it fails they are dropped, not retried.
+        """
         # Writes that failed earlier go first: the version guard makes a late one harmless.
-        batch = [*self._take_retries(), *snapshots]
+        batch = [*self._take_retries(), *writes]
         try:
             try:
                 self._send(batch)
@@ -148,19 +171,26 @@ class SnapshotStore:
             # A snapshot that missed its update must not be served: drop them all, so the
             # poll reads the ledger.
             logger.warning("could not write %d job snapshots", len(batch), exc_info=True)
+            snapshots = [s for s in batch if isinstance(s, Snapshot)]
+            if not snapshots:
+                return
             try:
-                self._redis.delete(*(snapshot_key(s.job_id) for s in batch))
+                self._redis.delete(*(snapshot_key(s.job_id) for s in snapshots))
             except RedisError:
                 # Redis is unreachable, and may come back with the old snapshots (AOF, a
                 # partition): retry these with this process's next write or read. Lost
                 # if the process dies meanwhile; the TTL bounds that.
-                self._keep_for_retry(batch)
+                self._keep_for_retry(snapshots)
 
-    def _send(self, batch: Sequence[Snapshot]) -> None:
+    def _send(self, batch: Sequence[Pending]) -> None:
         # EVALSHA by hand: a redis-py Script in a pipeline costs a SCRIPT EXISTS round trip
         # before every pipeline; the script is loaded once, and again only when Redis lost it.
         with self._redis.pipeline(transaction=False) as pipe:
             for snap in batch:
+                if isinstance(snap, BackendResult):
+                    pipe.set(snap.key, snap.value, ex=snap.ttl or None)
+                    pipe.publish(snap.key, snap.value)
+                    continue
                 pipe.evalsha(
                     self._write.sha,
                     1,

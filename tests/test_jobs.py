@@ -22,10 +22,11 @@ from conveyor.jobs import (
     retry_delay,
     stale_queued_jobs,
     succeed_job,
+    succeed_job_quietly,
 )
 from conveyor.models import Job, JobEvent
 from conveyor.queries import get_job
-from conveyor.registry import RetryPolicy
+from conveyor.registry import RetryPolicy, load_job_types
 from conveyor.states import JobState
 from tests.factories import job_factory, tenant_factory
 
@@ -79,6 +80,51 @@ def test_succeed_is_guarded_by_state_and_attempt(db_session: Session) -> None:
     db_session.refresh(job)
     assert (job.state, job.result, job.finished_at) == ("succeeded", {"x": 1}, NOW)
     assert events(db_session, job)[-1] == ("running", "succeeded", 1)
+
+
+def test_a_quiet_success_moves_only_a_job_whose_success_delivers_nothing(
+    db_session: Session,
+) -> None:
+    from conveyor.webhooks import DELIVER_TYPE, create_webhook
+
+    load_job_types(["conveyor.jobtypes.webhooks"])  # deliveries exist in this process
+    tenant = tenant_factory(db_session)
+    # Neither listens for successes: one is disabled, the other wants failures.
+    create_webhook(
+        db_session, tenant.id, "https://a.example/hook", ["job.succeeded"]
+    ).enabled = False
+    create_webhook(db_session, tenant.id, "https://a.example/hook", ["job.failed"])
+    plain = claim_job(db_session, job_factory(db_session, tenant.id).id, "w1", NOW)
+    called_back = claim_job(
+        db_session,
+        job_factory(db_session, tenant.id, callback_url="https://a.example/cb").id,
+        "w1",
+        NOW,
+    )
+    assert plain is not None
+    assert called_back is not None
+    assert (plain.success_delivers, called_back.success_delivers) == (False, True)
+    stale = dataclasses.replace(plain, attempt=plain.attempt + 1)
+    assert succeed_job_quietly(db_session, stale, None, NOW) is False
+    # Its delivery must commit with the success: only a transaction may finish it.
+    assert succeed_job_quietly(db_session, called_back, None, NOW) is False
+    assert db_session.get_one(Job, called_back.id, populate_existing=True).state == "running"
+    assert succeed_job_quietly(db_session, plain, {"x": 1}, NOW) is True
+    job = db_session.get_one(Job, plain.id, populate_existing=True)
+    assert (job.state, job.result) == ("succeeded", {"x": 1})
+    assert events(db_session, job)[-1] == ("running", "succeeded", 1)
+
+    # A webhook that starts listening after the claim stops the quiet success too.
+    late = claim_job(db_session, job_factory(db_session, tenant.id).id, "w1", NOW)
+    assert late is not None
+    assert late.success_delivers is False
+    create_webhook(db_session, tenant.id, "https://a.example/new", ["job.succeeded"])
+    assert succeed_job_quietly(db_session, late, None, NOW) is False
+    assert succeed_job(db_session, late, None, NOW) is True
+    deliveries = db_session.scalars(select(Job.payload).where(Job.type == DELIVER_TYPE)).all()
+    assert {(d["job_id"], d["url"]) for d in deliveries} == {
+        (str(late.id), "https://a.example/new")
+    }
 
 
 def test_failure_retries_until_max_attempts_then_fails(db_session: Session) -> None:

@@ -18,7 +18,7 @@ from conveyor.bootstrap import create_tenant_identity
 from conveyor.jobs import claim_job, succeed_job
 from conveyor.retention import prune
 from conveyor.settings import Settings
-from conveyor.snapshots import Snapshot, SnapshotStore, snapshot_key
+from conveyor.snapshots import BackendResult, Snapshot, SnapshotStore, snapshot_key
 from tests.factories import job_factory
 
 
@@ -237,3 +237,38 @@ def test_a_write_after_redis_lost_its_scripts_loads_the_script_again(
     assert view is not None
     assert view["state"] == "queued"
     redis_client.delete(snapshot_key(job_id))
+
+
+def test_a_result_document_goes_out_with_the_snapshots_and_is_announced(
+    store: SnapshotStore, redis_client: Redis
+) -> None:
+    tenant, job_id = uuid.uuid4(), uuid.uuid4()
+    key = f"celery-task-meta-{job_id}"
+    listener = redis_client.pubsub()
+    listener.subscribe(key)
+    assert listener.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
+    doc = json.dumps({"state": "succeeded", "started_at": None})
+    store.write([Snapshot(job_id, 3, tenant, doc), BackendResult(key, b'{"status":"x"}', 120)])
+    assert redis_client.get(key) == b'{"status":"x"}'
+    assert 0 < redis_client.ttl(key) <= 120
+    # Celery's own write PUBLISHes the value too: an AsyncResult.get() waiting hears of it.
+    announced = listener.get_message(timeout=5)
+    assert announced is not None
+    assert announced["data"] == b'{"status":"x"}'
+    listener.close()
+    view = store.read(job_id, tenant)
+    assert view is not None
+    assert view["state"] == "succeeded"
+    redis_client.delete(key, snapshot_key(job_id))
+
+
+def test_a_result_document_lost_with_redis_is_dropped_but_its_snapshot_is_retried(
+    store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tenant, job_id = uuid.uuid4(), uuid.uuid4()
+    away = Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)
+    monkeypatch.setattr(store, "_redis", away)
+    snapshot = Snapshot(job_id, 2, tenant, json.dumps({"state": "succeeded"}))
+    store.write([snapshot, BackendResult(f"celery-task-meta-{job_id}", b"{}", 60)])
+    # The ledger has the result; only the snapshot must never be served stale.
+    assert store._retries == [snapshot]

@@ -19,9 +19,9 @@ from typing import Any
 from celery import Task
 from pydantic import BaseModel
 from redis import Redis
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from conveyor.errors import JobCancelled, PermanentError, ValidationFailed
 from conveyor.jobs import (
@@ -32,17 +32,21 @@ from conveyor.jobs import (
     fail_job,
     running_attempt,
     succeed_job,
+    succeed_job_quietly,
 )
 from conveyor.logs import bind_context
 from conveyor.metrics import JOB_QUEUE_WAIT_SECONDS, JOB_RUN_SECONDS, JOBS_FINISHED
 from conveyor.progress import PROGRESS_STATE, progress_meta
 from conveyor.registry import JobContext, JobRegistry
 from conveyor.settings import Settings
+from conveyor.snapshots import BackendResult, note
 
 logger = logging.getLogger(__name__)
 # Progress is written at most this often per job, so chatty jobs stay cheap.
 PROGRESS_INTERVAL = 0.25
 SUCCESS_STATE = "SUCCESS"
+# Set in a session's info once it began a database transaction (anything touched the DB).
+_BEGAN = "conveyor_began"
 
 
 def utcnow() -> datetime:
@@ -112,7 +116,7 @@ class WorkerServices:
     engine: Engine
     sessions: sessionmaker[Session]
     registry: JobRegistry
-    # Autocommit, for units of work that are one statement (the claim): a statement is
+    # Autocommit, for units of work that are one statement (the claim, a quiet finish): one is
     # atomic by itself, so BEGIN and COMMIT would be two round trips for nothing.
     statements: sessionmaker[Session]
     name: str = field(default_factory=socket.gethostname)
@@ -121,8 +125,15 @@ class WorkerServices:
 
     def __post_init__(self) -> None:
         self.heartbeats = Heartbeats(self.sessions, self.settings.heartbeat_interval)
+        if not event.contains(self.sessions, "after_begin", _mark_began):
+            event.listen(self.sessions, "after_begin", _mark_began)
         # Connects on first use, so building it in the parent before fork is harmless.
         self.redis = Redis.from_url(self.settings.result_backend, socket_timeout=5)
+
+
+def _mark_began(session: Session, _transaction: SessionTransaction, _conn: Connection) -> None:
+    """Remember that the session began a database transaction: the job used its session."""
+    session.info[_BEGAN] = True
 
 
 class LostOwnership(Exception):
@@ -188,7 +199,7 @@ def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
     started = time.monotonic()
     try:
         with services.heartbeats.running(job_id):
-            result = _run_and_succeed(services, task, claimed)
+            _run_and_succeed(services, task, claimed)
     except LostOwnership:
         logger.warning("job %s attempt %s lost its claim; rolled back", job_id, claimed.attempt)
         return "lost"
@@ -214,16 +225,34 @@ def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
         return str(outcome)
     JOB_RUN_SECONDS.labels(claimed.type).observe(time.monotonic() - started)
     JOBS_FINISHED.labels(claimed.type, "succeeded").inc()
-    _store_result(task, str(job_id), result)
     return "succeeded"
 
 
-def _store_result(task: Task, job_id: str, result: dict[str, Any] | None) -> None:
-    """Leave the final result in the result backend too, where it expires with `result_expires`."""
+def _backend_result(task: Task, job_id: str, result: dict[str, Any] | None) -> list[BackendResult]:
+    """Build the document Celery's `store_result` would write for the job's success.
+
+    Noted beside the job's finished snapshot, it goes out in the same pipeline after the
+    commit (one round trip instead of the backend's GET, then SETEX and PUBLISH), and
+    expires with `result_expires`. Its read-before-write guards a SUCCESS against a late
+    duplicate; the ledger's guarded finish already does (only the attempt that succeeded
+    the job gets here). Built with the backend's own meta and encoding, so
+    `AsyncResult(job_id)` reads it as Celery's own.
+    """
+    backend = task.backend
     try:
-        task.backend.store_result(job_id, result, SUCCESS_STATE)
+        meta = backend._get_result_meta(
+            result=backend.encode_result(result, SUCCESS_STATE),
+            state=SUCCESS_STATE,
+            traceback=None,
+            request=None,
+        )
+        meta["task_id"] = job_id
+        return [
+            BackendResult(backend.get_key_for_task(job_id), backend.encode(meta), backend.expires)
+        ]
     except Exception:  # the ledger has the result; the backend copy is a convenience
         logger.warning("could not store the result of job %s", job_id, exc_info=True)
+        return []
 
 
 class DatabaseError(Exception):
@@ -237,10 +266,12 @@ def public_error(exc: Exception) -> Exception:
     return exc
 
 
-def _run_and_succeed(
-    services: WorkerServices, task: Task, claimed: ClaimedJob
-) -> dict[str, Any] | None:
-    """Run the job and succeed it in one transaction: its writes and its success commit together."""
+def _run_and_succeed(services: WorkerServices, task: Task, claimed: ClaimedJob) -> None:
+    """Run the job and succeed it in one transaction: its writes and its success commit together.
+
+    A job that never touched its session has nothing to commit with its success: then the
+    finish is one autocommit statement, unless deliveries must commit with it.
+    """
     job_type = services.registry.get(claimed.type)
     payload = job_type.parse_payload(claimed.payload)
     committed: list[Callable[[], None]] = []
@@ -257,14 +288,37 @@ def _run_and_succeed(
             settings=services.settings,
         )
         result = _as_result(job_type.func(ctx, payload), services.settings.max_result_bytes)
-        if not succeed_job(session, claimed, result, utcnow()):
-            raise LostOwnership(str(claimed.id))
+        session.flush()  # pending objects begin the transaction now, not in the finish
+        stored = _backend_result(task, str(claimed.id), result)
+        # Untouched, the session's transaction ends with no round trip at all.
+        quiet = not (session.info.get(_BEGAN) or claimed.success_delivers)
+        if not (quiet and _succeed_quietly(services, claimed, result, stored)):
+            if not succeed_job(session, claimed, result, utcnow()):
+                raise LostOwnership(str(claimed.id))
+            note(session, stored)
     for callback in committed:
         try:
             callback()
         except Exception:  # the job succeeded; a follow-up that fails is logged, not retried
             logger.warning("after-commit step of job %s failed", claimed.id, exc_info=True)
-    return result
+
+
+def _succeed_quietly(
+    services: WorkerServices,
+    claimed: ClaimedJob,
+    result: dict[str, Any] | None,
+    stored: list[BackendResult],
+) -> bool:
+    """Succeed the job in one autocommit statement; `False` if that moved nothing.
+
+    Moving nothing means the attempt lost the job or deliveries are due: the caller's
+    transaction then finishes it, or finds that it lost.
+    """
+    with services.statements.begin() as statement:
+        if not succeed_job_quietly(statement, claimed, result, utcnow()):
+            return False
+        note(statement, stored)
+    return True
 
 
 def fail_timed_out(services: WorkerServices, raw_job_id: str, error: Exception) -> None:
