@@ -273,7 +273,6 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
             and request.url_rule is not None
             and request.url_rule.rule in SUBMIT_RULES
         )
-        counted = False
         principal = None
         if counting():
             counters = limits.counters(by_ip, ip_key(), f"ip-{group}")
@@ -286,14 +285,13 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
                 counters += limits.counters(
                     by_principal, principal_key(principal), f"principal-{group}"
                 )
-                counted = True
             if counters:
                 limits.count(counters, shown)
         if principal is None and ((settings.rate_limits_enabled and by_principal) or submits):
             principal = _verified_principal()
             if principal is None:
                 return
-            if by_principal and not counted and counting():
+            if by_principal and counting():
                 limits.count(
                     limits.counters(by_principal, principal_key(principal), f"principal-{group}")
                 )
