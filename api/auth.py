@@ -137,18 +137,40 @@ def authenticate() -> Principal:
         raise
 
 
-def _authenticate() -> Principal:
+def cached_principal() -> Principal | None:
+    """Return the caller if known without a lookup: verified already, or a cached API key.
+
+    The rate limiter counts such a caller's principal together with its IP, in one round
+    trip; anyone else is authenticated only after the IP was counted.
+    """
+    if "principal" in g:
+        found: Principal = g.principal
+        return found
+    token = _bearer_token()
+    if token is None or not token.startswith(f"{KEY_SCHEME}_"):
+        return None
+    cached = services().key_cache.get(token, datetime.now(UTC))
+    if cached is not None:
+        g.principal = cached
+    return cached
+
+
+def _bearer_token() -> str | None:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token:
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _authenticate() -> Principal:
+    cached = cached_principal()
+    if cached is not None:
+        return cached
+    token = _bearer_token()
+    if token is None:
         raise Unauthorized("send 'Authorization: Bearer <access token or API key>'")
     svc = services()
     is_key = token.startswith(f"{KEY_SCHEME}_")
     now = datetime.now(UTC)
-    cached = svc.key_cache.get(token, now) if is_key else None
-    if cached is not None:
-        g.principal = cached
-        return cached
     with svc.sessions.begin() as session:
         if is_key:
             principal = authenticate_api_key(session, svc.settings.secret_key, token, now)

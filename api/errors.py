@@ -6,13 +6,11 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, json
-from flask_limiter import RateLimitExceeded
 from sqlalchemy.exc import DataError
 from sqlalchemy.exc import OperationalError as DatabaseError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
-from api.limits import breach_error
 from api.requests import request_id
 from conveyor.errors import ConveyorError, RateLimited
 
@@ -54,11 +52,6 @@ def init_app(app: Flask) -> None:
         if exc.status >= 500:
             logger.error("request %s failed: %s", request_id(), exc, exc_info=exc)
         return problem_of(exc)
-
-    @app.errorhandler(RateLimitExceeded)
-    def _rate_limited(exc: RateLimitExceeded) -> Response:
-        # Flask-Limiter's breach, told as our own RateLimited (api/limits.py knows the wait).
-        return _conveyor_error(breach_error(exc))
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

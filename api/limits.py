@@ -6,8 +6,10 @@
 - Sign-in and sign-up are limited per client IP and per email instead.
 - Submitting jobs is refused while the tenant's unfinished jobs are at their quota.
 
-Each counter's increment also answers its count and expiry (api/rate_windows.py), so the
-`X-RateLimit-*` headers and a 429's `Retry-After` cost no Redis round trip of their own.
+The counters are fixed windows (api/rate_windows.py) whose increment also answers its count
+and expiry, so the `X-RateLimit-*` headers and a 429's `Retry-After` cost no Redis round
+trip of their own. A caller the API-key cache already vouches for is counted per IP and per
+principal in one round trip; anyone else per IP first, then, once verified, per principal.
 When Redis is unreachable, rate limiting steps aside for a few seconds (fail open) with one
 warning, and responses carry no rate-limit headers rather than made-up ones.
 """
@@ -16,19 +18,17 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 from flask import Blueprint, Flask, Response, g, request
-from flask_limiter import ApplicationLimit, Limiter, RateLimitExceeded, RequestLimit
-from flask_limiter.util import get_remote_address
-from limits.errors import StorageError
+from limits import RateLimitItem
+from redis import Redis
+from redis.exceptions import RedisError
 
-from api import rate_windows
-from api.auth import authenticate
+from api.auth import authenticate, cached_principal
+from api.rate_windows import Counter, RateWindows, Window, parse_limits
 from api.services import services
 from conveyor.auth import Principal
 from conveyor.errors import RateLimited, Unauthorized
@@ -56,6 +56,8 @@ HEADER_REMAINING = "X-RateLimit-Remaining"
 HEADER_RESET = "X-RateLimit-Reset"
 # What a limit counts by, from the prefix of its key, for the 429's detail.
 _COUNTED_BY = {"ip": "client IP", "key": "API key", "user": "user", "email": "email address"}
+# The window the headers describe, as this request's hits left it.
+_SHOWN = "rate_limit_window"
 
 
 def endpoint_group(blueprint: str | None, endpoint: str | None, method: str) -> str | None:
@@ -82,7 +84,8 @@ def client_ip(trusted_proxies: int) -> str:
     Each trusted proxy appends the address it received from to `X-Forwarded-For`, so the
     last `trusted_proxies` entries are theirs to vouch for and anything before is hearsay.
     """
-    peer = get_remote_address()
+    # As Flask-Limiter's get_remote_address: a peer without an address is the loopback.
+    peer = request.remote_addr or "127.0.0.1"
     if trusted_proxies <= 0:
         return peer
     forwarded = request.headers.get("X-Forwarded-For", "").split(",")
@@ -105,9 +108,8 @@ def email_key() -> str:
     return f"email:{normalise_email(email)}" if isinstance(email, str) else ip_key()
 
 
-def principal_key() -> str:
+def principal_key(principal: Principal) -> str:
     """Key a request by its verified principal: the API key, else the signed-in user."""
-    principal: Principal = g.principal
     if principal.api_key_id is not None:
         return f"key:{principal.api_key_id}"
     return f"user:{principal.user_id or principal.tenant_id}"
@@ -135,81 +137,74 @@ class _Outage:
         """Return whether rate limiting is off because Redis failed lately."""
         return self._clock() < self._until
 
-    def report(self, error: StorageError) -> None:
+    def report(self, error: Exception) -> None:
         """Turn rate limiting off for a while, saying so once per outage."""
         if not self.active():
-            cause = error.storage_error
             logger.warning(
                 "rate limiting is off for %.0fs: its Redis is unavailable (%s: %s)",
                 self._seconds,
-                type(cause).__name__,
-                cause,
+                type(error).__name__,
+                error,
             )
         self._until = self._clock() + self._seconds
 
 
-class _LimiterLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """Flask-Limiter's logger: a swallowed storage error becomes one warning and an outage.
-
-    With `swallow_errors` Flask-Limiter lets a request through when Redis fails and reports
-    it only with `logger.exception` (a traceback on every request); this is where we hear it.
-    Anything but a storage error (a bug) is still logged with its traceback.
-    """
-
-    def __init__(self, outage: _Outage) -> None:
-        super().__init__(logging.getLogger("flask-limiter"), {})
-        self._outage = outage
-
-    def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
-        """Note a storage outage instead of logging a traceback."""
-        error = sys.exc_info()[1]
-        if isinstance(error, StorageError):
-            self._outage.report(error)
-        else:
-            super().exception(msg, *args, **kwargs)
-
-
-def _retry_after(limit: RequestLimit) -> int:
-    """Return whole seconds until the window of `limit` reopens (as its hit found it)."""
-    reset, _ = limit.window
-    return max(1, math.ceil(reset - time.time()))
-
-
-def _note_breach(limit: RequestLimit) -> None:
-    """Remember when the breached window reopens, for the 429's `Retry-After`."""
-    g.rate_limit_retry_after = _retry_after(limit)
-
-
-def breach_error(exc: RateLimitExceeded) -> RateLimited:
-    """Describe Flask-Limiter's breach as a `RateLimited` error with its `Retry-After`."""
-    item = exc.limit.limit
-    # Without Redis's word on the window, a whole window is never too soon.
-    retry_after = g.pop("rate_limit_retry_after", None) or item.get_expiry()
-    counted = str(exc.limit.key_func()).partition(":")[0]
+def breach_error(window: Window) -> RateLimited:
+    """Describe a breached window as a `RateLimited` error with its `Retry-After`."""
+    counted = window.counter.who.partition(":")[0]
     who = _COUNTED_BY.get(counted, "client")
     group = _group()
     what = f"{group} requests" if group else "requests here"
+    retry_after = window.retry_after
     return RateLimited(
-        f"too many {what} from this {who}: the limit is {item}; retry in {retry_after}s",
-        retry_after=int(retry_after),
+        f"too many {what} from this {who}: the limit is {window.counter.item}; "
+        f"retry in {retry_after}s",
+        retry_after=retry_after,
     )
 
 
-def _add_headers(limiter: Limiter, outage: _Outage) -> Callable[[Response], Response]:
+class _Limits:
+    """Counts a request's windows, notes the one its headers describe, refuses on a breach."""
+
+    def __init__(self, windows: RateWindows, outage: _Outage, prefix: str) -> None:
+        self._windows = windows
+        self._outage = outage
+        self._prefix = prefix
+
+    def counters(self, items: Sequence[RateLimitItem], who: str, scope: str) -> list[Counter]:
+        """Return the counters of `items` for `who` in `scope`."""
+        prefix = self._prefix
+        return [Counter.of(item, prefix, who, scope) for item in items]
+
+    def count(self, counters: Sequence[Counter], shown: int = 0) -> None:
+        """Count the request in one round trip; without a breach the headers show `shown`.
+
+        Raises `RateLimited` at the first breached window (the later ones are not counted);
+        when Redis fails, starts an outage and lets the request through, without headers.
+        """
+        try:
+            windows = self._windows.hit(counters)
+        except RedisError as exc:
+            self._outage.report(exc)
+            g.pop(_SHOWN, None)
+            return
+        last = windows[-1]
+        if last.breached:
+            setattr(g, _SHOWN, last)
+            raise breach_error(last)
+        setattr(g, _SHOWN, windows[shown])
+
+
+def _add_headers(outage: _Outage) -> Callable[[Response], Response]:
     def add_headers(response: Response) -> Response:
         # The principal's limit when it was counted, else the client IP's, as the hit's own
         # reply left it; left out when Redis could not say: no header is better than a guess.
-        current = limiter.current_limit
-        if current is None or outage.active():
+        window: Window | None = g.get(_SHOWN)
+        if window is None or outage.active():
             return response
-        try:
-            reset, remaining = current.window
-        except StorageError as exc:
-            outage.report(exc)
-            return response
-        response.headers[HEADER_LIMIT] = str(current.limit.amount)
-        response.headers[HEADER_REMAINING] = str(remaining)
-        response.headers[HEADER_RESET] = str(math.ceil(reset))
+        response.headers[HEADER_LIMIT] = str(window.counter.item.amount)
+        response.headers[HEADER_REMAINING] = str(window.remaining)
+        response.headers[HEADER_RESET] = str(math.ceil(window.reset))
         return response
 
     return add_headers
@@ -229,80 +224,79 @@ def _submitted_jobs() -> int:
 
 def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
     """Limit every endpoint group per IP and per principal, `throttled` per IP and email."""
-    ip_limits: Mapping[str, str] = {
-        group: getattr(settings, f"rate_limit_{group}_ip") for group in GROUPS
+    ip_limits: Mapping[str, tuple[RateLimitItem, ...]] = {
+        group: parse_limits(getattr(settings, f"rate_limit_{group}_ip")) for group in GROUPS
     }
-    principal_limits: Mapping[str, str] = {
-        group: getattr(settings, f"rate_limit_{group}_principal") for group in GROUPS
+    principal_limits: Mapping[str, tuple[RateLimitItem, ...]] = {
+        group: parse_limits(getattr(settings, f"rate_limit_{group}_principal")) for group in GROUPS
     }
+    signin_ip = parse_limits(settings.auth_rate_limit_ip)
+    signin_email = parse_limits(settings.auth_rate_limit_email)
     outage = _Outage(OUTAGE_SECONDS)
-    rate_windows.register()
-    limiter = Limiter(
-        key_func=ip_key,
-        app=app,
-        enabled=settings.rate_limits_enabled,
-        storage_uri=settings.redis_url,
-        # Every storage failure arrives as a StorageError, whatever the backend's driver.
-        storage_options={"socket_connect_timeout": 1, "socket_timeout": 1, "wrap_exceptions": True},
-        key_prefix=settings.rate_limit_prefix,
-        # limits' fixed window, whose hit also returns what the headers need.
-        strategy=rate_windows.STRATEGY,
-        # Written by `add_headers` below, never from counts Redis did not give.
-        headers_enabled=False,
-        # A Redis outage must not lock everyone out: let requests through (see _LimiterLog).
-        swallow_errors=True,
-        on_breach=_note_breach,
-        # Counted before authentication, so a flood of bad credentials stops here.
-        application_limits=[
-            ApplicationLimit(
-                lambda: ip_limits.get(_group() or "", ""),
-                key_function=ip_key,
-                scope=lambda _: f"ip-{_group()}",
-            )
-        ],
-    )
-    limiter.logger = _LimiterLog(outage)  # type: ignore[assignment]
-    limiter.request_filter(outage.active)
-    limiter.limit(settings.auth_rate_limit_ip, key_func=ip_key)(throttled)
-    limiter.limit(settings.auth_rate_limit_email, key_func=email_key)(throttled)
-
-    # Flask-Limiter counts a decorated function's limits when it is called: this one is
-    # called once the caller is authenticated, so its key is a verified principal.
-    @limiter.shared_limit(
-        lambda: principal_limits.get(_group() or "", ""),
-        scope=lambda _: f"principal-{_group()}",
-        key_func=principal_key,
-    )
-    def count_principal() -> None:
-        """Count this request against its principal's limit for its group."""
-
+    # Its own client with short timeouts: a Redis that hangs must not hold requests long.
+    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
+    limits = _Limits(RateWindows(redis), outage, settings.rate_limit_prefix)
     quota = TenantQuota(
         settings.tenant_max_unfinished_jobs,
         refresh=settings.tenant_quota_refresh_seconds,
         drain_window=settings.tenant_drain_window_seconds,
     )
 
+    def counting() -> bool:
+        return settings.rate_limits_enabled and not outage.active()
+
+    def admit_signin() -> None:
+        # Per route, by IP and by email, shortest window first: as Flask-Limiter counted a
+        # blueprint's limits.
+        scope = request.endpoint or ""
+        counters = sorted(
+            [
+                *limits.counters(signin_ip, ip_key(), scope),
+                *limits.counters(signin_email, email_key(), scope),
+            ],
+            key=lambda counter: counter.item.GRANULARITY.seconds,
+        )
+        if counters:
+            limits.count(counters)
+
     @app.before_request
     def _admit() -> None:
         group = _group()
         if group is None:
+            if request.blueprint == throttled.name and counting():
+                admit_signin()
             return
-        counts_principal = settings.rate_limits_enabled and bool(principal_limits[group])
+        by_ip, by_principal = ip_limits[group], principal_limits[group]
         submits = (
             quota.limit > 0
             and request.method == "POST"
             and request.url_rule is not None
             and request.url_rule.rule in SUBMIT_RULES
         )
-        if not (counts_principal or submits):
-            return
-        principal = _verified_principal()
-        if principal is None:
-            return
-        if counts_principal and not outage.active():
-            count_principal()
-        if submits and Permission.SUBMIT in PERMISSIONS[principal.role]:
+        principal = None
+        if counting():
+            counters = limits.counters(by_ip, ip_key(), f"ip-{group}")
+            # A caller known without a lookup is counted per IP and per principal at once;
+            # the IP's windows come first, so a refused IP spends none of the principal's.
+            principal = cached_principal() if by_principal else None
+            shown = 0
+            if principal is not None:
+                shown = len(counters)
+                counters += limits.counters(
+                    by_principal, principal_key(principal), f"principal-{group}"
+                )
+            if counters:
+                limits.count(counters, shown)
+        if principal is None and ((settings.rate_limits_enabled and by_principal) or submits):
+            principal = _verified_principal()
+            if principal is None:
+                return
+            if by_principal and counting():
+                limits.count(
+                    limits.counters(by_principal, principal_key(principal), f"principal-{group}")
+                )
+        if principal is not None and submits and Permission.SUBMIT in PERMISSIONS[principal.role]:
             quota.admit(services().reads, principal.tenant_id, _submitted_jobs(), datetime.now(UTC))
 
     if settings.rate_limit_headers:
-        app.after_request(_add_headers(limiter, outage))
+        app.after_request(_add_headers(outage))

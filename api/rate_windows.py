@@ -1,76 +1,109 @@
-"""Fixed-window rate limiting whose hit also answers the window's state, in one round trip.
+"""Fixed-window rate-limit counters in Redis: several limits counted in one round trip.
 
-Flask-Limiter's `X-RateLimit-*` headers, and the `Retry-After` of a 429, need the counter
-and its expiry. `limits`' fixed window reads them back with a `GET` and a `TTL` after its
-increment: two more Redis round trips on every request. Here the increment's own script
-returns both, and the request remembers them, so the headers cost nothing extra. The
-counting itself is `limits`' fixed window, unchanged: increment by the cost, start the
-expiry with the window's first hit, refuse above the limit.
+A request is counted against an ordered list of windows (its client IP's limits, then,
+when the caller is already known, its principal's). One Lua script increments them in
+order and stops at the first one over its limit, so a refused IP spends nothing of the
+principal's budget, and it answers each counter's count and expiry, so the
+`X-RateLimit-*` headers and a 429's `Retry-After` cost no Redis read of their own.
+
+The counting is `limits`' fixed window (what Flask-Limiter counted with before): increment,
+start the expiry with the window's first hit, refuse above the limit. Keys are the ones
+Flask-Limiter built (`LIMITS:LIMITER/<prefix>/<who>/<scope>/<amount>/<multiples>/<unit>`),
+so counters carry over across a deploy.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from flask import g, has_request_context
-from limits import RateLimitItem
-from limits.errors import StorageError
-from limits.storage import RedisStorage
-from limits.strategies import STRATEGIES, FixedWindowRateLimiter
-from limits.util import WindowStats
+from limits import RateLimitItem, parse_many
+from redis import Redis
 
-# The name Flask-Limiter is given for this strategy (`Limiter(strategy=...)`).
-STRATEGY = "fixed-window-with-stats"
-_SEEN = "rate_limit_windows"
+# What Flask-Limiter's Redis storage put before every key.
+KEY_PREFIX = "LIMITS:"
 
-# `limits`' incr_expire.lua, also returning the counter's TTL.
+# KEYS are the counters in order; ARGV holds each one's expiry and amount in turn.
 _HIT = b"""
-local current = redis.call('INCRBY', KEYS[1], ARGV[2])
-if tonumber(current) == tonumber(ARGV[2]) then
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local current = redis.call('INCR', key)
+  if current == 1 then
+    redis.call('EXPIRE', key, ARGV[2 * i - 1])
+  end
+  out[#out + 1] = current
+  out[#out + 1] = redis.call('TTL', key)
+  if current > tonumber(ARGV[2 * i]) then
+    break
+  end
 end
-return {current, redis.call('TTL', KEYS[1])}
+return out
 """
 
 
-class FixedWindowWithStats(FixedWindowRateLimiter):
-    """The fixed window, remembering each hit's count and expiry for the rest of the request."""
+def parse_limits(text: str) -> tuple[RateLimitItem, ...]:
+    """Parse `100/second;5000/hour` (or "" for none), shortest window first."""
+    # Stable by window length, the order Flask-Limiter evaluated a group's limits in.
+    items = parse_many(text) if text.strip() else []
+    return tuple(sorted(items, key=lambda item: item.GRANULARITY.seconds))
 
-    def __init__(self, storage: Any) -> None:
-        super().__init__(storage)
-        self._redis = storage if isinstance(storage, RedisStorage) else None
-        self._script = self._redis.get_connection().register_script(_HIT) if self._redis else None
 
-    def hit(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
-        """Count `cost` against the limit; True while it is not exceeded."""
-        if self._redis is None or self._script is None or not has_request_context():
-            return super().hit(item, *identifiers, cost=cost)
-        key = item.key_for(*identifiers)
-        try:
-            count, ttl = self._script(
-                keys=[self._redis.prefixed_key(key)], args=[item.get_expiry(), cost]
+@dataclass(frozen=True)
+class Counter:
+    """One limit applied to one caller: the Redis key it is counted under, and the limit."""
+
+    key: str
+    item: RateLimitItem
+    # Who is counted, as `ip:…`, `key:…`, `user:…` or `email:…`.
+    who: str
+
+    @classmethod
+    def of(cls, item: RateLimitItem, prefix: str, who: str, scope: str) -> Counter:
+        """Return the counter of `item` for `who` in `scope`, keyed as Flask-Limiter keyed it."""
+        return cls(KEY_PREFIX + item.key_for(prefix, who, scope), item, who)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A counter as this request's hit left it."""
+
+    counter: Counter
+    remaining: int
+    # Epoch seconds at which the window reopens.
+    reset: float
+    breached: bool
+
+    @property
+    def retry_after(self) -> int:
+        """Return the whole seconds until the window reopens, at least one."""
+        return max(1, math.ceil(self.reset - time.time()))
+
+
+class RateWindows:
+    """Counts requests against fixed windows in Redis, many counters per round trip."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        # EVALSHA, loading the script only when Redis does not have it (a restart, a flush).
+        self._hit = redis.register_script(_HIT)
+
+    def hit(self, counters: Sequence[Counter]) -> list[Window]:
+        """Count one request against `counters` in order, up to and including the first breach.
+
+        Raises redis-py's `RedisError` when Redis cannot count.
+        """
+        args: list[int] = []
+        for counter in counters:
+            args += (counter.item.get_expiry(), counter.item.amount)
+        replies = self._hit(keys=[c.key for c in counters], args=args)
+        now = time.time()
+        windows = []
+        for counter, count, ttl in zip(counters, replies[::2], replies[1::2], strict=False):
+            amount = counter.item.amount
+            # As `limits` reads a window back: the expiry as a time, never a negative TTL.
+            windows.append(
+                Window(counter, max(0, amount - int(count)), now + max(int(ttl), 0), count > amount)
             )
-        except self._redis.base_exceptions as exc:
-            # As `limits` reports its own storage failures (api/limits.py hears them).
-            if self._redis.wrap_exceptions:
-                raise StorageError(exc) from exc
-            raise
-        seen: dict[str, WindowStats] = g.setdefault(_SEEN, {})
-        # As `limits` reads them back: the expiry as a timestamp, never a negative TTL.
-        seen[key] = WindowStats(time.time() + max(int(ttl), 0), max(0, item.amount - int(count)))
-        return int(count) <= item.amount
-
-    def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats:
-        """Return the window as this request's hit left it, else as Redis has it now."""
-        if has_request_context():
-            seen: dict[str, WindowStats] = g.get(_SEEN, {})
-            stats = seen.get(item.key_for(*identifiers))
-            if stats is not None:
-                return stats
-        return super().get_window_stats(item, *identifiers)
-
-
-def register() -> None:
-    """Make the strategy available to Flask-Limiter by name."""
-    STRATEGIES.setdefault(STRATEGY, FixedWindowWithStats)
+        return windows
