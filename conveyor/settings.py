@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     api_key_cache_seconds: float = Field(default=5.0, ge=0, le=60)
     access_token_minutes: int = Field(default=15, ge=1, le=24 * 60)
     refresh_token_days: int = Field(default=30, ge=1, le=365)
-    # Flask-Limiter strings for sign-in and sign-up, per client IP and per email.
+    # Limit strings (`limits` syntax) for sign-in and sign-up, per client IP and per email.
     auth_rate_limit_ip: str = "30/minute"
     auth_rate_limit_email: str = "10/minute"
     # Reverse proxies in front of the API that append the client's address to
@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     # Namespace of rate-limit counters in Redis; shared by every API instance.
     rate_limit_prefix: str = "conveyor-rl"
     # Rate limits per endpoint group (api/limits.py), each counted per verified principal
-    # (API key or user) and per client IP; Flask-Limiter strings, empty for none. Generous
+    # (API key or user) and per client IP; `limits` strings, empty for none. Generous
     # defaults: they stop a runaway client, not a busy one.
     rate_limits_enabled: bool = True
     # X-RateLimit-* headers on every limited response, from the counter's own hit (no extra read).
