@@ -5,21 +5,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from typing import Protocol
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from api.requests import request_id
 from api.services import Services
-from conveyor.broker import Message
+from conveyor.broker import Message, Publishable
 from conveyor.errors import PublishFailed
 from conveyor.jobs import mark_published
-from conveyor.models import Job
 from conveyor.states import JobState
 
 logger = logging.getLogger(__name__)
 
 
-def publish_committed(svc: Services, jobs: Iterable[Job]) -> None:
+class Committed(Publishable, Protocol):
+    """A committed job: a ledger `Job` (a retry), or one just submitted."""
+
+    @property
+    def state(self) -> str: ...
+
+
+def publish_committed(svc: Services, jobs: Iterable[Committed]) -> None:
     """Publish the queued ones among `jobs` (all committed); failures are left to the promoter.
 
     Commit first, then publish: a worker must never receive an id it cannot see yet.

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from amqp.exceptions import AMQPError, MessageNacked
 from celery import Celery
@@ -22,7 +22,6 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from conveyor.errors import PublishFailed
-from conveyor.models import Job
 from conveyor.settings import Settings
 
 PRIORITY_LEVELS = range(10)
@@ -123,6 +122,19 @@ def _amqp_conf() -> dict[str, Any]:
     }
 
 
+class Publishable(Protocol):
+    """A job as publishing sees it: a ledger `Job`, or one just submitted."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def queue(self) -> str: ...
+    @property
+    def priority(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class Message:
     """What the broker carries for one job: its id and where it goes, never its payload."""
@@ -136,7 +148,7 @@ class Message:
     request_id: str | None = None
 
     @classmethod
-    def of(cls, job: Job, request_id: str | None = None) -> Message:
+    def of(cls, job: Publishable, request_id: str | None = None) -> Message:
         """Return the message that runs `job`."""
         return cls(job.id, job.type, job.queue, job.priority, request_id)
 

@@ -237,3 +237,34 @@ def test_a_write_after_redis_lost_its_scripts_loads_the_script_again(
     assert view is not None
     assert view["state"] == "queued"
     redis_client.delete(snapshot_key(job_id))
+
+
+def test_a_batch_answers_byte_for_byte_what_the_snapshot_and_the_ledger_answer(
+    client: Any, auth: dict[str, str], redis_client: Redis
+) -> None:
+    run_at = datetime.now(UTC) + timedelta(hours=1)
+    jobs = [
+        {"type": "system.noop"},
+        {
+            "type": "system.sleep",
+            "payload": {"seconds": 1},
+            "priority": 7,
+            "tags": ["a", "b:c"],
+            "metadata": {"nested": {"list": [1, 2.5, None, "x"]}},
+            "ttl_seconds": 3600,
+        },
+        {"type": "system.noop", "run_at": run_at.isoformat(), "max_attempts": 4},
+    ]
+    response = client.post("/v1/jobs/batch", json={"jobs": jobs}, headers=auth)
+    assert response.status_code == 202
+    for item in response.get_json()["items"]:
+        answer = client.application.json.response(item)
+        answer.add_etag()
+        path = f"/v1/jobs/{item['id']}"
+        from_snapshot = client.get(path, headers=auth)
+        redis_client.delete(snapshot_key(uuid.UUID(item["id"])))
+        from_ledger = client.get(path, headers=auth)
+        assert from_snapshot.data == from_ledger.data == answer.get_data()
+        assert (
+            from_snapshot.headers["ETag"] == from_ledger.headers["ETag"] == answer.headers["ETag"]
+        )
