@@ -113,10 +113,12 @@ def _job_row(
     allowed = job_type.queues(default_queue)
     if request.queue is not None and request.queue not in allowed:
         raise _fail(index, "queue", f"{job_type.name} runs on {', '.join(allowed)} only")
-    run_at = request.run_at
+    # In UTC, as the ledger gives them back: a client's offset would make the submit's
+    # answer and snapshot differ from every later read (and its ETag).
+    run_at = request.run_at and request.run_at.astimezone(UTC)
     if request.delay_seconds:
         run_at = now + timedelta(seconds=request.delay_seconds)
-    expires_at = request.expires_at
+    expires_at = request.expires_at and request.expires_at.astimezone(UTC)
     if request.ttl_seconds is not None:
         expires_at = (run_at or now) + timedelta(seconds=request.ttl_seconds)
     if expires_at is not None and expires_at <= max(run_at or now, now):
