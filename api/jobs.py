@@ -101,6 +101,7 @@ def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
                 default_queue=svc.settings.default_queue,
                 now=now,
                 ids=[job_id],
+                publishing=True,
             )
             view = submitted.view
     location = {"Location": url_for("jobs.show", job_id=view["id"])}
@@ -127,6 +128,7 @@ def create_batch(body: JobBatch) -> tuple[Response, int]:
             tenant_id=principal.tenant_id,
             default_queue=svc.settings.default_queue,
             now=datetime.now(UTC),
+            publishing=True,
         )
     for (job_type, queue), count in Counter((job.type, job.queue) for job in jobs).items():
         JOBS_SUBMITTED.labels(job_type, queue).inc(count)

@@ -79,10 +79,11 @@ def create_celery(settings: Settings, *, name: str, with_result_backend: bool) -
 
 def _transport_options(settings: Settings) -> dict[str, Any]:
     if settings.amqp_broker:
-        # Each publish waits for RabbitMQ's confirm: the ledger marks a job published only
-        # once the broker has taken responsibility for its message (written to disk, as
-        # the queue is durable and the message persistent). A nack raises; so does a
-        # confirm that does not come (see CeleryPublisher).
+        # Each publish waits for RabbitMQ's confirm: a publish counts as done (the ledger
+        # keeps or writes `published_at`) only once the broker has taken responsibility
+        # for its message (written to disk, as the queue is durable and the message
+        # persistent). A nack raises; so does a confirm that does not come (see
+        # CeleryPublisher), and an API submit then clears `published_at` for the promoter.
         return {"confirm_publish": True}
     return {
         # Redis redelivers unacked messages after this long. It must outlast the longest

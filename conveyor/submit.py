@@ -173,6 +173,7 @@ class Submitted:
     queue: str
     priority: int
     state: str
+    # Set when the caller said it publishes right after the commit (see `submit_jobs`).
     published_at: datetime | None
     view: dict[str, Any]
 
@@ -188,11 +189,16 @@ def submit_jobs(
     schedule_id: uuid.UUID | None = None,
     schedule_occurrence: datetime | None = None,
     ids: Sequence[uuid.UUID] | None = None,
+    publishing: bool = False,
 ) -> list[Submitted]:
     """Validate every request, then insert all the jobs and their first events, or none.
 
-    Queued jobs are for the caller to publish after its commit; scheduled ones wait for
-    the promoter.
+    Scheduled jobs wait for the promoter. Queued jobs are for the caller to publish after
+    its commit; with `publishing`, the caller promises to publish them at once, and they
+    are written with `published_at` set already (the publish is due now): no `UPDATE`
+    follows a publish that succeeds, and one that fails clears it again
+    (`conveyor.jobs.unmark_published`) for the promoter. Should the process die between
+    the commit and the publish, the reconciler re-drives the job (DESIGN.md, outbox).
     """
     if len(requests) > MAX_BATCH:
         raise _fail(None, "jobs", f"at most {MAX_BATCH} jobs in one batch")
@@ -213,7 +219,7 @@ def submit_jobs(
         for n, request in enumerate(requests)
     ]
     for row in rows:
-        row["published_at"] = None
+        row["published_at"] = now if publishing and row["state"] == JobState.QUEUED else None
     # One statement for any number of jobs and their first events: the rows travel as one
     # JSON document that PostgreSQL unpacks (jsonb_populate_recordset). SQLAlchemy's
     # per-row, per-column parameter processing of a multi-row insert cost a quarter of a
