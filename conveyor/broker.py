@@ -250,6 +250,10 @@ class CeleryPublisher:
         origin = anon_nodename()
         reply_to = self._app.thread_oid
         events: list[dict[str, Any]] = []
+        # Queues declared by this call. Celery declares a message's queue with every
+        # message, and kombu binds a copy of the queue and its exchange each time just to
+        # find it declared already: a third of a message's publishing cost.
+        declared: set[str] = set()
         with self._app.producer_or_acquire() as producer:
             if redeclare:
                 producer.connection.declared_entities.clear()
@@ -278,8 +282,11 @@ class CeleryPublisher:
                             queue=message.queue,
                             priority=self._broker_priority(message.priority),
                             headers=_headers(message),
+                            # None: Celery's own choice (the queue), once per queue.
+                            declare=[] if message.queue in declared else None,
                             **self._options,
                         )
+                        declared.add(message.queue)
                         if task_message.sent_event is not None:
                             events.append(
                                 {
