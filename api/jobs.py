@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -90,8 +91,9 @@ def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
             )
         if original is not None:
             job = get_job(session, original, principal.tenant_id)
+            view = JobOut.of(job).model_dump(mode="json")
         else:
-            (job,) = submit_jobs(
+            (submitted,) = submit_jobs(
                 session,
                 svc.registry,
                 [body],
@@ -99,15 +101,17 @@ def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
                 default_queue=svc.settings.default_queue,
                 now=now,
                 ids=[job_id],
+                publishing=True,
             )
-    location = {"Location": url_for("jobs.show", job_id=job.id)}
-    bind_context(job_id=job.id, job_type=job.type)
+            view = submitted.view
+    location = {"Location": url_for("jobs.show", job_id=view["id"])}
+    bind_context(job_id=view["id"], job_type=view["type"])
     if original is not None:
-        return jsonify(JobOut.of(job).model_dump(mode="json")), 200, location
-    JOBS_SUBMITTED.labels(job.type, job.queue).inc()
-    logger.info("job submitted to queue %s", job.queue)
-    publish_committed(svc, [job])
-    return jsonify(JobOut.of(job).model_dump(mode="json")), 202, location
+        return jsonify(view), 200, location
+    JOBS_SUBMITTED.labels(submitted.type, submitted.queue).inc()
+    logger.info("job submitted to queue %s", submitted.queue)
+    publish_committed(svc, [submitted])
+    return jsonify(view), 202, location
 
 
 @bp.post("/batch", responses=responses({202: JobList}, *JSON_BODY))
@@ -124,11 +128,12 @@ def create_batch(body: JobBatch) -> tuple[Response, int]:
             tenant_id=principal.tenant_id,
             default_queue=svc.settings.default_queue,
             now=datetime.now(UTC),
+            publishing=True,
         )
-    for job in jobs:
-        JOBS_SUBMITTED.labels(job.type, job.queue).inc()
+    for (job_type, queue), count in Counter((job.type, job.queue) for job in jobs).items():
+        JOBS_SUBMITTED.labels(job_type, queue).inc(count)
     publish_committed(svc, jobs)
-    return jsonify(items=[JobOut.of(job).model_dump(mode="json") for job in jobs]), 202
+    return jsonify(items=[job.view for job in jobs]), 202
 
 
 @bp.get("", responses=responses({200: JobPage}, 422))

@@ -208,4 +208,4 @@ def trigger(path: SchedulePath) -> tuple[Response, int]:
             raise Conflict("the schedule fired no job")
         audit(session, principal, "schedule.trigger", "schedule", schedule.id, {"job": str(job.id)})
     publish_committed(svc, [job])
-    return jsonify(JobOut.of(job).model_dump(mode="json")), 202
+    return jsonify(job.view), 202

@@ -24,7 +24,7 @@ class Services:
     settings: Settings
     engine: Engine
     sessions: sessionmaker[Session]
-    # For one-statement units of work (the status poll's fallback, marking jobs published):
+    # For one-statement units of work (the status poll's fallback, (un)marking jobs published):
     # autocommit, so no BEGIN and no COMMIT/ROLLBACK round trips around the statement; a
     # single statement is atomic and its own consistent snapshot. No job transitions here.
     reads: sessionmaker[Session]

@@ -116,8 +116,33 @@ def record_event(
 
 
 def mark_published(session: Session, job_ids: Sequence[uuid.UUID], now: datetime) -> None:
-    """Record that the broker accepted these jobs' messages, so the promoter leaves them be."""
+    """Record that the broker accepted these jobs' messages, so the promoter leaves them be.
+
+    The promoter's, the reconciler's and the schedules' publishes mark this way. API
+    submits do not: they write `published_at` with the job (`submit_jobs(publishing=True)`)
+    and only undo it, with `unmark_published`, when the publish fails.
+    """
     session.execute(_mark_published_statement(), {"p_job_ids": list(job_ids), "p_now": now})
+
+
+def unmark_published(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
+    """Clear `published_at` of queued jobs whose publish failed, so the promoter publishes them."""
+    session.execute(_unmark_published_statement(), {"p_job_ids": list(job_ids)})
+
+
+@functools.cache
+def _unmark_published_statement() -> Update:
+    return (
+        update(Job)
+        .where(
+            Job.id.in_(bindparam("p_job_ids", expanding=True, type_=Job.id.type)),
+            # A job a worker already took (the failed publish got through after all) needs
+            # nothing from the promoter.
+            Job.state == JobState.QUEUED,
+        )
+        .values(published_at=None)
+        .execution_options(synchronize_session=False)
+    )
 
 
 @functools.cache
@@ -398,7 +423,8 @@ def promote_due_jobs(
     """Queue due jobs, and take back queued jobs whose publish was never confirmed.
 
     Two kinds: scheduled/retrying jobs now due, and queued jobs with no `published_at`
-    (the broker was down at submit). Each comes back queued with `published_at` cleared:
+    (their publish failed: the broker was down at submit, or the promoter's own publish
+    failed after its commit). Each comes back queued with `published_at` cleared:
     the caller commits, then publishes, then marks them published. Publishing after the
     commit matters: a worker's claim only sees committed rows, so an id published earlier
     would be skipped and lost.

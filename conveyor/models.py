@@ -148,6 +148,9 @@ class Job(Base):
     scheduled_for: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    # When the job's message went (or, for an API submit, was due) to the broker; NULL
+    # while a publish is owed: the promoter publishes queued jobs left NULL for 10 s, and
+    # the reconciler checks the broker for queued jobs stamped `reconcile_after` ago.
     published_at: Mapped[datetime | None]
     cancel_requested_at: Mapped[datetime | None]
     started_at: Mapped[datetime | None]

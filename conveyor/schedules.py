@@ -21,7 +21,7 @@ from conveyor.models import Job, JobEvent, Schedule
 from conveyor.registry import JobRegistry
 from conveyor.snapshots import Snapshot, note
 from conveyor.states import NOT_STARTED, JobState
-from conveyor.submit import JobRequest, check_request, submit_jobs
+from conveyor.submit import JobRequest, Submitted, check_request, submit_jobs
 
 logger = logging.getLogger(__name__)
 UNFINISHED = NOT_STARTED | {JobState.RUNNING}
@@ -255,7 +255,7 @@ def fire(
     default_queue: str,
     now: datetime,
     occurrence: datetime | None,
-) -> Job | None:
+) -> Submitted | None:
     """Submit the schedule's job through the normal submit path.
 
     `None` means this occurrence already has its job: another beat fired it.
@@ -286,7 +286,7 @@ def fire_due_schedules(
     default_queue: str,
     misfire_grace: float,
     batch_size: int = 100,
-) -> list[Job]:
+) -> list[Submitted]:
     """Fire every due occurrence once (per the misfire and overlap policies); return the jobs."""
     due = session.scalars(
         select(Schedule)

@@ -62,7 +62,8 @@ class Settings(BaseSettings):
     reconcile_interval: float = Field(default=60.0, gt=0)
     prune_interval: float = Field(default=60.0, gt=0)
     # A queued job published this long ago whose message is in neither the queue nor the
-    # unacked set is published again (a Redis restart without persistence loses them).
+    # unacked set is published again (a Redis restart without persistence loses them, and
+    # an API process that dies between a submit's commit and its publish never sent one).
     reconcile_after: int = Field(default=300, ge=1)
     # The reconciler reads at most this many broker messages a pass; above it, it waits.
     reconcile_scan_limit: int = Field(default=20_000, ge=1)

@@ -89,7 +89,14 @@ class Snapshot:
         # With `progress: null` in its place: a read fills it in without moving the keys,
         # so the body (and its ETag) is byte for byte what the ledger path answers.
         view = JobOut.of(job).model_dump(mode="json")
-        return cls(job.id, version, job.tenant_id, json.dumps(view, separators=(",", ":")))
+        return cls.of_view(job.id, version, job.tenant_id, view)
+
+    @classmethod
+    def of_view(
+        cls, job_id: uuid.UUID, version: float, tenant_id: uuid.UUID, view: dict[str, Any]
+    ) -> Snapshot:
+        """Return the snapshot of a job's client view (`JobOut`'s JSON dump) as of `version`."""
+        return cls(job_id, version, tenant_id, json.dumps(view, separators=(",", ":")))
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from conveyor.models import Job
 from conveyor.states import JobState
@@ -98,6 +99,58 @@ class JobOut(BaseModel):
             expires_at=job.expires_at,
             cancel_requested_at=job.cancel_requested_at,
         )
+
+
+_DATETIME: TypeAdapter[datetime] = TypeAdapter(datetime)
+_UTC_OFFSET = timedelta(0)
+
+
+def _json_time(value: datetime | None) -> str | None:
+    """Format a datetime exactly as pydantic's JSON mode does (UTC as `Z`)."""
+    if value is None:
+        return None
+    if value.utcoffset() == _UTC_OFFSET:
+        return value.replace(tzinfo=None).isoformat() + "Z"
+    # Other offsets are rare (a client's `run_at`): pydantic itself says how they look.
+    text: str = _DATETIME.dump_python(value, mode="json")
+    return text
+
+
+def new_job_view(row: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a just-inserted job's client view, equal to `JobOut.of(...).model_dump(mode="json")`.
+
+    The submit path's view, one dict serving the answer and the snapshot: building and
+    dumping a pydantic model per job cost more than the insert of a batch. `row` holds the
+    job's column values by attribute name, as `submit_jobs` writes them; its payload, tags
+    and metadata are JSON values already (parsed from a request), so they pass as they are.
+    """
+    error_type = row.get("error_type")
+    error = None
+    if error_type and row["state"] != JobState.SUCCEEDED:
+        error = {"type": error_type, "message": row.get("error_message") or ""}
+    schedule_id = row.get("schedule_id")
+    return {
+        "id": str(row["id"]),
+        "type": row["type"],
+        "state": str(row["state"]),
+        "queue": row["queue"],
+        "priority": row["priority"],
+        "attempts": row["attempt"],
+        "max_attempts": row["max_attempts"],
+        "payload": row["payload"],
+        "result": row.get("result"),
+        "error": error,
+        "progress": None,
+        "tags": row["tags"],
+        "metadata": row["meta"],
+        "schedule_id": None if schedule_id is None else str(schedule_id),
+        "created_at": _json_time(row["created_at"]),
+        "scheduled_for": _json_time(row.get("scheduled_for")),
+        "started_at": _json_time(row.get("started_at")),
+        "finished_at": _json_time(row.get("finished_at")),
+        "expires_at": _json_time(row.get("expires_at")),
+        "cancel_requested_at": _json_time(row.get("cancel_requested_at")),
+    }
 
 
 def with_eta(progress: dict[str, Any] | None, started: datetime | None) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ from conveyor.errors import NotFound
 from conveyor.models import Job, Webhook
 from conveyor.registry import registry
 from conveyor.states import JobState
-from conveyor.submit import JobRequest, submit_jobs
+from conveyor.submit import JobRequest, Submitted, submit_jobs
 
 DELIVER_TYPE = "webhooks.deliver"
 EVENTS = frozenset(f"job.{s.value}" for s in JobState if s.is_terminal)
@@ -81,7 +81,7 @@ def enqueue_deliveries(
     *,
     job: Job | None = None,
     subscribed: bool | None = None,
-) -> list[Job]:
+) -> list[Submitted]:
     """Insert one delivery job per subscribed endpoint (and the job's callback URL).
 
     A caller that already holds the finished row passes it as `job`, and `subscribed`

@@ -41,5 +41,5 @@ def job_factory(
         default_queue=QUEUE,
         now=datetime.now(UTC),
     )
-    # submit_jobs returns a transient copy of the row; tests refresh the session's own.
+    # submit_jobs returns a Submitted record, not a Job: tests take the session's own.
     return session.get_one(Job, submitted.id)

@@ -68,3 +68,18 @@ def test_sent_events_go_out_as_one_list(
     assert [e["uuid"] for e in events[0]] == [str(job_id) for job_id in ids]
     assert {e["type"] for e in events[0]} == {"task-sent"}
     assert all(e["queue"] == "q" and e["name"] == "system.noop" for e in events[0])
+
+
+def test_each_queue_is_declared_once_per_call(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_celery(settings, name="publish-test", with_result_backend=False)
+    publisher = CeleryPublisher(app)
+    sent: list[tuple[str, list[Any]]] = []
+    monkeypatch.setattr(
+        Producer, "publish", lambda _, body, **kw: sent.append((kw["routing_key"], kw["declare"]))
+    )
+    queues = ["a", "a", "b", "a"]
+    publisher.publish([Message(uuid.uuid4(), "system.noop", q) for q in queues])
+    declared = [(key, [q.name for q in declare]) for key, declare in sent if key != "task.multi"]
+    assert declared == [("a", ["a"]), ("a", []), ("b", ["b"]), ("a", [])]

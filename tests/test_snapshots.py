@@ -6,7 +6,7 @@ import contextlib
 import json
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -272,3 +272,35 @@ def test_a_result_document_lost_with_redis_is_dropped_but_its_snapshot_is_retrie
     store.write([snapshot, BackendResult(f"celery-task-meta-{job_id}", b"{}", 60)])
     # The ledger has the result; only the snapshot must never be served stale.
     assert store._retries == [snapshot]
+
+
+def test_a_batch_answers_byte_for_byte_what_the_snapshot_and_the_ledger_answer(
+    client: Any, auth: dict[str, str], redis_client: Redis
+) -> None:
+    # A client's own offset: the ledger answers in UTC, and so must the submit.
+    run_at = (datetime.now(UTC) + timedelta(hours=1)).astimezone(timezone(timedelta(hours=2)))
+    jobs = [
+        {"type": "system.noop"},
+        {
+            "type": "system.sleep",
+            "payload": {"seconds": 1},
+            "priority": 7,
+            "tags": ["a", "b:c"],
+            "metadata": {"nested": {"list": [1, 2.5, None, "x"]}},
+            "ttl_seconds": 3600,
+        },
+        {"type": "system.noop", "run_at": run_at.isoformat(), "max_attempts": 4},
+    ]
+    response = client.post("/v1/jobs/batch", json={"jobs": jobs}, headers=auth)
+    assert response.status_code == 202
+    for item in response.get_json()["items"]:
+        answer = client.application.json.response(item)
+        answer.add_etag()
+        path = f"/v1/jobs/{item['id']}"
+        from_snapshot = client.get(path, headers=auth)
+        redis_client.delete(snapshot_key(uuid.UUID(item["id"])))
+        from_ledger = client.get(path, headers=auth)
+        assert from_snapshot.data == from_ledger.data == answer.get_data()
+        assert (
+            from_snapshot.headers["ETag"] == from_ledger.headers["ETag"] == answer.headers["ETag"]
+        )

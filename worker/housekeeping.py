@@ -175,6 +175,11 @@ class Housekeeper:
     def reconcile(self) -> int:
         """Re-publish queued jobs whose message the broker no longer has; return how many.
 
+        That covers messages the broker lost, and messages never sent: an API submit writes
+        `published_at` with the job, so an API process that died between its commit and its
+        publish (or could not clear the stamp after a failed publish) leaves a stamped job
+        with no message, which only this pass finds.
+
         On Redis, a message a consumer took more than `reconcile_after` seconds ago for a job
         still queued counts as gone too: prefetch is one per process, so that consumer died
         between receiving and claiming. RabbitMQ cannot be looked into: see `_amqp_lost`.
