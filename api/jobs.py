@@ -12,6 +12,7 @@ from flask import Response, jsonify, request, url_for
 from werkzeug.wrappers import Response as ResponseBase
 
 from api.auth import current_principal, requires
+from api.limits import prefetched_snapshot
 from api.openapi import (
     JSON_BODY,
     LOCATION,
@@ -166,7 +167,11 @@ def show(path: JobPath) -> ResponseBase:
     principal = current_principal()
     svc = services()
     view = read_job_view(
-        svc.snapshots, svc.reads, parse_id(path.job_id, "job"), principal.tenant_id
+        svc.snapshots,
+        svc.reads,
+        parse_id(path.job_id, "job"),
+        principal.tenant_id,
+        prefetched_snapshot(),
     )
     bind_context(job_id=view["id"], job_type=view["type"])
     response = jsonify(view)

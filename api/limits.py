@@ -10,15 +10,20 @@ The counters are fixed windows (api/rate_windows.py) whose increment also answer
 and expiry, so the `X-RateLimit-*` headers and a 429's `Retry-After` cost no Redis round
 trip of their own. A caller the API-key cache already vouches for is counted per IP and per
 principal in one round trip; anyone else per IP first, then, once verified, per principal.
+When the counters share the snapshots' Redis, that round trip also reads the status poll's
+job snapshot, and an admitted poll's view uses it (`prefetched_snapshot`) instead of
+reading again; a refused one never gets it.
 When Redis is unreachable, rate limiting steps aside for a few seconds (fail open) with one
 warning, and responses carry no rate-limit headers rather than made-up ones.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
@@ -36,6 +41,7 @@ from conveyor.identity import normalise_email
 from conveyor.quota import TenantQuota
 from conveyor.roles import PERMISSIONS, Permission
 from conveyor.settings import Settings
+from conveyor.snapshots import SnapshotReply, queue_read
 from conveyor.submit import MAX_BATCH
 
 logger = logging.getLogger(__name__)
@@ -58,6 +64,10 @@ HEADER_RESET = "X-RateLimit-Reset"
 _COUNTED_BY = {"ip": "client IP", "key": "API key", "user": "user", "email": "email address"}
 # The window the headers describe, as this request's hits left it.
 _SHOWN = "rate_limit_window"
+# The status poll, whose job snapshot is read with its counters when they share a Redis.
+POLL_ENDPOINT = "jobs.show"
+# The poll's snapshot as the counters' round trip read it, for the view.
+_PREFETCHED = "prefetched_snapshot"
 
 
 def endpoint_group(blueprint: str | None, endpoint: str | None, method: str) -> str | None:
@@ -106,6 +116,22 @@ def email_key() -> str:
         body = None
     email = body.get("email") if isinstance(body, dict) else None
     return f"email:{normalise_email(email)}" if isinstance(email, str) else ip_key()
+
+
+def prefetched_snapshot() -> SnapshotReply | None:
+    """Return the job snapshot read with this admitted poll's counters, if it was."""
+    reply: SnapshotReply | None = g.pop(_PREFETCHED, None)
+    return reply
+
+
+def _polled_job() -> uuid.UUID | None:
+    """Return the job this request polls, or None when it is no poll (or a malformed id)."""
+    if request.endpoint != POLL_ENDPOINT or not request.view_args:
+        return None
+    try:
+        return uuid.UUID(str(request.view_args.get("job_id")))
+    except ValueError:
+        return None  # the view answers 404
 
 
 def principal_key(principal: Principal) -> str:
@@ -176,14 +202,23 @@ class _Limits:
         prefix = self._prefix
         return [Counter.of(item, prefix, who, scope) for item in items]
 
-    def count(self, counters: Sequence[Counter], shown: int = 0) -> None:
+    def count(
+        self, counters: Sequence[Counter], shown: int = 0, snapshot_of: uuid.UUID | None = None
+    ) -> None:
         """Count the request in one round trip; without a breach the headers show `shown`.
 
-        Raises `RateLimited` at the first breached window (the later ones are not counted);
-        when Redis fails, starts an outage and lets the request through, without headers.
+        With `snapshot_of`, that round trip reads the job's snapshot too, handed to the view
+        only when the request is admitted. Raises `RateLimited` at the first breached window
+        (the later ones are not counted); when Redis fails, starts an outage and lets the
+        request through, without headers (the view then reads the snapshot itself).
         """
+        replies = None
         try:
-            windows = self._windows.hit(counters)
+            if snapshot_of is None:
+                windows = self._windows.hit(counters)
+            else:
+                read = functools.partial(queue_read, job_id=snapshot_of)
+                windows, replies = self._windows.hit_along(counters, read)
         except RedisError as exc:
             self._outage.report(exc)
             g.pop(_SHOWN, None)
@@ -193,6 +228,8 @@ class _Limits:
             setattr(g, _SHOWN, last)
             raise breach_error(last)
         setattr(g, _SHOWN, windows[shown])
+        if snapshot_of is not None and replies is not None:
+            setattr(g, _PREFETCHED, SnapshotReply(snapshot_of, replies))
 
 
 def _add_headers(outage: _Outage) -> Callable[[Response], Response]:
@@ -236,6 +273,8 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
     # Its own client with short timeouts: a Redis that hangs must not hold requests long.
     redis = Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
     limits = _Limits(RateWindows(redis), outage, settings.rate_limit_prefix)
+    # On the snapshots' Redis, the poll's counters carry its snapshot read (else two trips).
+    prefetch_polls = settings.redis_url == settings.result_backend
     quota = TenantQuota(
         settings.tenant_max_unfinished_jobs,
         refresh=settings.tenant_quota_refresh_seconds,
@@ -279,14 +318,15 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
             # A caller known without a lookup is counted per IP and per principal at once;
             # the IP's windows come first, so a refused IP spends none of the principal's.
             principal = cached_principal() if by_principal else None
-            shown = 0
+            shown, polled = 0, None
             if principal is not None:
                 shown = len(counters)
                 counters += limits.counters(
                     by_principal, principal_key(principal), f"principal-{group}"
                 )
+                polled = _polled_job() if prefetch_polls else None
             if counters:
-                limits.count(counters, shown)
+                limits.count(counters, shown, polled)
         if principal is None and ((settings.rate_limits_enabled and by_principal) or submits):
             principal = _verified_principal()
             if principal is None:

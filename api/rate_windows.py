@@ -4,7 +4,8 @@ A request is counted against an ordered list of windows (its client IP's limits,
 when the caller is already known, its principal's). One Lua script increments them in
 order and stops at the first one over its limit, so a refused IP spends nothing of the
 principal's budget, and it answers each counter's count and expiry, so the
-`X-RateLimit-*` headers and a 429's `Retry-After` cost no Redis read of their own.
+`X-RateLimit-*` headers and a 429's `Retry-After` cost no Redis read of their own. Other
+commands may ride in the same round trip (`hit_along`: the status poll's snapshot read).
 
 The counting is `limits`' fixed window (what Flask-Limiter counted with before): increment,
 start the expiry with the window's first hit, refuse above the limit. Keys are the ones
@@ -16,11 +17,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from limits import RateLimitItem, parse_many
 from redis import Redis
+from redis.client import Pipeline
+from redis.exceptions import NoScriptError, RedisError
 
 # What Flask-Limiter's Redis storage put before every key.
 KEY_PREFIX = "LIMITS:"
@@ -94,10 +98,40 @@ class RateWindows:
 
         Raises redis-py's `RedisError` when Redis cannot count.
         """
+        keys, args = self._script_input(counters)
+        return self._windows(counters, self._hit(keys=keys, args=args))
+
+    def hit_along(
+        self, counters: Sequence[Counter], queue: Callable[[Pipeline], None]
+    ) -> tuple[list[Window], list[Any]]:
+        """Count as `hit` does, sending the commands `queue` adds in the same round trip.
+
+        Returns the windows and the replies to `queue`'s commands, a failed command's
+        error in its place. Raises redis-py's `RedisError` when Redis cannot count.
+        """
+        keys, args = self._script_input(counters)
+        # EVALSHA by hand: a redis-py Script in a pipeline costs a SCRIPT EXISTS round trip.
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.evalsha(self._hit.sha, len(keys), *keys, *args)
+            queue(pipe)
+            counted, *replies = pipe.execute(raise_on_error=False)
+        if isinstance(counted, NoScriptError):
+            # Redis restarted or flushed its scripts, so nothing was counted: `hit` loads
+            # the script and counts; the other replies stand.
+            return self.hit(counters), replies
+        if isinstance(counted, RedisError):
+            raise counted
+        return self._windows(counters, counted), replies
+
+    @staticmethod
+    def _script_input(counters: Sequence[Counter]) -> tuple[list[str], list[int]]:
         args: list[int] = []
         for counter in counters:
             args += (counter.item.get_expiry(), counter.item.amount)
-        replies = self._hit(keys=[c.key for c in counters], args=args)
+        return [c.key for c in counters], args
+
+    @staticmethod
+    def _windows(counters: Sequence[Counter], replies: list[Any]) -> list[Window]:
         now = time.time()
         windows = []
         for counter, count, ttl in zip(counters, replies[::2], replies[1::2], strict=False):

@@ -19,8 +19,10 @@ stays the ledger's. A failed write deletes the keys; when Redis is unreachable f
 too, the process retries the writes with its next write or read (until then its reads
 go to the ledger). A failed read falls back to the ledger. Progress is not copied here:
 it stays in the Celery result backend, on the same Redis, and the poll reads both in
-one pipelined round trip. A job's final result-backend document may be noted beside its
-snapshot and goes out in the same pipeline (best effort: the ledger has the result).
+one pipelined round trip (`queue_read`): the rate limiter's own when it counts on that
+Redis too, handing the replies to the read (a `SnapshotReply`). A job's final
+result-backend document may be noted beside its snapshot and goes out in the same
+pipeline (best effort: the ledger has the result).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from datetime import datetime
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
@@ -72,6 +75,26 @@ return 1
 def snapshot_key(job_id: uuid.UUID) -> str:
     """Return the Redis key of a job's snapshot."""
     return f"{SNAPSHOT_PREFIX}{job_id}"
+
+
+def queue_read(pipe: Pipeline, job_id: uuid.UUID) -> None:
+    """Queue the reads of a job's snapshot and its live progress, for a `SnapshotReply`."""
+    pipe.hmget(snapshot_key(job_id), ["t", "doc"])
+    pipe.get(f"{RESULT_KEY_PREFIX}{job_id}")
+
+
+@dataclass(frozen=True)
+class SnapshotReply:
+    """What Redis answered to `queue_read` for a job, read in another pipeline (unparsed)."""
+
+    job_id: uuid.UUID
+    replies: Sequence[Any]
+
+    def usable_for(self, job_id: uuid.UUID) -> Sequence[Any] | None:
+        """Return the replies if they are `job_id`'s and none of them is an error."""
+        if self.job_id != job_id or any(isinstance(r, Exception) for r in self.replies):
+            return None
+        return self.replies
 
 
 @dataclass(frozen=True)
@@ -219,24 +242,31 @@ class SnapshotStore:
             logger.error("dropping %d unwritten job snapshots", len(kept) - MAX_RETRIES)
         self._retries = kept[-MAX_RETRIES:]
 
-    def read(self, job_id: uuid.UUID, tenant_id: uuid.UUID) -> dict[str, Any] | None:
+    def read(
+        self, job_id: uuid.UUID, tenant_id: uuid.UUID, prefetched: SnapshotReply | None = None
+    ) -> dict[str, Any] | None:
         """Return the job's public view from its snapshot, live progress included, or `None`.
 
         `None` when there is no usable snapshot (absent, a tombstone, another tenant's
-        job, or Redis unreachable): the caller reads the ledger.
+        job, or Redis unreachable): the caller reads the ledger. `prefetched` (this job's
+        `queue_read` replies, sent in another round trip) saves the read; Redis is read
+        without it, or when it is another job's or holds an error.
         """
         if self._retries:
             self.write([])
             if self._retries:
                 return None  # still unreachable: the ledger answers
-        try:
-            with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hmget(snapshot_key(job_id), ["t", "doc"])
-                pipe.get(f"{RESULT_KEY_PREFIX}{job_id}")
-                (owner, doc), progress_raw = pipe.execute()
-        except RedisError:
-            logger.warning("snapshot of job %s unavailable", job_id, exc_info=True)
-            return None
+            prefetched = None  # read before the retried writes landed: maybe older
+        replies = prefetched.usable_for(job_id) if prefetched is not None else None
+        if replies is None:
+            try:
+                with self._redis.pipeline(transaction=False) as pipe:
+                    queue_read(pipe, job_id)
+                    replies = pipe.execute()
+            except RedisError:
+                logger.warning("snapshot of job %s unavailable", job_id, exc_info=True)
+                return None
+        (owner, doc), progress_raw = replies
         if doc is None or owner is None or owner.decode() != str(tenant_id):
             return None
         view: dict[str, Any] = json.loads(doc)
@@ -251,14 +281,19 @@ class SnapshotStore:
 
 
 def read_job_view(
-    store: SnapshotStore, reads: sessionmaker[Session], job_id: uuid.UUID, tenant_id: uuid.UUID
+    store: SnapshotStore,
+    reads: sessionmaker[Session],
+    job_id: uuid.UUID,
+    tenant_id: uuid.UUID,
+    prefetched: SnapshotReply | None = None,
 ) -> dict[str, Any]:
     """Return the tenant's job as clients see it: from its snapshot, else from the ledger.
 
     A ledger read stores what it read as the snapshot (versioned by the latest event it
     saw, so a newer snapshot written meanwhile wins). `NotFound` for another tenant's job.
+    `prefetched`, the snapshot already read, is checked as `SnapshotStore.read` checks one.
     """
-    view = store.read(job_id, tenant_id)
+    view = store.read(job_id, tenant_id, prefetched)
     if view is not None:
         return view
     with reads() as session:

@@ -11,14 +11,24 @@ from typing import Any
 
 import pytest
 from redis import Redis
+from redis.exceptions import ResponseError
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
+from api import create_app
+from bench.roundtrips import watch_redis
 from conveyor.bootstrap import create_tenant_identity
 from conveyor.jobs import claim_job, succeed_job
 from conveyor.retention import prune
 from conveyor.settings import Settings
-from conveyor.snapshots import BackendResult, Snapshot, SnapshotStore, snapshot_key
+from conveyor.snapshots import (
+    BackendResult,
+    Snapshot,
+    SnapshotReply,
+    SnapshotStore,
+    queue_read,
+    snapshot_key,
+)
 from tests.factories import job_factory
 
 
@@ -184,12 +194,15 @@ def test_a_pruned_job_is_gone_from_the_poll(
 
 
 def test_an_unreachable_redis_falls_back_to_the_ledger(
-    app: Any, client: Any, auth: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    client: Any, auth: dict[str, str], settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id = submit(client, auth)
+    # A fresh process (a cold key cache): its limiter reads no snapshot, the dead store does.
+    fresh = create_app(settings)
     dead = SnapshotStore(Redis(host="127.0.0.1", port=1, socket_connect_timeout=1), 60)
-    monkeypatch.setattr(app.extensions["conveyor"], "snapshots", dead)
-    response = client.get(f"/v1/jobs/{job_id}", headers=auth)
+    monkeypatch.setattr(fresh.extensions["conveyor"], "snapshots", dead)
+    response = fresh.test_client().get(f"/v1/jobs/{job_id}", headers=auth)
+    fresh.extensions["conveyor"].engine.dispose()
     assert response.status_code == 200
     assert response.get_json()["state"] == "queued"
 
@@ -218,10 +231,42 @@ def test_writes_that_failed_while_redis_was_away_are_retried(
         succeeded = json.dumps({"state": "succeeded", "started_at": None})
         store.write([Snapshot(job_id, 2, tenant, succeeded)])  # neither written nor dropped
         assert store.read(job_id, tenant) is None  # this process knows: the ledger answers
-    # Redis is back with the old snapshot; the next read writes the newer one first.
-    view = store.read(job_id, tenant)
+    # Redis is back with the old snapshot; the next read writes the newer one first, and
+    # reads again rather than trust what was read before (the rate limiter's round trip).
+    stale = prefetch(redis_client, job_id)
+    view = store.read(job_id, tenant, stale)
     assert view is not None
     assert view["state"] == "succeeded"
+    redis_client.delete(snapshot_key(job_id))
+
+
+def prefetch(redis_client: Redis, job_id: uuid.UUID) -> SnapshotReply:
+    """Read a job's snapshot as the rate limiter's round trip does, for `SnapshotStore.read`."""
+    with redis_client.pipeline(transaction=False) as pipe:
+        queue_read(pipe, job_id)
+        return SnapshotReply(job_id, pipe.execute(raise_on_error=False))
+
+
+def test_a_prefetched_snapshot_is_used_as_read_and_checked_as_read(
+    store: SnapshotStore, redis_client: Redis
+) -> None:
+    tenant, job_id = uuid.uuid4(), uuid.uuid4()
+    doc = json.dumps({"state": "queued", "started_at": None})
+    store.write([Snapshot(job_id, 1, tenant, doc)])
+    reply = prefetch(redis_client, job_id)
+    with watch_redis() as sent:
+        view = store.read(job_id, tenant, reply)
+        assert store.read(job_id, uuid.uuid4(), reply) is None  # another tenant's job
+        assert sent["round trips"] == 0
+    assert view is not None
+    assert view["state"] == "queued"
+    assert view["progress"] is None
+    # Another job's reply, or one holding an error, is not used: Redis is read again.
+    failed = SnapshotReply(job_id, [ResponseError("WRONGTYPE"), None])
+    for unusable in (SnapshotReply(uuid.uuid4(), reply.replies), failed):
+        with watch_redis() as sent:
+            assert store.read(job_id, tenant, unusable) == view
+            assert sent["round trips"] == 1
     redis_client.delete(snapshot_key(job_id))
 
 
