@@ -52,6 +52,11 @@ def create_celery(settings: Settings, *, name: str, with_result_backend: bool) -
         task_acks_late=True,
         # A child killed by the OOM killer or SIGKILL requeues its message instead of acking it.
         task_reject_on_worker_lost=True,
+        # Keep running jobs when the broker connection drops (Celery 6 will cancel them):
+        # the job's attempt owns its row, finishes once, and the redelivered message is
+        # skipped by the claim guard; cancelling would waste the work and an attempt.
+        # Celery 5.7 still warns of the coming default at every reconnect.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         # Prefetch one message per process: long jobs must not hoard messages other
         # workers could run, and fewer unacked messages are exposed to redelivery.
         worker_prefetch_multiplier=1,
