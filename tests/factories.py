@@ -6,10 +6,12 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
+from conveyor.bootstrap import Identity, create_tenant_identity
 from conveyor.models import Job, Tenant
 from conveyor.registry import load_job_types
+from conveyor.settings import Settings
 from conveyor.submit import JobRequest, submit_jobs
 
 QUEUE = "factory-queue"
@@ -21,6 +23,18 @@ def tenant_factory(session: Session, name: str = "Tenant") -> Tenant:
     session.add(tenant)
     session.flush()
     return tenant
+
+
+def other_tenant(sessions: sessionmaker[Session], settings: Settings) -> Identity:
+    """Create a second tenant with its admin and API key, to test the walls between tenants."""
+    with sessions.begin() as session:
+        return create_tenant_identity(
+            session,
+            settings.secret_key,
+            tenant_name="Other",
+            email="x@other.test",
+            now=datetime.now(UTC),
+        )
 
 
 def job_factory(

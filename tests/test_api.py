@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -12,10 +11,10 @@ from redis import Redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import create_tenant_identity
 from conveyor.broker import queue_depth
 from conveyor.models import Job, JobEvent
 from conveyor.settings import Settings
+from tests.factories import other_tenant
 
 
 def job_count(sessions: sessionmaker[Session]) -> int:
@@ -147,14 +146,7 @@ def test_another_tenants_job_is_404(
     client: Any, auth: dict[str, str], sessions: sessionmaker[Session], settings: Settings
 ) -> None:
     job_id = client.post("/v1/jobs", json={"type": "system.noop"}, headers=auth).get_json()["id"]
-    with sessions.begin() as session:
-        other = create_tenant_identity(
-            session,
-            settings.secret_key,
-            tenant_name="Other",
-            email="x@other.test",
-            now=datetime.now(UTC),
-        )
+    other = other_tenant(sessions, settings)
     response = client.get(f"/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {other.token}"})
     assert_problem(response, 404)
 

@@ -25,14 +25,14 @@ from api.limits import OUTAGE_SECONDS, _Outage, endpoint_group, ip_key
 from bench.roundtrips import watch_redis
 from conveyor import quota as quota_module
 from conveyor.auth import authenticate_api_key
-from conveyor.bootstrap import Identity, create_tenant_identity
+from conveyor.bootstrap import Identity
 from conveyor.errors import QuotaExceeded, ValidationFailed
 from conveyor.models import Job
 from conveyor.quota import DRAIN_SAMPLE, DrainRate, TenantQuota
 from conveyor.settings import Settings
 from conveyor.states import JobState
 from tests.conftest import bearer
-from tests.factories import job_factory
+from tests.factories import job_factory, other_tenant
 from tests.test_api import assert_problem, job_count, published
 from tests.test_identity import login, register
 
@@ -265,14 +265,7 @@ def test_another_tenants_job_is_404_through_the_prefetched_snapshot(
 ) -> None:
     client = make_app().test_client()
     job = client.post("/v1/jobs", json=NOOP, headers=bearer(identity.token)).get_json()
-    with sessions.begin() as session:
-        other = create_tenant_identity(
-            session,
-            settings.secret_key,
-            tenant_name="Other",
-            email="x@other.test",
-            now=datetime.now(UTC),
-        )
+    other = other_tenant(sessions, settings)
     stranger = bearer(other.token)
     assert_problem(client.get(f"/v1/jobs/{job['id']}", headers=stranger), 404)
     with watch_redis() as sent:

@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
 from bench.roundtrips import watch_redis
-from conveyor.bootstrap import create_tenant_identity
 from conveyor.jobs import claim_job, succeed_job
 from conveyor.retention import prune
 from conveyor.settings import Settings
@@ -29,7 +28,7 @@ from conveyor.snapshots import (
     queue_read,
     snapshot_key,
 )
-from tests.factories import job_factory
+from tests.factories import job_factory, other_tenant
 
 
 @pytest.fixture
@@ -95,14 +94,7 @@ def test_another_tenant_never_sees_a_job_through_its_snapshot(
     client: Any, auth: dict[str, str], sessions: sessionmaker[Session], settings: Settings
 ) -> None:
     job_id = submit(client, auth)
-    with sessions.begin() as session:
-        other = create_tenant_identity(
-            session,
-            settings.secret_key,
-            tenant_name="Other",
-            email="x@other.test",
-            now=datetime.now(UTC),
-        )
+    other = other_tenant(sessions, settings)
     response = client.get(f"/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {other.token}"})
     assert response.status_code == 404
 
