@@ -16,12 +16,13 @@ from alembic import command
 from alembic.config import Config
 from kombu.exceptions import ChannelError
 from redis import Redis
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity, create_tenant_identity
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.embedded import create_database, drop_database, embedded_services
+from conveyor.models import JobEvent
 from conveyor.settings import Settings
 from conveyor.snapshots import SnapshotStore
 
@@ -236,6 +237,17 @@ def waiting(settings: Settings, queue: str | None = None) -> int | None:
         )
     queue = queue or settings.default_queue
     return broker_depths(_CONTROL_APPS[settings.broker], [queue])[queue]
+
+
+def transitions(sessions: sessionmaker[Session], job_id: str) -> list[tuple[str | None, str]]:
+    """Return a job's history as (from, to) pairs, oldest first."""
+    with sessions() as session:
+        rows = session.execute(
+            select(JobEvent.from_state, JobEvent.to_state)
+            .where(JobEvent.job_id == uuid.UUID(job_id))
+            .order_by(JobEvent.id)
+        ).all()
+    return [(source, target) for source, target in rows]
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:

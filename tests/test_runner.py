@@ -19,12 +19,13 @@ from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
-from conveyor.models import Job, JobEvent, Tenant
+from conveyor.models import Job, Tenant
 from conveyor.registry import JobContext, JobRegistry
 from conveyor.settings import Settings
 from conveyor.snapshots import snapshot_key
 from conveyor.submit import JobRequest, submit_jobs
 from conveyor.webhooks import DELIVER_TYPE, create_webhook
+from tests.conftest import transitions
 from tests.factories import QUEUE, job_factory
 from worker.app import create_celery_app
 from worker.runner import run_job
@@ -143,16 +144,6 @@ def sent(engine: Engine) -> Iterator[Counter[str]]:
             event.remove(engine, name, listener)
 
 
-def history(sessions: sessionmaker[Session], job_id: str) -> list[tuple[str | None, str]]:
-    with sessions() as session:
-        rows = session.execute(
-            select(JobEvent.from_state, JobEvent.to_state)
-            .where(JobEvent.job_id == uuid.UUID(job_id))
-            .order_by(JobEvent.id)
-        )
-        return [(r.from_state, r.to_state) for r in rows]
-
-
 def deliveries(sessions: sessionmaker[Session], job_id: str) -> list[str]:
     with sessions() as session:
         payloads = session.scalars(select(Job.payload).where(Job.type == DELIVER_TYPE)).all()
@@ -170,7 +161,7 @@ def test_a_noop_job_is_two_statements_and_two_redis_round_trips(
     # The claim and the finish, each one autocommit statement; the running snapshot, then
     # the finished snapshot with the result-backend document.
     assert counts == {"before_cursor_execute": 2, "redis": 2}
-    assert history(sessions, job_id) == [
+    assert transitions(sessions, job_id) == [
         (None, "queued"),
         ("queued", "running"),
         ("running", "succeeded"),
@@ -214,7 +205,7 @@ def test_a_job_that_lost_its_claim_rolls_back_and_is_not_succeeded(
         assert (job.state, job.attempt, job.result) == ("running", 2, None)
         written = session.scalar(select(Tenant).where(Tenant.name == f"written by {job_id}"))
         assert written is None
-    assert history(sessions, job_id)[-1] == ("queued", "running")
+    assert transitions(sessions, job_id)[-1] == ("queued", "running")
     assert steps_app.AsyncResult(job_id).state == "PENDING"  # no SUCCESS left behind
 
 
@@ -276,6 +267,6 @@ def test_a_duplicate_delivery_never_runs_the_job_again(
     with sessions.begin() as session:
         job_id = str(job_factory(session, identity.tenant.id).id)
     assert [run(celery_app, job_id) for _ in range(3)] == ["succeeded", "skipped", "skipped"]
-    assert [e for e in history(sessions, job_id) if e[1] == "succeeded"] == [
+    assert [e for e in transitions(sessions, job_id) if e[1] == "succeeded"] == [
         ("running", "succeeded")
     ]

@@ -5,34 +5,20 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 from redis import Redis
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
 from conveyor.bootstrap import Identity
 from conveyor.broker import queue_depth, queue_lists
-from conveyor.models import JobEvent
 from conveyor.settings import Settings
-from tests.conftest import wait_for
+from tests.conftest import transitions, wait_for
 from tests.processes import own_queue, start_worker
 
 pytestmark = pytest.mark.e2e
-
-
-def transitions(sessions: sessionmaker[Session], job_id: str) -> list[tuple[str | None, str]]:
-    """Return a job's history as (from, to) pairs, oldest first."""
-    with sessions() as session:
-        rows = session.execute(
-            select(JobEvent.from_state, JobEvent.to_state)
-            .where(JobEvent.job_id == uuid.UUID(job_id))
-            .order_by(JobEvent.id)
-        ).all()
-    return [(source, target) for source, target in rows]
 
 
 def test_sigterm_mid_job_lets_it_finish_once_and_leaves_the_rest_queued(
