@@ -12,19 +12,18 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy import func, select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from conveyor.errors import Conflict, NotFound, ValidationFailed
-from conveyor.models import Job, JobEvent, Schedule
+from conveyor.ledger.states import UNFINISHED, JobState
+from conveyor.ledger.submit import JobRequest, Submitted, check_request, submit_jobs
+from conveyor.ledger.work import UnitOfWork
+from conveyor.models import Job, Schedule
 from conveyor.registry import JobRegistry
-from conveyor.snapshots import Snapshot, note
-from conveyor.states import NOT_STARTED, JobState
-from conveyor.submit import JobRequest, Submitted, check_request, submit_jobs
 
 logger = logging.getLogger(__name__)
-UNFINISHED = NOT_STARTED | {JobState.RUNNING}
 # Enough to find the latest of the occurrences a long beat outage missed.
 MAX_MISSED = 10_000
 
@@ -238,7 +237,7 @@ def update_schedule(
     return schedule
 
 
-def last_job_states(session: Session, schedules: Sequence[Schedule]) -> dict[uuid.UUID, str]:
+def last_job_states(session: Session, schedules: Sequence[Schedule]) -> dict[uuid.UUID, JobState]:
     """Return the state of each schedule's last fired job, in one query."""
     ids = [s.last_job_id for s in schedules if s.last_job_id is not None]
     if not ids:
@@ -248,7 +247,7 @@ def last_job_states(session: Session, schedules: Sequence[Schedule]) -> dict[uui
 
 
 def fire(
-    session: Session,
+    unit: UnitOfWork,
     registry: JobRegistry,
     schedule: Schedule,
     *,
@@ -261,9 +260,9 @@ def fire(
     `None` means this occurrence already has its job: another beat fired it.
     """
     try:
-        with session.begin_nested():
+        with unit.savepoint():
             (job,) = submit_jobs(
-                session,
+                unit,
                 registry,
                 [_job_request(schedule)],
                 tenant_id=schedule.tenant_id,
@@ -279,7 +278,7 @@ def fire(
 
 
 def fire_due_schedules(
-    session: Session,
+    unit: UnitOfWork,
     registry: JobRegistry,
     now: datetime,
     *,
@@ -288,6 +287,7 @@ def fire_due_schedules(
     batch_size: int = 100,
 ) -> list[Submitted]:
     """Fire every due occurrence once (per the misfire and overlap policies); return the jobs."""
+    session = unit.session
     due = session.scalars(
         select(Schedule)
         .where(Schedule.enabled.is_(True), Schedule.next_run_at <= now)
@@ -307,7 +307,7 @@ def fire_due_schedules(
         if wanted and not (busy and schedule.overlap_policy == "skip"):
             try:
                 job = fire(
-                    session,
+                    unit,
                     registry,
                     schedule,
                     default_queue=default_queue,
@@ -325,20 +325,3 @@ def fire_due_schedules(
         schedule.next_run_at = next_occurrence(schedule, now)
     session.flush()
     return fired
-
-
-def detach_jobs(session: Session, schedule_id: uuid.UUID) -> None:
-    """Unlink a schedule's jobs before it is deleted, invalidating their snapshots.
-
-    The foreign key would null `schedule_id` by itself, but unseen by the snapshots, which
-    would keep showing the schedule. No event is written: version just above the latest.
-    """
-    latest = select(func.max(JobEvent.id)).where(JobEvent.job_id == Job.id).scalar_subquery()
-    rows = session.execute(
-        update(Job)
-        .where(Job.schedule_id == schedule_id)
-        .values(schedule_id=None)
-        .returning(Job.id, latest)
-        .execution_options(synchronize_session=False)
-    ).all()
-    note(session, [Snapshot(job_id, (version or 0) + 0.5) for job_id, version in rows])

@@ -8,13 +8,14 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict
 
-from conveyor.errors import JobFailed
-from conveyor.models import Job, Webhook
+from conveyor.errors import JobFailed, NotFound
+from conveyor.ledger.reads import job_row
+from conveyor.ledger.views import job_view
+from conveyor.models import Webhook
 from conveyor.outbound import request
 from conveyor.registry import JobContext, RetryPolicy, job_type
 from conveyor.settings import Settings
-from conveyor.views import JobOut
-from conveyor.webhooks import DELIVER_TYPE, SIGNATURE_HEADER, sign
+from conveyor.webhooks import DELIVER_TYPE, DELIVERY_ATTEMPTS, SIGNATURE_HEADER, sign
 
 
 class Delivery(BaseModel):
@@ -39,16 +40,17 @@ class DeliveryFailed(JobFailed):
 @job_type(
     DELIVER_TYPE,
     payload=Delivery,
-    retry=RetryPolicy(max_attempts=5, backoff_base=1.0, backoff_cap=600.0),
+    retry=RetryPolicy(max_attempts=DELIVERY_ATTEMPTS, backoff_base=1.0, backoff_cap=600.0),
 )
 def deliver(ctx: JobContext, payload: Delivery) -> dict[str, object]:
     """Send the event; a timeout or a non-2xx answer fails the attempt, which retries."""
     settings = ctx.settings or Settings()
-    job = ctx.session.get(Job, payload.job_id)
-    if job is None:
+    try:
+        job = job_row(ctx.session, payload.job_id, ctx.tenant_id)
+    except NotFound:
         return {"skipped": "the job no longer exists"}
     body = json.dumps(
-        {"event": payload.event, "job": JobOut.of(job).model_dump(mode="json")},
+        {"event": payload.event, "job": job_view(job)},
         separators=(",", ":"),
     ).encode()
     headers = {

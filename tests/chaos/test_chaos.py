@@ -333,7 +333,7 @@ def broker_options(cluster: Cluster) -> dict[str, object]:
     from conveyor.settings import Settings
 
     settings = Settings(redis_url=cluster.env["CONVEYOR_REDIS_URL"])
-    app = create_celery(settings, name="chaos-probe", with_result_backend=False)
+    app = create_celery(settings, name="chaos-probe")
     return dict(app.conf.broker_transport_options)
 
 
