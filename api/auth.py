@@ -50,7 +50,7 @@ def current_principal() -> Principal:
 def init_app(app: Flask, settings: Settings) -> None:
     """Configure JWTs (HS256, short access tokens) and check callers before anything else."""
     app.config.update(
-        JWT_SECRET_KEY=settings.secret_key,
+        JWT_SECRET_KEY=settings.secret_key.get_secret_value(),
         JWT_ALGORITHM="HS256",
         JWT_DECODE_ALGORITHMS=["HS256"],
         JWT_ACCESS_TOKEN_EXPIRES=timedelta(minutes=settings.access_token_minutes),
@@ -173,7 +173,9 @@ def _authenticate() -> Principal:
     now = datetime.now(UTC)
     with svc.sessions.begin() as session:
         if is_key:
-            principal = authenticate_api_key(session, svc.settings.secret_key, token, now)
+            principal = authenticate_api_key(
+                session, svc.settings.secret_key.get_secret_value(), token, now
+            )
         else:
             principal = _principal_from_jwt(session, token)
     if is_key:
