@@ -71,7 +71,11 @@ def secret_weakness(value: str, *, min_length: int, min_bits: float) -> str | No
 class Settings(BaseSettings):
     """Every knob Conveyor has; documented one by one in `.env.example`."""
 
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a refused setting's error would otherwise show the raw inputs,
+    # secrets among them, in the start-up failure the logs keep.
+    model_config = SettingsConfigDict(
+        env_prefix="CONVEYOR_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     env: Literal["development", "test", "production"] = "development"
     # Signs tokens and API-key hashes. No default: development and test read

@@ -8,6 +8,7 @@ landed in the worker's log whenever a job failed, which any member can cause.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from http.server import HTTPServer
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import make_url
 
 from api import create_app
@@ -79,6 +81,23 @@ def test_settings_never_show_their_secrets(
     }
     for shown in (repr(mine), str(mine), str(mine.model_dump()), mine.model_dump_json()):
         assert_no_secret(shown, values)
+
+
+def test_a_refused_secret_is_not_echoed_in_the_error_that_stops_the_process(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [n for n in os.environ if n.startswith("CONVEYOR_")]:
+        monkeypatch.delenv(name)
+    refused_password = "Zq81-" + secrets.token_hex(3)  # too short for production
+    # Pydantic's error shows the start and the end of the inputs: the password comes last.
+    with pytest.raises(ValidationError, match="CONVEYOR_FLOWER_PASSWORD") as refused:
+        Settings(
+            _env_file=None,
+            env="production",
+            secret_key=process_env(settings)["CONVEYOR_SECRET_KEY"],
+            flower_password=refused_password,
+        )
+    assert refused_password not in str(refused.value)
 
 
 def test_a_secret_setting_passed_as_a_log_field_is_redacted(
