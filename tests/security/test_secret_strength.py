@@ -25,7 +25,7 @@ FLOWER = "Xk2-p9Qz_Lm4Rt7w-5sV"
         "dev-insecure-secret-change-me",
         "dev-insecure-secret-change-me-in-production-please",
         "changeme" * 5,
-        "secret-" + secrets.token_hex(16),
+        "secret-9c8a623036d4d96190878d2da924b051",
         "x" * 31 + "y",
     ],
 )
