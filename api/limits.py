@@ -271,10 +271,12 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
     signin_email = parse_limits(settings.auth_rate_limit_email)
     outage = _Outage(OUTAGE_SECONDS)
     # Its own client with short timeouts: a Redis that hangs must not hold requests long.
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
+    redis = Redis.from_url(
+        settings.redis_url.get_secret_value(), socket_connect_timeout=1, socket_timeout=1
+    )
     limits = _Limits(RateWindows(redis), outage, settings.rate_limit_prefix)
     # On the snapshots' Redis, the poll's counters carry its snapshot read (else two trips).
-    prefetch_polls = settings.redis_url == settings.result_backend
+    prefetch_polls = settings.redis_url.get_secret_value() == settings.result_backend
     quota = TenantQuota(
         settings.tenant_max_unfinished_jobs,
         refresh=settings.tenant_quota_refresh_seconds,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -15,6 +16,7 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from kombu.exceptions import ChannelError
+from pydantic import SecretStr
 from redis import Redis
 from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +29,8 @@ from conveyor.settings import Settings
 from conveyor.snapshots import SnapshotStore
 
 ROOT = Path(__file__).resolve().parent.parent
+# This run's signing secret: random, as every secret must be (no shared default exists).
+TEST_SECRET_KEY = secrets.token_urlsafe(32)
 TABLES = (
     "artifact_chunks, artifacts, upload_chunks, uploads, orders, daily_revenue, "
     "audit_log, webhooks, job_events, jobs, schedules, idempotency_keys, refresh_tokens, api_keys, "
@@ -127,13 +131,12 @@ def delete_amqp_queues(url: str, names: Iterable[str]) -> None:
 def base_settings(server_urls: tuple[str, str], make_database: Callable[[], str]) -> Settings:
     """Settings for a migrated test database, Redis and a queue of this run's own."""
     database_url = make_database()
-    command.upgrade(alembic_config(Settings(database_url=database_url).sqlalchemy_url), "head")
-    return Settings(
+    settings = Settings(
         env="test",
         database_url=database_url,
         redis_url=server_urls[1],
         default_queue=f"conveyor-test-{uuid.uuid4().hex[:8]}",
-        secret_key="test-secret-" + "x" * 32,
+        secret_key=TEST_SECRET_KEY,
         db_pool_size=5,
         # Quick heartbeats so cancel requests reach running jobs within a test's patience.
         heartbeat_interval=0.2,
@@ -143,6 +146,8 @@ def base_settings(server_urls: tuple[str, str], make_database: Callable[[], str]
         auth_rate_limit_email="10000/minute",
         rate_limit_prefix=f"rl-{uuid.uuid4().hex[:8]}",
     )
+    command.upgrade(alembic_config(settings.sqlalchemy_url), "head")
+    return settings
 
 
 @pytest.fixture(scope="session")
@@ -150,7 +155,7 @@ def amqp_settings(base_settings: Settings) -> Iterator[Settings]:
     """Yield the test settings on RabbitMQ, with this run's queue; delete its queues after."""
     if not AMQP_URL:
         pytest.skip("RabbitMQ only, and CONVEYOR_TEST_AMQP_URL is unset")
-    moved = base_settings.model_copy(update={"broker_url": AMQP_URL})
+    moved = base_settings.model_copy(update={"broker_url": SecretStr(AMQP_URL)})
     moved = moved.model_copy(update={"default_queue": fresh_queue(moved, "conveyor-test-amqp")})
     yield moved
     delete_amqp_queues(AMQP_URL, sorted(AMQP_QUEUES))
@@ -176,7 +181,7 @@ def engine(base_settings: Settings) -> Iterator[Engine]:
 @pytest.fixture(scope="session")
 def sessions(engine: Engine, settings: Settings) -> Iterator[sessionmaker[Session]]:
     """Return the session factory code under test uses, writing job snapshots as it does."""
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url.get_secret_value())
     yield create_session_factory(engine, SnapshotStore(redis, settings.result_expires))
     redis.close()
 
@@ -208,7 +213,7 @@ def identity(committed: None, sessions: sessionmaker[Session], settings: Setting
     with sessions.begin() as session:
         return create_tenant_identity(
             session,
-            settings.secret_key,
+            settings.secret_key.get_secret_value(),
             tenant_name="Acme",
             email="admin@acme.test",
             now=datetime.now(UTC),
@@ -218,7 +223,7 @@ def identity(committed: None, sessions: sessionmaker[Session], settings: Setting
 @pytest.fixture(scope="session")
 def redis_client(base_settings: Settings) -> Iterator[Redis]:
     """Yield a Redis client on the test result backend (and broker, unless on RabbitMQ)."""
-    client = Redis.from_url(base_settings.redis_url)
+    client = Redis.from_url(base_settings.redis_url.get_secret_value())
     yield client
     client.close()
 
@@ -297,7 +302,7 @@ def role_tokens(
         for role in Role:
             _, tokens[role.value] = create_api_key(
                 session,
-                settings.secret_key,
+                settings.secret_key.get_secret_value(),
                 admin,
                 name=f"{role} key",
                 role=role,

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from limits.storage import RedisStorage
+from pydantic import SecretStr
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import update
@@ -302,11 +303,11 @@ def test_a_redis_failure_in_the_polls_round_trip_fails_open_and_reads_the_ledger
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Counters and snapshots on one Redis that is gone (a closed loopback port).
-    app = make_app(redis_url="redis://127.0.0.1:1/0", broker_url=settings.redis_url)
+    app = make_app(redis_url=SecretStr("redis://127.0.0.1:1/0"), broker_url=settings.redis_url)
     with sessions.begin() as session:
         job = job_factory(session, identity.tenant.id)
         principal = authenticate_api_key(
-            session, settings.secret_key, identity.token, datetime.now(UTC)
+            session, settings.secret_key.get_secret_value(), identity.token, datetime.now(UTC)
         )
     # A warm key cache, so that the first request already reads the snapshot with its counters.
     app.extensions["conveyor"].key_cache.put(identity.token, principal)
@@ -323,7 +324,8 @@ def test_on_separate_redis_the_counters_and_the_snapshot_take_a_round_trip_each(
     make_app: Callable[..., Flask], identity: Identity, settings: Settings
 ) -> None:
     # Another database of the same server is another Redis to the API.
-    app = make_app(result_backend_url=settings.redis_url.rsplit("/", 1)[0] + "/1")
+    other = settings.redis_url.get_secret_value().rsplit("/", 1)[0] + "/1"
+    app = make_app(result_backend_url=SecretStr(other))
     client = app.test_client()
     auth = bearer(identity.token)
     job = client.post("/v1/jobs", json=NOOP, headers=auth).get_json()
@@ -436,7 +438,7 @@ def test_rate_limiting_fails_open_with_a_warning_and_no_headers(
 ) -> None:
     # Only the limiter's Redis is gone (a closed loopback port); broker and backend stay.
     app = make_app(
-        redis_url="redis://127.0.0.1:1/0",
+        redis_url=SecretStr("redis://127.0.0.1:1/0"),
         broker_url=settings.redis_url,
         result_backend_url=settings.redis_url,
         rate_limit_read_principal="1/minute",
