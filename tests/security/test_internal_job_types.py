@@ -57,8 +57,8 @@ def _batch(client: Any, auth: dict[str, str], job_type: str, payload: dict[str, 
 
 
 def _schedule(client: Any, auth: dict[str, str], job_type: str, payload: dict[str, Any]) -> Any:
-    body = {"name": "deliver", "job_type": job_type, "payload": payload, "interval_seconds": 60}
-    return client.post("/v1/schedules", json=body, headers=auth)
+    body = {"name": uuid.uuid4().hex, "job_type": job_type, "payload": payload}
+    return client.post("/v1/schedules", json={**body, "interval_seconds": 60}, headers=auth)
 
 
 def _reschedule(client: Any, auth: dict[str, str], job_type: str, payload: dict[str, Any]) -> Any:
