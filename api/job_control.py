@@ -8,6 +8,7 @@ from typing import Any
 from flask import Response, jsonify
 
 from api.auth import current_principal, requires
+from api.job_views import shown
 from api.openapi import JSON_BODY, described, responses, secured_blueprint
 from api.publishing import publish_committed
 from api.requests import parse_id
@@ -56,7 +57,7 @@ def cancel(path: JobPath) -> tuple[Response, int]:
             _actor(principal),
         )
         audit(session, principal, "job.cancel", "job", job.id, {"outcome": outcome})
-        body = {"outcome": outcome, "job": JobOut.of(job).model_dump(mode="json")}
+        body = {"outcome": outcome, "job": shown(JobOut.of(job).model_dump(mode="json"))}
     return jsonify(body), 200 if outcome == "cancelled" else 202
 
 
@@ -76,7 +77,7 @@ def retry(path: JobPath) -> tuple[Response, int]:
         )
         audit(session, principal, "job.retry", "job", job.id)
     publish_committed(svc, [job])
-    return jsonify(JobOut.of(job).model_dump(mode="json")), 202
+    return jsonify(shown(JobOut.of(job).model_dump(mode="json"))), 202
 
 
 @bp.post("/retry", responses=responses({200: Retried}, 409, *JSON_BODY))

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
 from api.auth import current_principal, requires
+from api.job_views import shown
 from api.openapi import (
     JSON_BODY,
     LOCATION,
@@ -208,4 +209,4 @@ def trigger(path: SchedulePath) -> tuple[Response, int]:
             raise Conflict("the schedule fired no job")
         audit(session, principal, "schedule.trigger", "schedule", schedule.id, {"job": str(job.id)})
     publish_committed(svc, [job])
-    return jsonify(job.view), 202
+    return jsonify(shown(job.view)), 202

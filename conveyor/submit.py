@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from conveyor.errors import Conflict, ValidationFailed
 from conveyor.models import IdempotencyKey, Job
-from conveyor.registry import JobRegistry
+from conveyor.registry import JobRegistry, unknown_job_type
 from conveyor.snapshots import Snapshot, note
 from conveyor.states import JobState
 from conveyor.views import new_job_view
@@ -100,10 +100,15 @@ def _job_row(
     now: datetime,
     schedule_id: uuid.UUID | None,
     schedule_occurrence: datetime | None = None,
+    allow_internal: bool = False,
 ) -> dict[str, Any]:
     """Validate one request against its type and return the values of its row."""
     try:
         job_type = registry.get(request.type)
+        # The one gate for internal types: every submit (API, batch, schedules) passes here,
+        # and to a client an internal type does not exist, in the same words as a missing one.
+        if job_type.internal and not allow_internal:
+            raise unknown_job_type(request.type)
         payload = job_type.parse_payload(request.payload)
     except ValidationFailed as exc:
         prefix = "" if index is None else f"jobs[{index}]."
@@ -190,8 +195,12 @@ def submit_jobs(
     schedule_occurrence: datetime | None = None,
     ids: Sequence[uuid.UUID] | None = None,
     publishing: bool = False,
+    allow_internal: bool = False,
 ) -> list[Submitted]:
     """Validate every request, then insert all the jobs and their first events, or none.
+
+    Internal job types are refused (`UnknownJobType`) unless `allow_internal`, which only
+    the platform's own enqueuers pass (`conveyor.webhooks.enqueue_deliveries`).
 
     Scheduled jobs wait for the promoter. Queued jobs are for the caller to publish after
     its commit; with `publishing`, the caller promises to publish them at once, and they
@@ -215,6 +224,7 @@ def submit_jobs(
             now=now,
             schedule_id=schedule_id,
             schedule_occurrence=schedule_occurrence,
+            allow_internal=allow_internal,
         )
         for n, request in enumerate(requests)
     ]

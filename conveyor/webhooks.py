@@ -120,5 +120,11 @@ def enqueue_deliveries(
         for target in targets
     ]
     return submit_jobs(
-        session, registry, requests, tenant_id=job.tenant_id, default_queue=job.queue, now=now
+        session,
+        registry,
+        requests,
+        tenant_id=job.tenant_id,
+        default_queue=job.queue,
+        now=now,
+        allow_internal=True,
     )

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -244,6 +246,14 @@ def waiting(settings: Settings, queue: str | None = None) -> int | None:
     return broker_depths(_CONTROL_APPS[settings.broker], [queue])[queue]
 
 
+def row_counts(sessions: sessionmaker[Session], *tables: str) -> dict[str, int]:
+    """Return how many rows each table holds: a refused request must have written none."""
+    with sessions() as session:
+        return {
+            table: session.scalar(text(f"SELECT count(*) FROM {table}")) or 0 for table in tables
+        }
+
+
 def transitions(sessions: sessionmaker[Session], job_id: str) -> list[tuple[str | None, str]]:
     """Return a job's history as (from, to) pairs, oldest first."""
     with sessions() as session:
@@ -348,3 +358,33 @@ def worker(settings: Settings) -> Iterator[Any]:
     with in_process_worker(app):
         yield app
     app.conveyor.engine.dispose()
+
+
+class Receiver(BaseHTTPRequestHandler):
+    """A webhook receiver on 127.0.0.1: records deliveries; answers 500 to the first `failures`."""
+
+    received: list[tuple[dict[str, str], bytes]] = []  # noqa: RUF012 - per-test, reset below
+    failures = 0
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append(({k: v for k, v in self.headers.items()}, body))
+        failing = len(type(self).received) <= type(self).failures
+        self.send_response(500 if failing else 204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver(worker: Any) -> Iterator[str]:
+    """Yield the URL of a fresh `Receiver`, which the worker's outbound guard lets it reach."""
+    Receiver.received, Receiver.failures = [], 0
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    worker.conveyor.settings.outbound_allow_hosts.append("127.0.0.1")
+    yield f"http://127.0.0.1:{server.server_port}/hook"
+    worker.conveyor.settings.outbound_allow_hosts.remove("127.0.0.1")
+    server.shutdown()
+    server.server_close()
