@@ -99,6 +99,8 @@ class Settings(BaseSettings):
     cors_origins: list[str] = []
     # Largest file `POST /v1/uploads` accepts.
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    # Most bytes one tenant's uploads may take together; 0: no quota.
+    tenant_max_upload_bytes: int = Field(default=1024**3, ge=0)
     # Modules that add API routes: each has a Flask blueprint `bp` (business domains).
     api_modules: list[str] = ["worker.orders.api"]
     # Seconds the result backend keeps a job's live state; the ledger keeps the rest.

@@ -287,6 +287,24 @@ def app(settings: Settings) -> Iterator[Any]:
 
 
 @pytest.fixture
+def make_app(settings: Settings) -> Iterator[Callable[..., Any]]:
+    """Build apps on the test settings with overrides and rate-limit counters of their own."""
+    from api import create_app
+
+    apps: list[Any] = []
+
+    def make(**update: Any) -> Any:
+        changes = {"rate_limit_prefix": f"rl-{uuid.uuid4().hex}", **update}
+        app = create_app(settings.model_copy(update=changes))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["conveyor"].engine.dispose()
+
+
+@pytest.fixture
 def client(app: Any) -> Any:
     """Return a Flask test client."""
     return app.test_client()

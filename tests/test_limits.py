@@ -7,7 +7,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,7 +21,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import create_app
 from api.limits import OUTAGE_SECONDS, _Outage, endpoint_group, ip_key
 from bench.roundtrips import watch_redis
 from conveyor import quota as quota_module
@@ -39,22 +38,6 @@ from tests.test_identity import login, register
 
 NOOP = {"type": "system.noop", "payload": {}}
 RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
-
-
-@pytest.fixture
-def make_app(settings: Settings) -> Iterator[Callable[..., Flask]]:
-    """Build apps on the test settings with overrides and rate-limit counters of their own."""
-    apps: list[Flask] = []
-
-    def make(**update: Any) -> Flask:
-        changes = {"rate_limit_prefix": f"rl-{uuid.uuid4().hex}", **update}
-        app = create_app(settings.model_copy(update=changes))
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.extensions["conveyor"].engine.dispose()
 
 
 def window_ttl(redis_client: Redis, app: Flask, scope: str) -> int:

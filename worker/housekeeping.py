@@ -34,7 +34,7 @@ from conveyor.jobs import (
     reap_stale_jobs,
     stale_queued_jobs,
 )
-from conveyor.metrics import JOBS_FINISHED, JOBS_REDRIVEN
+from conveyor.metrics import JOBS_FINISHED, JOBS_REDRIVEN, SCHEDULE_FIRES_SKIPPED
 from conveyor.models import Job
 from conveyor.queues import broker_depths
 from conveyor.retention import prune
@@ -128,8 +128,9 @@ class Housekeeper:
         return self._count("promoted", len(messages))
 
     def fire_schedules(self) -> int:
-        """Fire due schedule occurrences through the submit path; return how many jobs."""
+        """Fire due schedule occurrences (none for tenants at their job quota); return how many."""
         settings = self.services.settings
+        skipped: Counter[str] = Counter()
         with self.services.sessions.begin() as session:
             jobs = fire_due_schedules(
                 session,
@@ -137,9 +138,13 @@ class Housekeeper:
                 utcnow(),
                 default_queue=settings.default_queue,
                 misfire_grace=settings.misfire_grace_seconds,
+                max_unfinished=settings.tenant_max_unfinished_jobs,
+                skipped=skipped,
             )
             messages = [Message.of(j) for j in jobs if j.state == "queued"]
         self._publish(messages)
+        for reason, count in skipped.items():
+            SCHEDULE_FIRES_SKIPPED.labels(reason).inc(count)
         if jobs:
             logger.info("fired %d schedule occurrences", len(jobs))
         return self._count("fired", len(jobs))
