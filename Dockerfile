@@ -17,7 +17,10 @@ COPY --from=build --chown=conveyor:conveyor /app/.venv /app/.venv
 COPY --chown=conveyor:conveyor alembic.ini Procfile ./
 COPY --chown=conveyor:conveyor migrations ./migrations
 RUN mkdir -p /app/data && chown conveyor:conveyor /app/data
-ENV PATH="/app/.venv/bin:$PATH" PYTHONUNBUFFERED=1 CONVEYOR_DATA_DIR=/app/data
+# Production unless told otherwise: the image refuses to start without strong secrets
+# (CONVEYOR_SECRET_KEY, CONVEYOR_FLOWER_PASSWORD), and it never makes one up.
+ENV PATH="/app/.venv/bin:$PATH" PYTHONUNBUFFERED=1 CONVEYOR_DATA_DIR=/app/data \
+    CONVEYOR_ENV=production
 USER conveyor
 EXPOSE 8000 5555
 CMD ["sh", "-c", "gunicorn --config python:api.gunicorn_config --bind ${CONVEYOR_API_BIND:-0.0.0.0:8000} --workers ${CONVEYOR_API_WORKERS:-2} --access-logfile - 'api:create_app()'"]

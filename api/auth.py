@@ -8,9 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import jwt
-from flask import Flask, g, request
+from flask import Flask, current_app, g, request
 from flask_jwt_extended import JWTManager, create_access_token, create_refresh_token, decode_token
-from flask_jwt_extended.exceptions import JWTExtendedException
 from sqlalchemy.orm import Session
 
 from api.services import services
@@ -24,6 +23,8 @@ from conveyor.tokens import active_user_for_token, record_refresh_token
 
 # Marks a view that needs a caller but no particular permission.
 ANY_CALLER = "any-caller"
+# Claims every token we issue carries; a token without one was not made by us.
+REQUIRED_CLAIMS = ["exp", "iat", "jti", "type", "sub"]
 _REQUIRED = "conveyor_requires"
 V = TypeVar("V", bound=Callable[..., Any])
 
@@ -50,7 +51,7 @@ def current_principal() -> Principal:
 def init_app(app: Flask, settings: Settings) -> None:
     """Configure JWTs (HS256, short access tokens) and check callers before anything else."""
     app.config.update(
-        JWT_SECRET_KEY=settings.secret_key,
+        JWT_SECRET_KEY=settings.secret_key.get_secret_value(),
         JWT_ALGORITHM="HS256",
         JWT_DECODE_ALGORITHMS=["HS256"],
         JWT_ACCESS_TOKEN_EXPIRES=timedelta(minutes=settings.access_token_minutes),
@@ -72,10 +73,18 @@ def init_app(app: Flask, settings: Settings) -> None:
 
 
 def decode(token: str, expected_type: str) -> dict[str, Any]:
-    """Verify a JWT's signature, expiry and type, or raise `Unauthorized`."""
+    """Verify a JWT's signature, expiry, claims and type, or raise `Unauthorized`."""
+    config = current_app.config
     try:
-        claims: dict[str, Any] = decode_token(token)
-    except (jwt.PyJWTError, JWTExtendedException, ValueError) as exc:
+        # PyJWT itself: flask-jwt-extended's decode_token fills in a missing `type`
+        # ("access") and `jti`, so a token lacking them would pass it.
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            config["JWT_SECRET_KEY"],
+            algorithms=config["JWT_DECODE_ALGORITHMS"],
+            options={"require": REQUIRED_CLAIMS},
+        )
+    except (jwt.PyJWTError, ValueError) as exc:
         raise Unauthorized("the token is invalid or expired") from exc
     if claims.get("type") != expected_type:
         raise Unauthorized(f"an {expected_type} token is required")
@@ -173,7 +182,9 @@ def _authenticate() -> Principal:
     now = datetime.now(UTC)
     with svc.sessions.begin() as session:
         if is_key:
-            principal = authenticate_api_key(session, svc.settings.secret_key, token, now)
+            principal = authenticate_api_key(
+                session, svc.settings.secret_key.get_secret_value(), token, now
+            )
         else:
             principal = _principal_from_jwt(session, token)
     if is_key:

@@ -15,7 +15,7 @@ from api.requests import parse_id
 from api.schemas import JobPath
 from api.services import services
 from conveyor.errors import UnsupportedMediaType, ValidationFailed
-from conveyor.files import get_artifact, read_artifact, read_file, store_upload
+from conveyor.files import get_artifact, read_artifact, read_file, safe_filename, store_upload
 from conveyor.ledger.reads import job_row
 from conveyor.roles import Permission
 
@@ -80,7 +80,11 @@ UPLOAD_BODY = {
 )
 @requires(Permission.SUBMIT)
 def upload() -> tuple[Response, int]:
-    """Store a CSV file (multipart field `file`) for a job to read; 201 with its id."""
+    """Store a CSV file (multipart field `file`) for a job to read; 201 with its id.
+
+    413 when the file passes `CONVEYOR_MAX_UPLOAD_BYTES` or would take the tenant's uploads
+    past `CONVEYOR_TENANT_MAX_UPLOAD_BYTES`; the answer names the file as it was stored.
+    """
     principal = current_principal()
     svc = services()
     # Uploads may be far larger than JSON bodies (Flask 3.1: per-request limit).
@@ -92,15 +96,18 @@ def upload() -> tuple[Response, int]:
         raise ValidationFailed(
             "no file in the upload", errors=[{"field": "file", "message": "required"}]
         )
-    if not file.filename.lower().endswith(".csv") or file.mimetype not in CSV_TYPES:
+    # The name is a label (never a path); the stored, cleaned one is what the check sees.
+    filename = safe_filename(file.filename)
+    if not filename.lower().endswith(".csv") or file.mimetype not in CSV_TYPES:
         raise UnsupportedMediaType("only CSV files (.csv, text/csv) are accepted")
     with svc.sessions.begin() as session:
         stored = store_upload(
             session,
             principal.tenant_id,
-            file.filename,
+            filename,
             "text/csv",
             _utf8_checked(read_file(file.stream)),
+            quota=svc.settings.tenant_max_upload_bytes,
         )
         body = {"id": str(stored.id), "filename": stored.filename, "size": stored.size}
     return jsonify(body), 201

@@ -8,6 +8,7 @@ from typing import Any
 from flask import Response, jsonify
 
 from api.auth import current_principal, requires
+from api.job_views import shown
 from api.openapi import JSON_BODY, described, responses, secured_blueprint
 from api.requests import parse_id
 from api.schemas import BulkRetry, CancelAnswer, JobPath, Retried
@@ -51,7 +52,7 @@ def cancel(path: JobPath) -> tuple[Response, int]:
             unit, svc.registry, principal.tenant_id, job_id, datetime.now(UTC), _actor(principal)
         )
         audit(unit.session, principal, "job.cancel", "job", job_id, {"outcome": outcome})
-    return jsonify(outcome=outcome, job=view), 200 if outcome == "cancelled" else 202
+    return jsonify(outcome=outcome, job=shown(view)), 200 if outcome == "cancelled" else 202
 
 
 @bp.post("/<job_id>/retry", responses=responses({202: JobOut}, 404, 409))
@@ -66,7 +67,7 @@ def retry(path: JobPath) -> tuple[Response, int]:
             unit, svc.registry, principal.tenant_id, job_id, datetime.now(UTC), _actor(principal)
         )
         audit(unit.session, principal, "job.retry", "job", job_id)
-    return jsonify(view), 202
+    return jsonify(shown(view)), 202
 
 
 @bp.post("/retry", responses=responses({200: Retried}, 409, *JSON_BODY))

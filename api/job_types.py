@@ -31,6 +31,6 @@ def index() -> Response:
                 "payload_schema": jt.payload_model.model_json_schema(),
                 "result_schema": jt.result_model.model_json_schema() if jt.result_model else None,
             }
-            for jt in svc.registry
+            for jt in svc.registry.public()
         ]
     )

@@ -12,6 +12,7 @@ from flask import Response, jsonify, request, url_for
 from werkzeug.wrappers import Response as ResponseBase
 
 from api.auth import current_principal, requires
+from api.job_views import shown
 from api.limits import prefetched_snapshot
 from api.openapi import (
     JSON_BODY,
@@ -104,10 +105,10 @@ def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
     location = {"Location": url_for("jobs.show", job_id=view["id"])}
     bind_context(job_id=view["id"], job_type=view["type"])
     if original is not None:
-        return jsonify(view), 200, location
+        return jsonify(shown(view)), 200, location
     JOBS_SUBMITTED.labels(submitted.type, submitted.queue).inc()
     logger.info("job submitted to queue %s", submitted.queue)
-    return jsonify(view), 202, location
+    return jsonify(shown(view)), 202, location
 
 
 @bp.post("/batch", responses=responses({202: JobList}, *JSON_BODY))
@@ -127,7 +128,7 @@ def create_batch(body: JobBatch) -> tuple[Response, int]:
         )
     for (job_type, queue), count in Counter((job.type, job.queue) for job in jobs).items():
         JOBS_SUBMITTED.labels(job_type, queue).inc(count)
-    return jsonify(items=[job.view for job in jobs]), 202
+    return jsonify(items=[shown(job.view) for job in jobs]), 202
 
 
 @bp.get("", responses=responses({200: JobPage}, 422))
@@ -139,7 +140,7 @@ def index(query: JobListQuery) -> Response:
         rows, next_cursor = list_jobs(
             session, principal.tenant_id, query.filters(), limit=query.limit, cursor=query.cursor
         )
-    items = [job_view(row) for row in rows]
+    items = [shown(job_view(row)) for row in rows]
     links = {}
     if next_cursor is not None:
         args: dict[str, Any] = {**request.args.to_dict(), "cursor": next_cursor}
@@ -168,7 +169,7 @@ def show(path: JobPath) -> ResponseBase:
             prefetched_snapshot(),
         )
     bind_context(job_id=view["id"], job_type=view["type"])
-    response = jsonify(view)
+    response = jsonify(shown(view))
     response.add_etag()
     return response.make_conditional(request)
 

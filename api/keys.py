@@ -27,7 +27,7 @@ def create(body: NewApiKey) -> tuple[Response, int]:
     with svc.sessions.begin() as session:
         key, token = create_api_key(
             session,
-            svc.settings.secret_key,
+            svc.settings.secret_key.get_secret_value(),
             principal,
             name=body.name,
             role=body.role,

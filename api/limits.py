@@ -4,7 +4,8 @@
   anything else, and one per verified principal (API key or user), counted once the caller
   is authenticated, so nobody can pick a bucket with a made-up token.
 - Sign-in and sign-up are limited per client IP and per email instead.
-- Submitting jobs is refused while the tenant's unfinished jobs are at their quota.
+- Submitting jobs (and triggering a schedule) is refused while the tenant's unfinished jobs
+  are at their quota.
 
 The counters are fixed windows (api/rate_windows.py) whose increment also answers its count
 and expiry, so the `X-RateLimit-*` headers and a 429's `Retry-After` cost no Redis round
@@ -53,8 +54,14 @@ WRITE_GROUPS = {"jobs": "submit", "files": "submit", "job_control": "control"}
 # Endpoints whose blueprint and method do not tell their group.
 ENDPOINT_GROUPS = {"schedules.trigger": "control"}
 READ_METHODS = frozenset({"GET", "HEAD"})
-# The routes that add jobs against the tenant's quota.
-SUBMIT_RULES = frozenset({"/v1/jobs", "/v1/jobs/batch"})
+# The routes that add jobs against the tenant's quota, with the permission each needs (a
+# caller without it gets the view's 403, not a 429).
+SUBMIT_RULES = {
+    "/v1/jobs": Permission.SUBMIT,
+    "/v1/jobs/batch": Permission.SUBMIT,
+    "/v1/schedules/<schedule_id>/trigger": Permission.MANAGE_SCHEDULES,
+}
+BATCH_RULE = "/v1/jobs/batch"
 # After Redis fails, rate limiting stays off this long before trying Redis again.
 OUTAGE_SECONDS = 5.0
 HEADER_LIMIT = "X-RateLimit-Limit"
@@ -249,7 +256,7 @@ def _add_headers(outage: _Outage) -> Callable[[Response], Response]:
 
 def _submitted_jobs() -> int:
     """Return how many jobs this submit adds (0 when the view will refuse the body anyway)."""
-    if request.url_rule is None or request.url_rule.rule == "/v1/jobs":
+    if request.url_rule is None or request.url_rule.rule != BATCH_RULE:
         return 1
     try:
         body = request.get_json(silent=True)
@@ -257,6 +264,13 @@ def _submitted_jobs() -> int:
         return 0
     jobs = body.get("jobs") if isinstance(body, dict) else None
     return len(jobs) if isinstance(jobs, list) and len(jobs) <= MAX_BATCH else 0
+
+
+def _may_submit(principal: Principal) -> bool:
+    """Return whether the caller holds the permission this submit route needs."""
+    rule = request.url_rule.rule if request.url_rule is not None else ""
+    needed = SUBMIT_RULES.get(rule, Permission.SUBMIT)
+    return needed in PERMISSIONS[principal.role]
 
 
 def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
@@ -271,10 +285,12 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
     signin_email = parse_limits(settings.auth_rate_limit_email)
     outage = _Outage(OUTAGE_SECONDS)
     # Its own client with short timeouts: a Redis that hangs must not hold requests long.
-    redis = Redis.from_url(settings.redis_url, socket_connect_timeout=1, socket_timeout=1)
+    redis = Redis.from_url(
+        settings.redis_url.get_secret_value(), socket_connect_timeout=1, socket_timeout=1
+    )
     limits = _Limits(RateWindows(redis), outage, settings.rate_limit_prefix)
     # On the snapshots' Redis, the poll's counters carry its snapshot read (else two trips).
-    prefetch_polls = settings.redis_url == settings.result_backend
+    prefetch_polls = settings.redis_url.get_secret_value() == settings.result_backend
     quota = TenantQuota(
         settings.tenant_max_unfinished_jobs,
         refresh=settings.tenant_quota_refresh_seconds,
@@ -335,7 +351,7 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
                 limits.count(
                     limits.counters(by_principal, principal_key(principal), f"principal-{group}")
                 )
-        if principal is not None and submits and Permission.SUBMIT in PERMISSIONS[principal.role]:
+        if principal is not None and submits and _may_submit(principal):
             quota.admit(
                 services().work.reading, principal.tenant_id, _submitted_jobs(), datetime.now(UTC)
             )

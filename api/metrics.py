@@ -40,7 +40,7 @@ def init_app(app: Flask) -> None:
 def scrape() -> Response:
     """Render every process's metrics plus live queue gauges, for a caller with the token."""
     svc = services()
-    token = svc.settings.metrics_token
+    token = svc.settings.metrics_token.get_secret_value()
     if token:
         if not token_matches(token, request.headers.get("Authorization")):
             raise Unauthorized("send 'Authorization: Bearer <CONVEYOR_METRICS_TOKEN>'")

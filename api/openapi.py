@@ -48,7 +48,7 @@ PROBLEMS = {
     405: "The path does not accept this method.",
     409: "The request conflicts with the object's current state (or reuses an "
     "`Idempotency-Key` for another request).",
-    413: "The body is larger than the limit.",
+    413: "The body is larger than the limit, or an upload would pass the storage quota.",
     415: "The body is not of the required content type.",
     422: "The request is well-formed but not valid; `errors` names each wrong field.",
     429: "Too many requests, or too many unfinished jobs: retry after `Retry-After` seconds.",

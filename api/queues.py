@@ -1,38 +1,50 @@
 """`GET /v1/queues`: what each queue holds and which workers run what (operators and admins).
 
-Queues and workers are the platform's, shared by every tenant: the view shows counts and
-job ids, never another tenant's payloads (their jobs stay 404 to this caller).
+Queues and workers are the platform's, shared by every tenant; what the ledger says about
+them is the caller's tenant's: its jobs' counts and ids only. The broker's depth alone is
+the whole queue's (a broker message carries no tenant).
 """
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 
 from flask import Response, jsonify
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from api.auth import requires
+from api.auth import current_principal, requires
 from api.openapi import responses, secured_blueprint
 from api.services import Services, services
-from conveyor.queues import QueueStats, WorkerInfo, online_workers, queue_overview
+from conveyor.queues import (
+    QueueStats,
+    WorkerInfo,
+    online_workers,
+    queue_overview,
+    tenant_workers,
+)
 from conveyor.roles import Permission
 
 bp = secured_blueprint("queues", __name__, "operations", "/v1/queues")
 
 
 class QueueOut(BaseModel):
-    """One queue: broker depth, the ledger's queued and running jobs, the oldest wait."""
+    """One queue: broker depth, the caller's queued and running jobs, their oldest wait."""
 
     name: str
-    depth: int | None
-    queued: int
-    running: int
-    oldest_queued_at: datetime | None
+    depth: int | None = Field(
+        description="Messages waiting in the broker: every tenant's (null if it did not answer)."
+    )
+    queued: int = Field(description="The caller's tenant's jobs queued here.")
+    running: int = Field(description="The caller's tenant's jobs running here.")
+    oldest_queued_at: datetime | None = Field(
+        description="Since when the tenant's oldest queued job here has waited."
+    )
     oldest_wait_seconds: float | None
 
 
 class WorkerOut(BaseModel):
-    """A worker that answered, with the ids of the jobs it is running."""
+    """A worker that answered, with the ids of the caller's tenant's jobs it is running."""
 
     name: str
     active_job_ids: list[str]
@@ -46,19 +58,29 @@ class QueuesOut(BaseModel):
     checked_at: datetime
 
 
-def read_queues(svc: Services) -> tuple[list[QueueStats], list[WorkerInfo]]:
-    """Return every known queue's stats and the workers that answered a broadcast."""
+def read_queues(
+    svc: Services, tenant_id: uuid.UUID | None = None
+) -> tuple[list[QueueStats], list[WorkerInfo]]:
+    """Return every known queue's stats and the workers that answered a broadcast.
+
+    With `tenant_id`, every row the ledger is asked about is that tenant's: its jobs'
+    counts and, among the workers' running ids, its jobs' only. Without, the deployment's
+    (`/metrics`, behind the operators' token).
+    """
     known = {svc.settings.default_queue} | {jt.queue for jt in svc.registry if jt.queue}
+    workers = online_workers(svc.publisher.app, svc.settings.inspect_timeout)
     with svc.sessions() as session:
-        queues = queue_overview(session, svc.publisher.app, known)
-    return queues, online_workers(svc.publisher.app, svc.settings.inspect_timeout)
+        queues = queue_overview(session, svc.publisher.app, known, tenant_id)
+        if tenant_id is not None:
+            workers = tenant_workers(session, workers, tenant_id)
+    return queues, workers
 
 
 @bp.get("", responses=responses({200: QueuesOut}))
 @requires(Permission.SEE_QUEUES)
 def index() -> Response:
     """Show per-queue depth, oldest waiting job and running jobs, and the live workers."""
-    queues, workers = read_queues(services())
+    queues, workers = read_queues(services(), current_principal().tenant_id)
     now = datetime.now(UTC)
     body = QueuesOut(
         queues=[

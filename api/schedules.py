@@ -10,6 +10,7 @@ from flask import Response, jsonify, url_for
 from pydantic import BaseModel
 
 from api.auth import current_principal, requires
+from api.job_views import shown
 from api.openapi import (
     JSON_BODY,
     LOCATION,
@@ -214,4 +215,4 @@ def trigger(path: SchedulePath) -> tuple[Response, int]:
             schedule.id,
             {"job": str(job.id)},
         )
-    return jsonify(job.view), 202
+    return jsonify(shown(job.view)), 202

@@ -18,7 +18,7 @@ from api.services import services
 from conveyor.audit import audit
 from conveyor.ledger.reads import job_row
 from conveyor.models import Job, JobEvent, Webhook
-from conveyor.roles import Permission
+from conveyor.roles import Permission, sees_internal_payloads
 from conveyor.webhooks import DELIVER_TYPE, EVENTS, create_webhook, get_webhook, list_webhooks
 
 bp = secured_blueprint("webhooks", __name__, "webhooks")
@@ -80,7 +80,7 @@ class DeliveryOut(BaseModel):
     """One attempt to deliver one of a job's events."""
 
     delivery_id: uuid.UUID
-    url: str
+    url: str | None = Field(description="Where it went; null below the operator role.")
     event: str
     attempt: int
     outcome: str
@@ -144,6 +144,8 @@ def deliveries(path: JobPath) -> Response:
     """List every delivery attempt of a job's events: where, outcome, status, time taken."""
     principal = current_principal()
     key = parse_id(path.job_id, "job")
+    # Webhook URLs are for those who manage webhooks, as in the delivery jobs' own views.
+    show_url = sees_internal_payloads(principal.role)
     with services().sessions() as session:
         job_row(session, key, principal.tenant_id)
         rows = session.execute(
@@ -166,7 +168,7 @@ def deliveries(path: JobPath) -> Response:
         items.append(
             {
                 "delivery_id": str(delivery_id),
-                "url": payload["url"],
+                "url": payload["url"] if show_url else None,
                 "event": payload["event"],
                 "attempt": attempt,
                 "outcome": outcome,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -122,7 +123,13 @@ def main() -> int:
 def _count(root: Path) -> dict[str, dict[str, Any]]:
     with servers(root) as (pg_url, redis_url), watch_redis() as redis:
         db = create_database(pg_url, f"roundtrips_{os.getpid()}_{time.time_ns()}")
-        env = {**os.environ, "CONVEYOR_DATABASE_URL": db, "CONVEYOR_REDIS_URL": redis_url}
+        secret = secrets.token_urlsafe(32)
+        env = {
+            **os.environ,
+            "CONVEYOR_DATABASE_URL": db,
+            "CONVEYOR_REDIS_URL": redis_url,
+            "CONVEYOR_SECRET_KEY": secret,
+        }
         subprocess.run(
             [BIN / "alembic", "upgrade", "head"],
             env=env,
@@ -130,7 +137,7 @@ def _count(root: Path) -> dict[str, dict[str, Any]]:
             check=True,
             capture_output=True,
         )
-        settings = Settings(database_url=db, redis_url=redis_url)
+        settings = Settings(database_url=db, redis_url=redis_url, secret_key=secret)
         key = create_tenant(
             settings, name="RT", email="rt@conveyor.local", password=None, key_role=Role.MEMBER
         )["api_key"]

@@ -14,6 +14,7 @@ import contextlib
 import http.client
 import json
 import os
+import secrets
 import shutil
 import signal
 import statistics
@@ -540,6 +541,7 @@ def _bench(
         "PYTHONPATH": str(ROOT),
         "CONVEYOR_DATABASE_URL": conveyor_db,
         "CONVEYOR_REDIS_URL": redis_url,
+        "CONVEYOR_SECRET_KEY": secrets.token_urlsafe(32),
         "CONVEYOR_DATA_DIR": str(root),
         "CONVEYOR_LOG_LEVEL": "INFO",
         "BARE_DATABASE_URL": bare_db,
@@ -547,7 +549,9 @@ def _bench(
         "CONVEYOR_MAX_UPLOAD_BYTES": str(256 * 1024 * 1024),
         "BENCH_LOGS": str(logs),
     }
-    os.environ.update({k: env[k] for k in ("BARE_DATABASE_URL", "CONVEYOR_REDIS_URL")})
+    os.environ.update(
+        {k: env[k] for k in ("BARE_DATABASE_URL", "CONVEYOR_REDIS_URL", "CONVEYOR_SECRET_KEY")}
+    )
     log(f"migrating; servers {pg_url.split('?')[0]} and {redis_url}")
     subprocess.run(
         [BIN / "alembic", "upgrade", "head"],

@@ -32,7 +32,7 @@ def create_tenant(
         with create_session_factory(engine).begin() as session:
             identity = create_tenant_identity(
                 session,
-                settings.secret_key,
+                settings.secret_key.get_secret_value(),
                 tenant_name=name,
                 email=email,
                 password=password,

@@ -18,20 +18,20 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import psutil
-from sqlalchemy import select
 
+from conveyor.auth import authenticate_api_key
 from conveyor.cli import create_tenant
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.embedded import EmbeddedPostgres, EmbeddedRedis, create_database
-from conveyor.errors import Conflict
-from conveyor.models import ApiKey
+from conveyor.errors import Conflict, Unauthorized
 from conveyor.roles import Role
-from conveyor.settings import Settings
+from conveyor.settings import SECRET_FILE, Settings
 
 logger = logging.getLogger("conveyor.devstack")
 PROCESSES = ("web", "worker", "beat", "flower")
@@ -58,17 +58,40 @@ def _load(path: Path) -> DevCredentials | None:
         return None
 
 
+def ensure_secret_key(root: Path) -> str:
+    """Return this data directory's own random secret, created (mode 0600) on first use."""
+    path = root / SECRET_FILE
+    try:
+        # Created private, never world-readable for a moment; O_EXCL: never overwritten.
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    secret = secrets.token_urlsafe(48)
+    with os.fdopen(fd, "w") as file:
+        file.write(secret + "\n")
+    return secret
+
+
 def ensure_dev_credentials(settings: Settings, path: Path) -> tuple[DevCredentials, bool]:
-    """Reuse the saved dev identity while its key exists, else create one; True if created."""
+    """Reuse the saved dev identity while its key still works, else create one; True if created.
+
+    A saved key stops working when revoked, or when the secret that hashed it changed
+    (a new `secret_key` file): it is checked as the API would check it.
+    """
     saved = _load(path)
     if saved is not None:
         engine = create_db_engine(settings)
         try:
             with create_session_factory(engine)() as session:
-                prefix = saved.api_key.split("_")[1]
-                live = ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None)
-                if session.scalar(select(ApiKey.id).where(*live)):
-                    return saved, False
+                authenticate_api_key(
+                    session,
+                    settings.secret_key.get_secret_value(),
+                    saved.api_key,
+                    datetime.now(UTC),
+                )
+                return saved, False
+        except Unauthorized:
+            pass
         finally:
             engine.dispose()
     # The same code path as `conveyor create-tenant`, the operators' command.
@@ -79,7 +102,8 @@ def ensure_dev_credentials(settings: Settings, path: Path) -> tuple[DevCredentia
             settings, **DEV_TENANT, email=f"admin-{secrets.token_hex(3)}@conveyor.local"
         )
     created = DevCredentials(
-        **fields, flower_password=settings.flower_password or secrets.token_urlsafe(12)
+        **fields,
+        flower_password=settings.flower_password.get_secret_value() or secrets.token_urlsafe(12),
     )
     path.write_text(json.dumps(created.__dict__, indent=2))
     path.chmod(0o600)
@@ -174,9 +198,13 @@ def run(root: Path) -> int:
             cleanup.callback(redis.stop)
             env["CONVEYOR_REDIS_URL"] = redis.start()
             logger.info("embedded Redis at %s", env["CONVEYOR_REDIS_URL"])
+        # Every process gets this data directory's secret, unless one was given.
+        env["CONVEYOR_SECRET_KEY"] = env.get("CONVEYOR_SECRET_KEY") or ensure_secret_key(root)
         subprocess.run([bin_dir / "alembic", "upgrade", "head"], env=env, check=True)
         settings = Settings(
-            database_url=env["CONVEYOR_DATABASE_URL"], redis_url=env["CONVEYOR_REDIS_URL"]
+            database_url=env["CONVEYOR_DATABASE_URL"],
+            redis_url=env["CONVEYOR_REDIS_URL"],
+            secret_key=env["CONVEYOR_SECRET_KEY"],
         )
         creds, created = ensure_dev_credentials(settings, root / "dev-credentials.json")
         env.setdefault("CONVEYOR_FLOWER_PASSWORD", creds.flower_password)

@@ -92,6 +92,14 @@ class MalformedRequest(ConveyorError):
     slug = "malformed-request"
 
 
+class StorageQuotaExceeded(ConveyorError):
+    """Raised when an upload would take the tenant's stored files past its storage quota."""
+
+    status = 413
+    title = "Storage quota exceeded"
+    slug = "storage-quota-exceeded"
+
+
 class UnsupportedMediaType(ConveyorError):
     """Raised when a JSON endpoint receives another content type."""
 

@@ -2,17 +2,56 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
 import uuid
 from collections.abc import Iterable, Iterator
 from typing import IO
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
-from conveyor.errors import NotFound
+from conveyor.errors import NotFound, StorageQuotaExceeded
 from conveyor.models import Artifact, ArtifactChunk, Upload, UploadChunk
 
 CHUNK_SIZE = 1024 * 1024
+# A stored upload name is at most this many bytes of UTF-8 (most file systems' limit).
+MAX_FILENAME_BYTES = 255
+FALLBACK_FILENAME = "upload.csv"
+# Unicode categories dropped from upload names: controls (NUL included), format characters
+# (bidi overrides such as U+202E, which make `x\u202evsc.exe` read as `xexe.csv`,
+# zero-width ones), lone surrogates (PostgreSQL refuses them), line and paragraph separators.
+_DROPPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+# Leading dots (`..`, hidden files) and the spaces around them.
+_LEADING_DOTS = re.compile(r"^[\s.]+")
+
+
+def safe_filename(name: str) -> str:
+    """Return a client's file name fit to store and show: one plain component, no controls.
+
+    The client's name is a label, never a path: only its last component (after a slash or
+    backslash) is kept, without invisible or control characters or leading dots,
+    NFC-normalised, at most 255 bytes of UTF-8 (cut before a short extension, which
+    survives); `upload.csv` when nothing is left.
+    """
+    visible = "".join(c for c in name if unicodedata.category(c) not in _DROPPED_CATEGORIES)
+    last = unicodedata.normalize("NFC", visible).replace("\\", "/").rsplit("/", 1)[-1]
+    cleaned = _LEADING_DOTS.sub("", last).rstrip()
+    if not cleaned:
+        return FALLBACK_FILENAME
+    return _truncated(cleaned, MAX_FILENAME_BYTES)
+
+
+def _truncated(name: str, limit: int) -> str:
+    """Cut `name` to `limit` bytes of UTF-8 on a character boundary, keeping a short extension."""
+    if len(name.encode()) <= limit:
+        return name
+    stem, dot, extension = name.rpartition(".")
+    suffix = dot + extension if stem and len(extension.encode()) <= 16 else ""
+    if suffix:
+        name = stem
+    room = limit - len(suffix.encode())
+    return name.encode()[:room].decode(errors="ignore").rstrip() + suffix
 
 
 def store_upload(
@@ -21,18 +60,45 @@ def store_upload(
     filename: str,
     content_type: str,
     chunks: Iterable[bytes],
+    *,
+    quota: int = 0,
 ) -> Upload:
-    """Store an upload chunk by chunk; the caller's transaction makes it all or nothing."""
-    upload = Upload(tenant_id=tenant_id, filename=filename, content_type=content_type, size=0)
+    """Store an upload chunk by chunk; the caller's transaction makes it all or nothing.
+
+    With a `quota` (bytes; 0 for none), an upload that would take the tenant's stored
+    uploads past it raises `StorageQuotaExceeded` before the chunk that would: the caller's
+    rollback then keeps nothing of it.
+    """
+    room = quota - stored_upload_bytes(session, tenant_id) if quota > 0 else None
+    if room is not None and room <= 0:
+        raise _over_quota(quota)
+    upload = Upload(
+        tenant_id=tenant_id, filename=safe_filename(filename), content_type=content_type, size=0
+    )
     session.add(upload)
     session.flush()
     size = 0
     for seq, data in enumerate(chunks):
-        session.execute(insert(UploadChunk).values(upload_id=upload.id, seq=seq, data=data))
         size += len(data)
+        if room is not None and size > room:
+            raise _over_quota(quota)
+        session.execute(insert(UploadChunk).values(upload_id=upload.id, seq=seq, data=data))
     upload.size = size
     session.flush()
     return upload
+
+
+def stored_upload_bytes(session: Session, tenant_id: uuid.UUID) -> int:
+    """Return the bytes of every upload the tenant keeps (one sum over its index entries)."""
+    total = session.scalar(select(func.sum(Upload.size)).where(Upload.tenant_id == tenant_id))
+    return int(total or 0)
+
+
+def _over_quota(quota: int) -> StorageQuotaExceeded:
+    return StorageQuotaExceeded(
+        f"the tenant's uploads may take at most {quota} bytes, and this file would pass that",
+        errors=[{"field": "file", "message": f"storage quota of {quota} bytes exceeded"}],
+    )
 
 
 def get_upload(session: Session, tenant_id: uuid.UUID, upload_id: uuid.UUID) -> Upload:

@@ -13,6 +13,7 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
+from pydantic import SecretBytes, SecretStr
 from structlog.typing import Processor
 
 from conveyor.settings import Settings
@@ -35,9 +36,10 @@ REDACTED = "[redacted]"
 
 
 def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """Replace the values of sensitive keys, so a careless `extra=` cannot leak a secret."""
-    for key in SENSITIVE_KEYS & event_dict.keys():
-        event_dict[key] = REDACTED
+    """Replace sensitive keys' values and any SecretStr, so a careless `extra=` leaks nothing."""
+    for key, value in event_dict.items():
+        if key in SENSITIVE_KEYS or isinstance(value, SecretStr | SecretBytes):
+            event_dict[key] = REDACTED
     return event_dict
 
 
@@ -92,10 +94,17 @@ def configure_logging(settings: Settings) -> None:
         cache_logger_on_first_use=True,
     )
     renderer: list[Processor]
+    # Tracebacks as plain text, never with local variables: a frame's locals hold settings,
+    # keys and signed headers. (The console renderer's default, rich when installed, shows
+    # them.)
     if use_json(settings):
         renderer = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        renderer = [structlog.dev.ConsoleRenderer(colors=False)]
+        renderer = [
+            structlog.dev.ConsoleRenderer(
+                colors=False, exception_formatter=structlog.dev.plain_traceback
+            )
+        ]
     handler = _StderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(

@@ -46,6 +46,12 @@ JOBS_REDRIVEN = Counter(
     "broker, published again).",
     ["reason"],
 )
+SCHEDULE_FIRES_SKIPPED = Counter(
+    "conveyor_schedule_fires_skipped",
+    "Schedule occurrences beat did not fire, by reason: quota (the schedule's tenant was at "
+    "its quota of unfinished jobs).",
+    ["reason"],
+)
 JOB_RUN_SECONDS = Histogram(
     "conveyor_job_run_seconds",
     "Time a job's function ran, per attempt.",

@@ -266,6 +266,8 @@ class Upload(Base):
     """A file a client uploaded for a job to read; its bytes live in `upload_chunks`."""
 
     __tablename__ = "uploads"
+    # The storage quota sums a tenant's sizes: the index alone can answer it.
+    __table_args__ = (Index("ix_uploads_tenant_size", "tenant_id", "size"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))

@@ -1,12 +1,14 @@
 """What the queues hold and who works them: the broker's depth, the ledger's view, live workers.
 
-Shared by `GET /v1/queues` and the API's `/metrics`. Nothing here runs on a submit, claim or
-poll path: each call costs a few broker round trips, one grouped query and one broadcast.
+Shared by `GET /v1/queues` (one tenant's view: its own jobs' counts and ids) and the API's
+`/metrics` (the deployment's). Nothing here runs on a submit, claim or poll path: each call
+costs a few broker round trips, one or two queries and one broadcast.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -48,21 +50,25 @@ class WorkerInfo:
     active_job_ids: list[str]
 
 
-def ledger_queue_stats(session: Session) -> dict[str, tuple[int, datetime | None, int]]:
-    """Return, per queue with unfinished work, (queued, oldest queued-since, running)."""
+def ledger_queue_stats(
+    session: Session, tenant_id: uuid.UUID | None = None
+) -> dict[str, tuple[int, datetime | None, int]]:
+    """Return, per queue with unfinished work, (queued, oldest queued-since, running).
+
+    Of one tenant's jobs when `tenant_id` is given, else of every tenant's (operators' metrics).
+    """
     queued = Job.state == JobState.QUEUED
     # A job queued after a delay or a retry has waited since it fell due, not since created.
     since = func.coalesce(Job.scheduled_for, Job.created_at)
-    rows = session.execute(
-        select(
-            Job.queue,
-            func.count().filter(queued),
-            func.min(since).filter(queued),
-            func.count().filter(Job.state == JobState.RUNNING),
-        )
-        .where(Job.state.in_((JobState.QUEUED, JobState.RUNNING)))
-        .group_by(Job.queue)
-    ).all()
+    query = select(
+        Job.queue,
+        func.count().filter(queued),
+        func.min(since).filter(queued),
+        func.count().filter(Job.state == JobState.RUNNING),
+    ).where(Job.state.in_((JobState.QUEUED, JobState.RUNNING)))
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
+    rows = session.execute(query.group_by(Job.queue)).all()
     return {queue: (n_queued, oldest, running) for queue, n_queued, oldest, running in rows}
 
 
@@ -104,9 +110,42 @@ def online_workers(app: Celery, timeout: float) -> list[WorkerInfo]:
     ]
 
 
-def queue_overview(session: Session, app: Celery, known_queues: Iterable[str]) -> list[QueueStats]:
-    """Return stats for every known queue and every queue the ledger has work in."""
-    ledger = ledger_queue_stats(session)
+def _job_id(task_id: str) -> uuid.UUID | None:
+    """Return the job id a task id stands for (a job's task is named by its job id)."""
+    try:
+        return uuid.UUID(task_id)
+    except ValueError:
+        return None  # some other task: nobody's job
+
+
+def tenant_workers(
+    session: Session, workers: list[WorkerInfo], tenant_id: uuid.UUID
+) -> list[WorkerInfo]:
+    """Return the workers with only the tenant's jobs among their running ids (one query)."""
+    running = {_job_id(task_id) for worker in workers for task_id in worker.active_job_ids}
+    running.discard(None)
+    mine: set[uuid.UUID | None] = set()
+    if running:
+        mine.update(
+            session.scalars(select(Job.id).where(Job.id.in_(running), Job.tenant_id == tenant_id))
+        )
+    return [
+        WorkerInfo(w.name, [task_id for task_id in w.active_job_ids if _job_id(task_id) in mine])
+        for w in workers
+    ]
+
+
+def queue_overview(
+    session: Session,
+    app: Celery,
+    known_queues: Iterable[str],
+    tenant_id: uuid.UUID | None = None,
+) -> list[QueueStats]:
+    """Return stats for every known queue and every queue the ledger has work in.
+
+    With `tenant_id`, the ledger's counts are that tenant's; the broker's depth is the queue's.
+    """
+    ledger = ledger_queue_stats(session, tenant_id)
     names = sorted(set(known_queues) | ledger.keys())
     depths = broker_depths(app, names)
     return [QueueStats(name, depths[name], *ledger.get(name, (0, None, 0))) for name in names]

@@ -78,6 +78,8 @@ class JobType:
     soft_time_limit: float | None = None
     time_limit: float | None = None
     cancellable: bool = True
+    # Platform-only (webhook deliveries): submitted by Conveyor itself, never by a client.
+    internal: bool = False
 
     def queues(self, default_queue: str) -> tuple[str, ...]:
         """Return the queues this type may run on, its own first."""
@@ -117,8 +119,9 @@ class JobRegistry:
         soft_time_limit: float | None = None,
         time_limit: float | None = None,
         cancellable: bool = True,
+        internal: bool = False,
     ) -> Callable[[JobFunction], JobFunction]:
-        """Register the decorated function as job type `name`."""
+        """Register the decorated function as job type `name` (`internal`: platform-only)."""
 
         def decorate(func: JobFunction) -> JobFunction:
             if name in self._types:
@@ -135,6 +138,7 @@ class JobRegistry:
                 soft_time_limit=soft_time_limit,
                 time_limit=time_limit,
                 cancellable=cancellable,
+                internal=internal,
             )
             return func
 
@@ -145,18 +149,32 @@ class JobRegistry:
         try:
             return self._types[name]
         except KeyError:
-            raise UnknownJobType(
-                f"there is no job type {name!r}",
-                errors=[{"field": "type", "message": f"unknown job type {name!r}"}],
-            ) from None
+            raise unknown_job_type(name) from None
 
     def __contains__(self, name: object) -> bool:
         """Return whether a job type of that name is registered."""
         return name in self._types
 
     def __iter__(self) -> Iterator[JobType]:
-        """Iterate over the registered job types in name order."""
+        """Iterate over every registered job type, internal ones too, in name order."""
         return iter(sorted(self._types.values(), key=lambda jt: jt.name))
+
+    def public(self) -> Iterator[JobType]:
+        """Iterate over the job types clients may submit (and see listed), in name order."""
+        return (jt for jt in self if not jt.internal)
+
+    def is_internal(self, name: str) -> bool:
+        """Return whether `name` is a registered internal type (its payloads are not for all)."""
+        found = self._types.get(name)
+        return found is not None and found.internal
+
+
+def unknown_job_type(name: str) -> UnknownJobType:
+    """Return the error for a type a caller may not submit, whether it is missing or internal."""
+    return UnknownJobType(
+        f"there is no job type {name!r}",
+        errors=[{"field": "type", "message": f"unknown job type {name!r}"}],
+    )
 
 
 registry = JobRegistry()

@@ -65,3 +65,8 @@ def check_grant(granter: str, granted: str) -> None:
     """Raise `Forbidden` if `granter` would hand out a role above its own."""
     if Role(granted).rank > Role(granter).rank:
         raise Forbidden(f"a {granter} cannot grant the {granted} role")
+
+
+def sees_internal_payloads(role: str) -> bool:
+    """Return whether `role` may read internal jobs' payloads (webhook URLs): operators and up."""
+    return Role(role).rank >= Role.OPERATOR.rank

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -21,6 +22,7 @@ from conveyor.ledger.states import UNFINISHED, JobState
 from conveyor.ledger.submit import JobRequest, Submitted, check_request, submit_jobs
 from conveyor.ledger.work import UnitOfWork
 from conveyor.models import Job, Schedule
+from conveyor.quota import count_unfinished
 from conveyor.registry import JobRegistry
 
 logger = logging.getLogger(__name__)
@@ -284,9 +286,15 @@ def fire_due_schedules(
     *,
     default_queue: str,
     misfire_grace: float,
+    max_unfinished: int = 0,
+    skipped: Counter[str] | None = None,
     batch_size: int = 100,
 ) -> list[Submitted]:
-    """Fire every due occurrence once (per the misfire and overlap policies); return the jobs."""
+    """Fire every due occurrence once (per the misfire and overlap policies); return the jobs.
+
+    An occurrence whose tenant already has `max_unfinished` unfinished jobs (0: no quota) is
+    skipped like a missed one, logged, and counted in `skipped` under "quota".
+    """
     session = unit.session
     due = session.scalars(
         select(Schedule)
@@ -296,6 +304,7 @@ def fire_due_schedules(
         .with_for_update(skip_locked=True)
     ).all()
     states = last_job_states(session, due)
+    room = _QuotaRoom(session, max_unfinished)
     fired = []
     for schedule in due:
         # Earlier occurrences beat missed (it was down) are skipped, or folded into one run.
@@ -305,23 +314,62 @@ def fire_due_schedules(
         last_state = states.get(schedule.last_job_id) if schedule.last_job_id else None
         busy = last_state in UNFINISHED
         if wanted and not (busy and schedule.overlap_policy == "skip"):
-            try:
-                job = fire(
-                    unit,
-                    registry,
-                    schedule,
-                    default_queue=default_queue,
-                    now=now,
-                    occurrence=occurrence,
-                )
-            except ValidationFailed:
-                # The job type or its model changed since the schedule was written.
+            if room.full(schedule.tenant_id):
                 logger.warning(
-                    "schedule %s no longer makes a valid job", schedule.id, exc_info=True
+                    "schedule %s skipped its occurrence at %s: its tenant is at its quota of "
+                    "%d unfinished jobs",
+                    schedule.id,
+                    occurrence.isoformat(),
+                    max_unfinished,
+                    extra={"tenant_id": str(schedule.tenant_id)},
                 )
-                job = None
-            if job is not None:
+                if skipped is not None:
+                    skipped["quota"] += 1
+            elif job := _fire_valid(unit, registry, schedule, default_queue, now, occurrence):
                 fired.append(job)
+                room.take(schedule.tenant_id)
         schedule.next_run_at = next_occurrence(schedule, now)
     session.flush()
     return fired
+
+
+def _fire_valid(
+    unit: UnitOfWork,
+    registry: JobRegistry,
+    schedule: Schedule,
+    default_queue: str,
+    now: datetime,
+    occurrence: datetime,
+) -> Submitted | None:
+    """Fire an occurrence, or log why a schedule no longer makes a valid job."""
+    try:
+        return fire(
+            unit, registry, schedule, default_queue=default_queue, now=now, occurrence=occurrence
+        )
+    except ValidationFailed:
+        # The job type or its model changed since the schedule was written.
+        logger.warning("schedule %s no longer makes a valid job", schedule.id, exc_info=True)
+        return None
+
+
+class _QuotaRoom:
+    """How many more jobs each tenant may get in one pass; every tenant counted once."""
+
+    def __init__(self, session: Session, limit: int) -> None:
+        self._session = session
+        self._limit = limit
+        self._room: dict[uuid.UUID, int] = {}
+
+    def full(self, tenant_id: uuid.UUID) -> bool:
+        """Return whether the tenant is at its quota of unfinished jobs (never, without one)."""
+        if self._limit <= 0:
+            return False
+        if tenant_id not in self._room:
+            unfinished = count_unfinished(self._session, tenant_id, self._limit)
+            self._room[tenant_id] = self._limit - unfinished
+        return self._room[tenant_id] <= 0
+
+    def take(self, tenant_id: uuid.UUID) -> None:
+        """Count a job just fired for the tenant."""
+        if tenant_id in self._room:
+            self._room[tenant_id] -= 1

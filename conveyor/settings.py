@@ -2,28 +2,93 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
 
 from limits import parse_many
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_SECRET = "dev-insecure-secret-change-me"  # noqa: S105 - refused outside development
+# Where `make run` keeps the development secret (conveyor/devstack.py writes it, mode 0600).
+SECRET_FILE = "secret_key"  # noqa: S105 - a file name, not a secret
 MIN_SECRET_LENGTH = 32
+MIN_SECRET_BITS = 90
+MIN_FLOWER_PASSWORD_LENGTH = 16
+MIN_FLOWER_PASSWORD_BITS = 32
+# Fragments of placeholder values (old defaults, documentation examples): a secret that
+# contains one was typed by a person from an example, not generated.
+PLACEHOLDERS = (
+    "dev-insecure-secret-change-me",
+    "changeme",
+    "change-me",
+    "change_me",
+    "insecure",
+    "example",
+    "password",
+    "secret",
+)
+
+
+def estimated_bits(value: str) -> float:
+    """Estimate the entropy of `value` in bits, to refuse secrets a person typed.
+
+    The estimate is the Shannon entropy of the characters of the shortest unit whose
+    repetition makes up the value, times that unit's length: `"abc" * 12` counts as
+    `"abc"` (5 bits), `"a" * 36` as 0, and padding such as `"x" * 32` adds little. It
+    overrates patterned text (`"abcdef…"`) and knows no dictionary, so it catches
+    typed values, not every weak one; a generated value scores far above the floor
+    (`secrets.token_urlsafe(32)` ~180 or more, `secrets.token_hex(32)` ~210 or more,
+    `openssl rand -base64 32` ~185 or more, `secrets.token_hex(16)` ~93 or more).
+    """
+    # The shortest period comes from the KMP failure function of the whole string.
+    fail = [0] * (len(value) + 1)
+    matched = 0
+    for i in range(1, len(value)):
+        while matched and value[i] != value[matched]:
+            matched = fail[matched]
+        if value[i] == value[matched]:
+            matched += 1
+        fail[i + 1] = matched
+    unit = value[: len(value) - fail[len(value)]]
+    counts = Counter(unit).values()
+    return -sum(n * math.log2(n / len(unit)) for n in counts)
+
+
+def secret_weakness(value: str, *, min_length: int, min_bits: float) -> str | None:
+    """Return why `value` is too weak for production, or None when it will do."""
+    if len(value) < min_length:
+        return f"shorter than {min_length} characters"
+    lowered = value.lower()
+    if any(placeholder in lowered for placeholder in PLACEHOLDERS):
+        return "a placeholder or a documented example, not a generated value"
+    if estimated_bits(value) < min_bits:
+        return "too predictable (repeated or too few distinct characters)"
+    return None
 
 
 class Settings(BaseSettings):
     """Every knob Conveyor has; documented one by one in `.env.example`."""
 
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a refused setting's error would otherwise show the raw inputs,
+    # secrets among them, in the start-up failure the logs keep.
+    model_config = SettingsConfigDict(
+        env_prefix="CONVEYOR_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     env: Literal["development", "test", "production"] = "development"
-    secret_key: str = DEFAULT_SECRET
-    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/conveyor"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Signs tokens and API-key hashes. No default: development and test read
+    # `<data_dir>/secret_key` (made by `make run`) when it is unset; see `_find_secret_key`.
+    secret_key: SecretStr
+    # Secrets (URLs too: they may carry passwords) are SecretStr, so that no repr, str or
+    # model_dump of the settings, nor a traceback, shows them; read them through
+    # `.get_secret_value()` or the plain-string properties below where they are used.
+    database_url: SecretStr = SecretStr("postgresql+psycopg://postgres@127.0.0.1:5432/conveyor")
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     # Separate URLs let an operator move the broker to RabbitMQ or another Redis.
-    broker_url: str | None = None
-    result_backend_url: str | None = None
+    broker_url: SecretStr | None = None
+    result_backend_url: SecretStr | None = None
     db_pool_size: int = Field(default=10, ge=1)
     db_pool_max_overflow: int = Field(default=10, ge=0)
     # Behind PgBouncer in transaction mode a prepared statement may land on another server
@@ -34,6 +99,8 @@ class Settings(BaseSettings):
     cors_origins: list[str] = []
     # Largest file `POST /v1/uploads` accepts.
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
+    # Most bytes one tenant's uploads may take together; 0: no quota.
+    tenant_max_upload_bytes: int = Field(default=1024**3, ge=0)
     # Modules that add API routes: each has a Flask blueprint `bp` (business domains).
     api_modules: list[str] = ["worker.orders.api"]
     # Seconds the result backend keeps a job's live state; the ledger keeps the rest.
@@ -134,7 +201,7 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
     # Bearer token for every /metrics (API, worker, beat). Unset: /metrics answers only
     # in development; set it and give Prometheus the same token.
-    metrics_token: str = ""
+    metrics_token: SecretStr = SecretStr("")
     # The worker's and beat's own metrics exporters; 0 leaves one off.
     metrics_address: str = "127.0.0.1"
     worker_metrics_port: int = Field(default=0, ge=0, le=65535)
@@ -142,7 +209,7 @@ class Settings(BaseSettings):
     # Seconds to wait for workers to answer a broadcast (/v1/queues, /metrics).
     inspect_timeout: float = Field(default=1.0, gt=0, le=30)
     flower_user: str = "admin"
-    flower_password: str = ""
+    flower_password: SecretStr = SecretStr("")
     flower_address: str = "127.0.0.1"
     flower_port: int = 5555
     # Serve Flower under this path (e.g. `flower` for /flower/...) behind a proxy; empty: /.
@@ -171,18 +238,49 @@ class Settings(BaseSettings):
                 raise ValueError(f"not a rate limit such as '100/minute': {value!r}") from exc
         return value.strip()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _find_secret_key(cls, data: Any) -> Any:
+        """Fill in an unset secret from `<data_dir>/secret_key`, outside production only."""
+        if not isinstance(data, dict) or _plain(data.get("secret_key")):
+            return data
+        env = data.get("env") or cls.model_fields["env"].default
+        data_dir = data.get("data_dir") or cls.model_fields["data_dir"].default
+        path = Path(data_dir) / SECRET_FILE
+        if env == "production":  # never a file: the deployment gives production its secret
+            raise ValueError("set CONVEYOR_SECRET_KEY")
+        try:
+            found = path.read_text().strip()
+        except OSError:
+            found = ""
+        if not found:
+            raise ValueError(f"set CONVEYOR_SECRET_KEY; `make run` creates one in {path}")
+        return {**data, "secret_key": found}
+
     @model_validator(mode="after")
     def _refuse_weak_secrets(self) -> Settings:
-        if self.env == "production" and (
-            self.secret_key == DEFAULT_SECRET or len(self.secret_key) < MIN_SECRET_LENGTH
-        ):
+        if self.env != "production":
+            return self
+        weakness = secret_weakness(
+            self.secret_key.get_secret_value(),
+            min_length=MIN_SECRET_LENGTH,
+            min_bits=MIN_SECRET_BITS,
+        )
+        if weakness:
             msg = (
-                "CONVEYOR_SECRET_KEY must be set to a random value of at least "
-                f"{MIN_SECRET_LENGTH} characters in production"
+                f"CONVEYOR_SECRET_KEY is {weakness}; in production set it to a generated "
+                "value such as `python3 -c 'import secrets; print(secrets.token_urlsafe(48))'`"
             )
             raise ValueError(msg)
-        if self.env == "production" and not self.flower_password:
+        if not self.flower_password.get_secret_value():
             raise ValueError("CONVEYOR_FLOWER_PASSWORD must be set in production")
+        weakness = secret_weakness(
+            self.flower_password.get_secret_value(),
+            min_length=MIN_FLOWER_PASSWORD_LENGTH,
+            min_bits=MIN_FLOWER_PASSWORD_BITS,
+        )
+        if weakness:
+            raise ValueError(f"CONVEYOR_FLOWER_PASSWORD is {weakness}")
         return self
 
     @property
@@ -193,7 +291,7 @@ class Settings(BaseSettings):
     @property
     def sqlalchemy_url(self) -> str:
         """Return the database URL with the psycopg 3 driver SQLAlchemy needs."""
-        url = self.database_url
+        url = self.database_url.get_secret_value()
         for prefix in ("postgresql://", "postgres://"):
             if url.startswith(prefix):
                 return "postgresql+psycopg://" + url.removeprefix(prefix)
@@ -202,7 +300,7 @@ class Settings(BaseSettings):
     @property
     def broker(self) -> str:
         """Return the Celery broker URL (the Redis URL unless set apart)."""
-        return self.broker_url or self.redis_url
+        return (self.broker_url or self.redis_url).get_secret_value()
 
     @property
     def amqp_broker(self) -> bool:
@@ -212,4 +310,10 @@ class Settings(BaseSettings):
     @property
     def result_backend(self) -> str:
         """Return the Celery result backend URL (the Redis URL unless set apart)."""
-        return self.result_backend_url or self.redis_url
+        return (self.result_backend_url or self.redis_url).get_secret_value()
+
+
+def _plain(value: object) -> str:
+    """Return a raw setting value as text, unwrapping a SecretStr."""
+    text = value.get_secret_value() if isinstance(value, SecretStr) else str(value or "")
+    return text.strip()

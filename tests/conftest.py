@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from kombu.exceptions import ChannelError
+from pydantic import SecretStr
 from redis import Redis
 from sqlalchemy import Engine, event, select, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,6 +35,8 @@ from conveyor.models import JobEvent
 from conveyor.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
+# This run's signing secret: random, as every secret must be (no shared default exists).
+TEST_SECRET_KEY = secrets.token_urlsafe(32)
 # A statement that writes the ledger's tables (DESIGN.md: only conveyor.ledger may).
 LEDGER_WRITE = re.compile(
     r"\b(UPDATE\s+(jobs|job_events)|INSERT\s+INTO\s+(jobs|job_events)|DELETE\s+FROM\s+(jobs|job_events))\b",
@@ -172,13 +178,12 @@ def delete_amqp_queues(url: str, names: Iterable[str]) -> None:
 def base_settings(server_urls: tuple[str, str], make_database: Callable[[], str]) -> Settings:
     """Settings for a migrated test database, Redis and a queue of this run's own."""
     database_url = make_database()
-    command.upgrade(alembic_config(Settings(database_url=database_url).sqlalchemy_url), "head")
-    return Settings(
+    settings = Settings(
         env="test",
         database_url=database_url,
         redis_url=server_urls[1],
         default_queue=f"conveyor-test-{uuid.uuid4().hex[:8]}",
-        secret_key="test-secret-" + "x" * 32,
+        secret_key=TEST_SECRET_KEY,
         db_pool_size=5,
         # Quick heartbeats so cancel requests reach running jobs within a test's patience.
         heartbeat_interval=0.2,
@@ -188,6 +193,8 @@ def base_settings(server_urls: tuple[str, str], make_database: Callable[[], str]
         auth_rate_limit_email="10000/minute",
         rate_limit_prefix=f"rl-{uuid.uuid4().hex[:8]}",
     )
+    command.upgrade(alembic_config(settings.sqlalchemy_url), "head")
+    return settings
 
 
 @pytest.fixture(scope="session")
@@ -195,7 +202,7 @@ def amqp_settings(base_settings: Settings) -> Iterator[Settings]:
     """Yield the test settings on RabbitMQ, with this run's queue; delete its queues after."""
     if not AMQP_URL:
         pytest.skip("RabbitMQ only, and CONVEYOR_TEST_AMQP_URL is unset")
-    moved = base_settings.model_copy(update={"broker_url": AMQP_URL})
+    moved = base_settings.model_copy(update={"broker_url": SecretStr(AMQP_URL)})
     moved = moved.model_copy(update={"default_queue": fresh_queue(moved, "conveyor-test-amqp")})
     yield moved
     delete_amqp_queues(AMQP_URL, sorted(AMQP_QUEUES))
@@ -227,7 +234,7 @@ def sessions(engine: Engine) -> sessionmaker[Session]:
 @pytest.fixture(scope="session")
 def work(engine: Engine, settings: Settings) -> Iterator[Work]:
     """Return units of work as the services open them: live views written, jobs published."""
-    redis = Redis.from_url(settings.redis_url)
+    redis = Redis.from_url(settings.redis_url.get_secret_value())
     publisher = CeleryPublisher(create_celery(settings, name="test-work"))
     yield Work(engine, LiveStore(redis, settings.result_expires), publisher)
     redis.close()
@@ -266,7 +273,7 @@ def identity(committed: None, sessions: sessionmaker[Session], settings: Setting
     with sessions.begin() as session:
         return create_tenant_identity(
             session,
-            settings.secret_key,
+            settings.secret_key.get_secret_value(),
             tenant_name="Acme",
             email="admin@acme.test",
             now=datetime.now(UTC),
@@ -276,7 +283,7 @@ def identity(committed: None, sessions: sessionmaker[Session], settings: Setting
 @pytest.fixture(scope="session")
 def redis_client(base_settings: Settings) -> Iterator[Redis]:
     """Yield a Redis client on the test result backend (and broker, unless on RabbitMQ)."""
-    client = Redis.from_url(base_settings.redis_url)
+    client = Redis.from_url(base_settings.redis_url.get_secret_value())
     yield client
     client.close()
 
@@ -293,6 +300,14 @@ def waiting(settings: Settings, queue: str | None = None) -> int | None:
         _CONTROL_APPS[settings.broker] = create_celery(settings, name="test-depth")
     queue = queue or settings.default_queue
     return broker_depths(_CONTROL_APPS[settings.broker], [queue])[queue]
+
+
+def row_counts(sessions: sessionmaker[Session], *tables: str) -> dict[str, int]:
+    """Return how many rows each table holds: a refused request must have written none."""
+    with sessions() as session:
+        return {
+            table: session.scalar(text(f"SELECT count(*) FROM {table}")) or 0 for table in tables
+        }
 
 
 def transitions(sessions: sessionmaker[Session], job_id: str) -> list[tuple[str | None, str]]:
@@ -328,6 +343,24 @@ def app(settings: Settings) -> Iterator[Any]:
 
 
 @pytest.fixture
+def make_app(settings: Settings) -> Iterator[Callable[..., Any]]:
+    """Build apps on the test settings with overrides and rate-limit counters of their own."""
+    from api import create_app
+
+    apps: list[Any] = []
+
+    def make(**update: Any) -> Any:
+        changes = {"rate_limit_prefix": f"rl-{uuid.uuid4().hex}", **update}
+        app = create_app(settings.model_copy(update=changes))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["conveyor"].engine.dispose()
+
+
+@pytest.fixture
 def client(app: Any) -> Any:
     """Return a Flask test client."""
     return app.test_client()
@@ -353,7 +386,7 @@ def role_tokens(
         for role in Role:
             _, tokens[role.value] = create_api_key(
                 session,
-                settings.secret_key,
+                settings.secret_key.get_secret_value(),
                 admin,
                 name=f"{role} key",
                 role=role,
@@ -399,3 +432,33 @@ def worker(settings: Settings) -> Iterator[Any]:
     with in_process_worker(app):
         yield app
     app.conveyor.engine.dispose()
+
+
+class Receiver(BaseHTTPRequestHandler):
+    """A webhook receiver on 127.0.0.1: records deliveries; answers 500 to the first `failures`."""
+
+    received: list[tuple[dict[str, str], bytes]] = []  # noqa: RUF012 - per-test, reset below
+    failures = 0
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append(({k: v for k, v in self.headers.items()}, body))
+        failing = len(type(self).received) <= type(self).failures
+        self.send_response(500 if failing else 204)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver(worker: Any) -> Iterator[str]:
+    """Yield the URL of a fresh `Receiver`, which the worker's outbound guard lets it reach."""
+    Receiver.received, Receiver.failures = [], 0
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    worker.conveyor.settings.outbound_allow_hosts.append("127.0.0.1")
+    yield f"http://127.0.0.1:{server.server_port}/hook"
+    worker.conveyor.settings.outbound_allow_hosts.remove("127.0.0.1")
+    server.shutdown()
+    server.server_close()

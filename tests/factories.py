@@ -32,7 +32,7 @@ def other_tenant(sessions: sessionmaker[Session], settings: Settings) -> Identit
     with sessions.begin() as session:
         return create_tenant_identity(
             session,
-            settings.secret_key,
+            settings.secret_key.get_secret_value(),
             tenant_name="Other",
             email="x@other.test",
             now=datetime.now(UTC),

@@ -40,9 +40,9 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env.update(
         CONVEYOR_ENV=settings.env,
-        CONVEYOR_SECRET_KEY=settings.secret_key,
-        CONVEYOR_DATABASE_URL=settings.database_url,
-        CONVEYOR_REDIS_URL=settings.redis_url,
+        CONVEYOR_SECRET_KEY=settings.secret_key.get_secret_value(),
+        CONVEYOR_DATABASE_URL=settings.database_url.get_secret_value(),
+        CONVEYOR_REDIS_URL=settings.redis_url.get_secret_value(),
         CONVEYOR_DEFAULT_QUEUE=settings.default_queue,
         CONVEYOR_DB_POOL_SIZE="2",
         CONVEYOR_RATE_LIMIT_PREFIX=settings.rate_limit_prefix,
@@ -51,7 +51,7 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     if settings.broker_url:  # a `brokers` test on RabbitMQ
-        env["CONVEYOR_BROKER_URL"] = settings.broker_url
+        env["CONVEYOR_BROKER_URL"] = settings.broker_url.get_secret_value()
     env.update(extra)
     return env
 

@@ -164,11 +164,8 @@ MATRIX: dict[str, tuple[Call, tuple[int, int, int, int, int]]] = {
 }
 
 
-@pytest.mark.parametrize("endpoint", MATRIX)
-def test_every_role_gets_the_expected_status(
-    endpoint: str, client: Any, role_tokens: dict[str, str], identity: Any
-) -> None:
-    call, expected = MATRIX[endpoint]
+def matrix_context(client: Any, role_tokens: dict[str, str]) -> dict[str, Any]:
+    """Create what the calls act on, as the tenant's admin: a job and a user to change."""
     admin = bearer(role_tokens["admin"])
     job_id = client.post("/v1/jobs", json={"type": "system.noop"}, headers=admin).get_json()["id"]
     target = client.post(
@@ -181,9 +178,23 @@ def test_every_role_gets_the_expected_status(
         headers=admin,
     ).get_json()
     assert "id" in target, target
-    ctx = {"job_id": job_id, "user_id": target["id"], "tokens": role_tokens}
-    got = []
-    for role in ROLES:
-        headers = bearer(role_tokens[role]) if role else {}
-        got.append(call(client, headers, ctx).status_code)
-    assert tuple(got) == expected, dict(zip(ROLES, got, strict=True))
+    return {"job_id": job_id, "user_id": target["id"], "tokens": role_tokens}
+
+
+def statuses(
+    client: Any, role_tokens: dict[str, str], call: Call, ctx: dict[str, Any]
+) -> dict[str | None, int]:
+    """Return the status `call` gets for each of ROLES (None: no credentials)."""
+    return {
+        role: call(client, bearer(role_tokens[role]) if role else {}, ctx).status_code
+        for role in ROLES
+    }
+
+
+@pytest.mark.parametrize("endpoint", MATRIX)
+def test_every_role_gets_the_expected_status(
+    endpoint: str, client: Any, role_tokens: dict[str, str], identity: Any
+) -> None:
+    call, expected = MATRIX[endpoint]
+    got = statuses(client, role_tokens, call, matrix_context(client, role_tokens))
+    assert tuple(got.values()) == expected, got

@@ -6,15 +6,17 @@ import uuid
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
 from conveyor.models import Job
 from conveyor.settings import Settings
+from tests.conftest import TEST_SECRET_KEY
 from tests.test_api import assert_problem
 from worker.flower import flower_environment
 
-DEAD_REDIS = "redis://127.0.0.1:1/0"
+DEAD_REDIS = SecretStr("redis://127.0.0.1:1/0")
 
 
 def test_broker_down_at_submit_still_accepts_the_job_durably(
@@ -34,7 +36,7 @@ def test_broker_down_at_submit_still_accepts_the_job_durably(
 def broken_app(settings: Settings, tmp_path: Any) -> Any:
     broken = settings.model_copy(
         update={
-            "database_url": f"postgresql://postgres@/nowhere?host={tmp_path}",
+            "database_url": SecretStr(f"postgresql://postgres@/nowhere?host={tmp_path}"),
             "redis_url": DEAD_REDIS,
         }
     )
@@ -77,7 +79,12 @@ def test_an_unexpected_error_is_a_bare_500(app: Any) -> None:
 
 def test_flower_gets_auth_and_persistence_from_settings(tmp_path: Any) -> None:
     env = flower_environment(
-        Settings(flower_password="pw", data_dir=str(tmp_path / "d"), flower_port=5999)
+        Settings(
+            secret_key=TEST_SECRET_KEY,
+            flower_password="pw",
+            data_dir=str(tmp_path / "d"),
+            flower_port=5999,
+        )
     )
     assert env["FLOWER_BASIC_AUTH"] == "admin:pw"
     assert env["FLOWER_PORT"] == "5999"
@@ -88,7 +95,7 @@ def test_flower_gets_auth_and_persistence_from_settings(tmp_path: Any) -> None:
 
 def test_flower_refuses_to_start_without_a_password_outside_development() -> None:
     with pytest.raises(SystemExit, match="refusing"):
-        flower_environment(Settings(env="test", flower_password=""))
+        flower_environment(Settings(env="test", secret_key=TEST_SECRET_KEY, flower_password=""))
 
 
 def test_absurdly_nested_json_is_a_400(client: Any, auth: dict[str, str]) -> None:

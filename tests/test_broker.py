@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from redis import Redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,7 +22,7 @@ from tests.conftest import bearer, fresh_queue, in_process_worker, wait_for
 from worker.app import create_celery_app
 
 # Nothing listens on port 1: building apps on it connects nothing, publishing fails.
-NO_RABBIT = "amqp://guest:guest@127.0.0.1:1//"
+NO_RABBIT = SecretStr("amqp://guest:guest@127.0.0.1:1//")
 
 
 def test_on_rabbitmq_queues_are_durable_with_native_priorities_and_confirmed_publishes(

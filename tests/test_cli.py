@@ -18,8 +18,8 @@ from tests.conftest import bearer
 
 @pytest.fixture
 def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch, committed: None) -> None:
-    monkeypatch.setenv("CONVEYOR_DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("CONVEYOR_SECRET_KEY", settings.secret_key)
+    monkeypatch.setenv("CONVEYOR_DATABASE_URL", settings.database_url.get_secret_value())
+    monkeypatch.setenv("CONVEYOR_SECRET_KEY", settings.secret_key.get_secret_value())
 
 
 def test_create_tenant_prints_a_working_admin_and_key(cli_env: None, client: Any) -> None:

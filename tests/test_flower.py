@@ -23,7 +23,7 @@ from conveyor.broker import queue_lists
 from conveyor.embedded import free_port
 from conveyor.settings import Settings
 from tests.browser import ARTIFACTS, CHROMIUM_FLAGS, chromium
-from tests.conftest import wait_for
+from tests.conftest import TEST_SECRET_KEY, wait_for
 from tests.processes import ROOT, WorkerProcess, own_queue, process_env, start_worker, stop
 from worker.flower import flower_environment, protect_flower_metrics
 
@@ -34,6 +34,7 @@ PREFIX = "flower"
 def test_flower_options_come_from_settings(tmp_path: Path) -> None:
     env = flower_environment(
         Settings(
+            secret_key=TEST_SECRET_KEY,
             flower_password="pw",
             data_dir=str(tmp_path),
             flower_port=5999,
@@ -43,11 +44,14 @@ def test_flower_options_come_from_settings(tmp_path: Path) -> None:
     assert env["FLOWER_BASIC_AUTH"] == "admin:pw"
     assert (env["FLOWER_PORT"], env["FLOWER_URL_PREFIX"]) == ("5999", "ops")
     assert (env["FLOWER_PERSISTENT"], env["FLOWER_DB"]) == ("true", str(tmp_path / "flower.db"))
-    assert "FLOWER_URL_PREFIX" not in flower_environment(Settings(flower_password="pw"))
+    plain = Settings(secret_key=TEST_SECRET_KEY, flower_password="pw")
+    assert "FLOWER_URL_PREFIX" not in flower_environment(plain)
 
 
 def test_development_without_a_password_gets_one_in_a_private_file(tmp_path: Path) -> None:
-    env = flower_environment(Settings(env="development", data_dir=str(tmp_path)))
+    env = flower_environment(
+        Settings(env="development", secret_key=TEST_SECRET_KEY, data_dir=str(tmp_path))
+    )
     saved = tmp_path / "flower-password"
     assert env["FLOWER_BASIC_AUTH"] == f"admin:{saved.read_text().strip()}"
     assert oct(saved.stat().st_mode & 0o777) == "0o600"
@@ -125,7 +129,7 @@ def flower(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
     finally:
         stop(proc, timeout=20)
         worker.stop()
-        Redis.from_url(mine.redis_url).delete(*queue_lists(mine.default_queue))
+        Redis.from_url(mine.redis_url.get_secret_value()).delete(*queue_lists(mine.default_queue))
     # Flower saved its history where the settings say, for the next start to load.
     assert list((tmp / "data").glob("flower.db*"))
 
@@ -161,7 +165,7 @@ def identity_for_flower(settings: Settings) -> Iterator[Identity]:
     with create_session_factory(engine).begin() as session:
         made = create_tenant_identity(
             session,
-            settings.secret_key,
+            settings.secret_key.get_secret_value(),
             tenant_name="Flower",
             email="ops@flower.test",
             now=datetime.now(UTC),

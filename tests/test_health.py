@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from api import create_app
 from conveyor.embedded import EmbeddedRedis
 from conveyor.settings import Settings
@@ -15,7 +17,7 @@ def test_readyz_is_503_while_redis_is_down_and_200_once_it_is_back(
 ) -> None:
     redis = EmbeddedRedis(tmp_path / "redis", persist=False)
     url = redis.start()
-    app = create_app(settings.model_copy(update={"redis_url": url}))
+    app = create_app(settings.model_copy(update={"redis_url": SecretStr(url)}))
     client = app.test_client()
     try:
         ready = client.get("/readyz")

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from freezegun import freeze_time
+from pydantic import SecretStr
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -365,7 +366,10 @@ def test_rate_limiting_fails_open_when_redis_is_down(
 ) -> None:
     app = create_app(
         settings.model_copy(
-            update={"redis_url": "redis://127.0.0.1:1/0", "auth_rate_limit_ip": "1/minute"}
+            update={
+                "redis_url": SecretStr("redis://127.0.0.1:1/0"),
+                "auth_rate_limit_ip": "1/minute",
+            }
         )
     )
     client = app.test_client()

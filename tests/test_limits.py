@@ -7,7 +7,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 from flask import Flask
 from limits.storage import RedisStorage
+from pydantic import SecretStr
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import create_app
 from api.limits import OUTAGE_SECONDS, _Outage, endpoint_group, ip_key
 from bench.roundtrips import watch_redis
 from conveyor import quota as quota_module
@@ -38,22 +38,6 @@ from tests.test_identity import login, register
 
 NOOP = {"type": "system.noop", "payload": {}}
 RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
-
-
-@pytest.fixture
-def make_app(settings: Settings) -> Iterator[Callable[..., Flask]]:
-    """Build apps on the test settings with overrides and rate-limit counters of their own."""
-    apps: list[Flask] = []
-
-    def make(**update: Any) -> Flask:
-        changes = {"rate_limit_prefix": f"rl-{uuid.uuid4().hex}", **update}
-        app = create_app(settings.model_copy(update=changes))
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.extensions["conveyor"].engine.dispose()
 
 
 def window_ttl(redis_client: Redis, app: Flask, scope: str) -> int:
@@ -302,11 +286,11 @@ def test_a_redis_failure_in_the_polls_round_trip_fails_open_and_reads_the_ledger
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # Counters and snapshots on one Redis that is gone (a closed loopback port).
-    app = make_app(redis_url="redis://127.0.0.1:1/0", broker_url=settings.redis_url)
+    app = make_app(redis_url=SecretStr("redis://127.0.0.1:1/0"), broker_url=settings.redis_url)
     with sessions.begin() as session:
         job = job_factory(session, identity.tenant.id)
         principal = authenticate_api_key(
-            session, settings.secret_key, identity.token, datetime.now(UTC)
+            session, settings.secret_key.get_secret_value(), identity.token, datetime.now(UTC)
         )
     # A warm key cache, so that the first request already reads the snapshot with its counters.
     app.extensions["conveyor"].key_cache.put(identity.token, principal)
@@ -323,7 +307,8 @@ def test_on_separate_redis_the_counters_and_the_snapshot_take_a_round_trip_each(
     make_app: Callable[..., Flask], identity: Identity, settings: Settings
 ) -> None:
     # Another database of the same server is another Redis to the API.
-    app = make_app(result_backend_url=settings.redis_url.rsplit("/", 1)[0] + "/1")
+    other = settings.redis_url.get_secret_value().rsplit("/", 1)[0] + "/1"
+    app = make_app(result_backend_url=SecretStr(other))
     client = app.test_client()
     auth = bearer(identity.token)
     job = client.post("/v1/jobs", json=NOOP, headers=auth).get_json()
@@ -436,7 +421,7 @@ def test_rate_limiting_fails_open_with_a_warning_and_no_headers(
 ) -> None:
     # Only the limiter's Redis is gone (a closed loopback port); broker and backend stay.
     app = make_app(
-        redis_url="redis://127.0.0.1:1/0",
+        redis_url=SecretStr("redis://127.0.0.1:1/0"),
         broker_url=settings.redis_url,
         result_backend_url=settings.redis_url,
         rate_limit_read_principal="1/minute",

@@ -16,6 +16,7 @@ import psutil
 import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
@@ -74,7 +75,7 @@ BEARER = {"Authorization": f"Bearer {TOKEN}"}
 def test_api_metrics_need_the_token_outside_development(settings: Settings) -> None:
     closed = create_app(settings)
     assert closed.test_client().get("/metrics").status_code == 403
-    guarded = create_app(settings.model_copy(update={"metrics_token": TOKEN}))
+    guarded = create_app(settings.model_copy(update={"metrics_token": SecretStr(TOKEN)}))
     response = guarded.test_client().get("/metrics", headers={"Authorization": "Bearer nope"})
     assert response.status_code == 401
     assert response.mimetype == "application/problem+json"
@@ -88,7 +89,7 @@ def test_api_metrics_count_requests_jobs_and_queues(
     settings: Settings, identity: Identity, redis_client: Any
 ) -> None:
     mine = own_queue(settings, "metrics").model_copy(
-        update={"metrics_token": TOKEN, "inspect_timeout": 0.3}
+        update={"metrics_token": SecretStr(TOKEN), "inspect_timeout": 0.3}
     )
     app = create_app(mine)
     client = app.test_client()

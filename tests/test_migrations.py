@@ -12,7 +12,7 @@ from sqlalchemy import create_engine, inspect
 
 from conveyor.models import Base
 from conveyor.settings import Settings
-from tests.conftest import alembic_config
+from tests.conftest import TEST_SECRET_KEY, alembic_config
 from worker.orders import models as orders_models
 
 # The sample domain's tables are part of the metadata the migrations must match.
@@ -25,7 +25,7 @@ def test_there_is_exactly_one_head() -> None:
 
 
 def test_upgrade_matches_models_and_downgrade_undoes_it(make_database: Callable[[], str]) -> None:
-    url = Settings(database_url=make_database()).sqlalchemy_url
+    url = Settings(database_url=make_database(), secret_key=TEST_SECRET_KEY).sqlalchemy_url
     config = alembic_config(url)
     command.upgrade(config, "head")
     engine = create_engine(url)

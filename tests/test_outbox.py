@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import Engine, event, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -26,7 +27,7 @@ from conveyor.settings import Settings
 from worker.app import create_celery_app
 from worker.housekeeping import Housekeeper
 
-DEAD_REDIS = "redis://127.0.0.1:1/0"
+DEAD_REDIS = SecretStr("redis://127.0.0.1:1/0")
 NOOP = {"type": "system.noop"}
 
 

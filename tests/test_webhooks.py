@@ -3,50 +3,18 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 import pytest
 
 from conveyor.webhooks import SIGNATURE_HEADER, sign, verify
-from tests.conftest import wait_for
+from tests.conftest import Receiver, wait_for
 from tests.test_api import assert_problem
 from tests.test_e2e import finished
 from worker.housekeeping import Housekeeper
 
 pytestmark = pytest.mark.e2e
-
-
-class Receiver(BaseHTTPRequestHandler):
-    """Records deliveries; answers 500 to the first `failures` of them."""
-
-    received: list[tuple[dict[str, str], bytes]] = []  # noqa: RUF012 - per-test, reset below
-    failures = 0
-
-    def do_POST(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).received.append(({k: v for k, v in self.headers.items()}, body))
-        failing = len(type(self).received) <= type(self).failures
-        self.send_response(500 if failing else 204)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def receiver(worker: Any) -> Iterator[str]:
-    Receiver.received, Receiver.failures = [], 0
-    server = HTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    worker.conveyor.settings.outbound_allow_hosts.append("127.0.0.1")
-    yield f"http://127.0.0.1:{server.server_port}/hook"
-    worker.conveyor.settings.outbound_allow_hosts.remove("127.0.0.1")
-    server.shutdown()
-    server.server_close()
 
 
 def drive(worker: Any, condition: Any, timeout: float = 30) -> Any:

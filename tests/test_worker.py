@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -91,7 +92,7 @@ def test_the_housekeeping_loop_survives_a_database_outage(settings: Settings) ->
     from worker.housekeeping import Leadership
 
     broken = settings.model_copy(
-        update={"database_url": "postgresql://nobody@/nowhere?host=/nonexistent"}
+        update={"database_url": SecretStr("postgresql://nobody@/nowhere?host=/nonexistent")}
     )
     app = create_celery_app(broken)
     assert Leadership(app.conveyor).hold() is False  # no database, no leader

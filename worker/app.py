@@ -66,7 +66,9 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         Housekeeper.for_app(app).start()
         if settings.beat_metrics_port:
             serve_metrics(
-                settings.metrics_address, settings.beat_metrics_port, settings.metrics_token
+                settings.metrics_address,
+                settings.beat_metrics_port,
+                settings.metrics_token.get_secret_value(),
             )
 
     @worker_ready.connect(weak=False)
@@ -75,7 +77,9 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         # samples to the multiprocess directory (worker.main), and this one sums them.
         if settings.worker_metrics_port:
             serve_metrics(
-                settings.metrics_address, settings.worker_metrics_port, settings.metrics_token
+                settings.metrics_address,
+                settings.worker_metrics_port,
+                settings.metrics_token.get_secret_value(),
             )
 
     @worker_process_init.connect(weak=False)

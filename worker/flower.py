@@ -28,7 +28,7 @@ def flower_credentials(settings: Settings) -> tuple[str, str]:
     private file under the data directory, never to the log.
     """
     if settings.flower_user and settings.flower_password:
-        return settings.flower_user, settings.flower_password
+        return settings.flower_user, settings.flower_password.get_secret_value()
     if settings.env != "development" or not settings.flower_user:
         raise SystemExit("refusing to start Flower without CONVEYOR_FLOWER_USER/PASSWORD")
     path = Path(settings.data_dir) / "flower-password"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -34,7 +35,7 @@ from conveyor.ledger.upkeep import (
     stale_queued,
     stop_overdue,
 )
-from conveyor.metrics import JOBS_FINISHED, JOBS_REDRIVEN
+from conveyor.metrics import JOBS_FINISHED, JOBS_REDRIVEN, SCHEDULE_FIRES_SKIPPED
 from conveyor.queues import broker_depths
 from conveyor.retention import prune
 from conveyor.schedules import fire_due_schedules
@@ -121,8 +122,9 @@ class Housekeeper:
         return self._count("promoted", promoted + republished)
 
     def fire_schedules(self) -> int:
-        """Fire due schedule occurrences through the submit path; return how many jobs."""
+        """Fire due schedule occurrences (none for tenants at their job quota); return how many."""
         settings = self.services.settings
+        skipped: Counter[str] = Counter()
         with self.services.work.begin() as unit:
             jobs = fire_due_schedules(
                 unit,
@@ -130,7 +132,11 @@ class Housekeeper:
                 utcnow(),
                 default_queue=settings.default_queue,
                 misfire_grace=settings.misfire_grace_seconds,
+                max_unfinished=settings.tenant_max_unfinished_jobs,
+                skipped=skipped,
             )
+        for reason, count in skipped.items():
+            SCHEDULE_FIRES_SKIPPED.labels(reason).inc(count)
         if jobs:
             logger.info("fired %d schedule occurrences", len(jobs))
         return self._count("fired", len(jobs))

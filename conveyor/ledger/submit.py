@@ -27,7 +27,7 @@ from conveyor.ledger.views import job_view
 from conveyor.ledger.work import UnitOfWork
 from conveyor.live.store import LiveView
 from conveyor.models import IdempotencyKey
-from conveyor.registry import JobRegistry
+from conveyor.registry import JobRegistry, unknown_job_type
 
 # A run time this far in the past is a clock skew, not a mistake; further back is refused.
 RUN_AT_SKEW = timedelta(minutes=1)
@@ -106,10 +106,15 @@ def _job_row(
     now: datetime,
     schedule_id: uuid.UUID | None,
     schedule_occurrence: datetime | None = None,
+    allow_internal: bool = False,
 ) -> dict[str, Any]:
     """Validate one request against its type and return the values of its row."""
     try:
         job_type = registry.get(request.type)
+        # The one gate for internal types: every submit (API, batch, schedules) passes here,
+        # and to a client an internal type does not exist, in the same words as a missing one.
+        if job_type.internal and not allow_internal:
+            raise unknown_job_type(request.type)
         payload = job_type.parse_payload(request.payload)
     except ValidationFailed as exc:
         prefix = "" if index is None else f"jobs[{index}]."
@@ -189,8 +194,12 @@ def submit_jobs(
     schedule_id: uuid.UUID | None = None,
     schedule_occurrence: datetime | None = None,
     ids: Sequence[uuid.UUID] | None = None,
+    allow_internal: bool = False,
 ) -> list[Submitted]:
     """Validate every request, then insert all the jobs and their first events, or none.
+
+    Internal job types are refused (`UnknownJobType`) unless `allow_internal`, which only
+    the platform itself may pass (the ledger inserts webhook deliveries on its own).
 
     Scheduled jobs wait for the promoter. Queued ones are published by the unit of work
     right after its commit: they are written with `published_at` set already (the publish
@@ -213,6 +222,7 @@ def submit_jobs(
             now=now,
             schedule_id=schedule_id,
             schedule_occurrence=schedule_occurrence,
+            allow_internal=allow_internal,
         )
         for n, request in enumerate(requests)
     ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -136,11 +137,11 @@ class Cluster:
         self.database_url = create_database(self.admin_url, "chaos")
         self.redis_port = free_port()
         self.start_redis()
-        settings = Settings(env="test", database_url=self.database_url)
+        secret = secrets.token_urlsafe(32)
+        settings = Settings(env="test", database_url=self.database_url, secret_key=secret)
         command.upgrade(alembic_config(settings.sqlalchemy_url), "head")
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute(SCHEMA)  # type: ignore[arg-type]
-        secret = "chaos-secret-" + "x" * 32
         engine = create_db_engine(settings)
         try:
             with create_session_factory(engine).begin() as session:

@@ -332,7 +332,9 @@ def broker_options(cluster: Cluster) -> dict[str, object]:
     from conveyor.broker import create_celery
     from conveyor.settings import Settings
 
-    settings = Settings(redis_url=cluster.env["CONVEYOR_REDIS_URL"])
+    settings = Settings(
+        redis_url=cluster.env["CONVEYOR_REDIS_URL"], secret_key=cluster.env["CONVEYOR_SECRET_KEY"]
+    )
     app = create_celery(settings, name="chaos-probe")
     return dict(app.conf.broker_transport_options)
 

@@ -66,8 +66,15 @@ def parse_row(fields: list[str]) -> OrderRow:
     return OrderRow(order_id, email.lower(), amount.quantize(_CENTS), currency, ordered_at)
 
 
+# First characters that may make a spreadsheet read a cell as a formula: OWASP's list (= + -
+# @, tab, carriage return, line feed), their full-width forms U+FF1D, U+FF0B, U+FF0D, U+FF20
+# (spreadsheets in East Asian locales may read them as the ASCII ones), and, erring on the
+# side of caution, | (DDE's separator, as in cmd|'/c calc'!A0).
+FORMULA_STARTS = frozenset("=+-@\t\r\n\uff1d\uff0b\uff0d\uff20|")
+
+
 def safe_cell(value: str) -> str:
     """Defuse spreadsheet formula injection: a text cell may not start a formula."""
-    if value and value[0] in "=+-@\t\r":
+    if value and value[0] in FORMULA_STARTS:
         return "'" + value
     return value
