@@ -22,6 +22,8 @@ from conveyor.roles import Role, check_grant
 
 KEY_SCHEME = "cvk"
 _PREFIX = re.compile(r"[0-9a-f]{12}")
+# `secrets.token_urlsafe` text; anything else in a header is refused before any lookup.
+_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
 # `last_used_at` is written at most this often per key, so reads stay reads.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
@@ -69,7 +71,7 @@ def authenticate_api_key(
     """
     scheme, _, rest = token.partition("_")
     prefix, _, secret = rest.partition("_")
-    if scheme != KEY_SCHEME or not _PREFIX.fullmatch(prefix) or not secret:
+    if scheme != KEY_SCHEME or not _PREFIX.fullmatch(prefix) or not _SECRET.fullmatch(secret):
         raise Unauthorized("the API key is malformed")
     row = session.execute(
         select(ApiKey, User.role, User.is_active)
@@ -120,7 +122,7 @@ class PrincipalCache:
     @staticmethod
     def _slot(token: str) -> bytes:
         # Keyed by a digest, so the cache never holds a usable secret.
-        return hashlib.sha256(token.encode()).digest()
+        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
     def get(self, token: str, now: datetime) -> Principal | None:
         """Return the cached principal of `token` while it is fresh and its key unexpired."""

@@ -131,7 +131,11 @@ def scrape_registry(*extra: Collector, local: Iterable[Collector] = ()) -> Colle
 def token_matches(expected: str, authorization: str | None) -> bool:
     """Return whether `Authorization: Bearer <token>` carries `expected` (constant time)."""
     scheme, _, given = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), expected)
+    # Bytes, not str: compare_digest raises on a non-ASCII str, and header bytes are anyone's.
+    # UTF-8 with surrogatepass encodes every str there is.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
 
 
 class _QuietHandler(WSGIRequestHandler):
