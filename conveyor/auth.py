@@ -166,16 +166,23 @@ def create_api_key(
     expires_at: datetime | None,
     now: datetime,
 ) -> tuple[ApiKey, str]:
-    """Issue a key in the creator's tenant, never above the creator's role, with its token."""
+    """Issue a key in the creator's tenant, never above the creator's role, with its token.
+
+    A key made by a key never outlives it: its expiry is capped at its creator's.
+    """
     check_grant(creator.role, role)
     if expires_at is not None and expires_at <= now:
         raise ValidationFailed(
             "the expiry is in the past", errors=[{"field": "expires_at", "message": "in the past"}]
         )
+    limit = creator.expires_at if creator.api_key_id is not None else None
+    if limit is not None and (expires_at is None or expires_at > limit):
+        expires_at = limit
     new_key = generate_api_key(signing_key)
     key = ApiKey(
         tenant_id=creator.tenant_id,
         created_by=creator.user_id,
+        created_by_key_id=creator.api_key_id,
         name=name,
         prefix=new_key.prefix,
         secret_hash=new_key.secret_hash,
@@ -196,15 +203,48 @@ def list_api_keys(session: Session, tenant_id: uuid.UUID) -> Sequence[ApiKey]:
     ).all()
 
 
+@dataclass(frozen=True)
+class RevokedKey:
+    """A key `revoke_api_key` revoked: the one asked for, or one its lineage created."""
+
+    id: uuid.UUID
+    # The key that created this one, when it was revoked along with it.
+    cascade_from: uuid.UUID | None
+
+
 def revoke_api_key(
-    session: Session, tenant_id: uuid.UUID, key_id: uuid.UUID, now: datetime
-) -> None:
-    """Revoke one of the tenant's keys at once; another tenant's key is `NotFound`."""
-    revoked = session.execute(
-        update(ApiKey)
-        .where(ApiKey.id == key_id, ApiKey.tenant_id == tenant_id, ApiKey.revoked_at.is_(None))
-        .values(revoked_at=now)
-        .returning(ApiKey.id)
-    ).one_or_none()
-    if revoked is None:
+    session: Session, revoker: Principal, key_id: uuid.UUID, now: datetime
+) -> list[RevokedKey]:
+    """Revoke a key and every key it created (transitively) at once, the asked-for one first.
+
+    Another tenant's key is `NotFound`; a key whose role ranks above the revoker's is
+    `Forbidden`, by the rule that keeps a creator from granting it.
+    """
+    role = session.scalar(
+        select(ApiKey.role)
+        .where(
+            ApiKey.id == key_id,
+            ApiKey.tenant_id == revoker.tenant_id,
+            ApiKey.revoked_at.is_(None),
+        )
+        .with_for_update()
+    )
+    if role is None:
         raise NotFound(f"there is no API key {key_id}")
+    check_grant(revoker.role, role, action="revoke")
+    lineage = select(ApiKey.id).where(ApiKey.id == key_id).cte("lineage", recursive=True)
+    # UNION, not UNION ALL: it stops at a key already seen, whatever the data holds.
+    lineage = lineage.union(
+        select(ApiKey.id).join(lineage, ApiKey.created_by_key_id == lineage.c.id)
+    )
+    rows = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id.in_(select(lineage.c.id)), ApiKey.revoked_at.is_(None))
+        .values(revoked_at=now)
+        .returning(ApiKey.id, ApiKey.created_by_key_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    revoked = [
+        RevokedKey(row.id, None if row.id == key_id else row.created_by_key_id) for row in rows
+    ]
+    return sorted(revoked, key=lambda key: key.cascade_from is not None)
