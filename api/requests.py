@@ -71,8 +71,8 @@ def json_object() -> dict[str, Any]:
         raise UnsupportedMediaType("send the body as application/json")
     try:
         body = request.get_json(silent=True)
-    except RecursionError:  # too deep for the parser itself: too deep for us
-        raise _too_deep("body") from None
+    except RecursionError as exc:  # too deep for the parser itself: too deep for us
+        raise _too_deep("body") from exc
     if body is None:
         raise MalformedRequest("the body is not valid JSON")
     if not isinstance(body, dict):

@@ -175,9 +175,11 @@ def create_api_key(
         raise ValidationFailed(
             "the expiry is in the past", errors=[{"field": "expires_at", "message": "in the past"}]
         )
-    limit = creator.expires_at if creator.api_key_id is not None else None
-    if limit is not None and (expires_at is None or expires_at > limit):
-        expires_at = limit
+    if creator.api_key_id is not None:
+        _lock_live_key(session, creator.api_key_id)
+        limit = creator.expires_at
+        if limit is not None and (expires_at is None or expires_at > limit):
+            expires_at = limit
     new_key = generate_api_key(signing_key)
     key = ApiKey(
         tenant_id=creator.tenant_id,
@@ -192,6 +194,20 @@ def create_api_key(
     session.add(key)
     session.flush()
     return key, new_key.token
+
+
+def _lock_live_key(session: Session, key_id: uuid.UUID) -> None:
+    """Hold a creating key against revocation until commit, or raise if it is revoked already.
+
+    The share lock and revocation's update lock exclude each other: either the revocation
+    waits and then finds the new key in the lineage, or the creation waits and is refused.
+    It also refuses a key another API process still trusts from its cache.
+    """
+    row = session.execute(
+        select(ApiKey.revoked_at).where(ApiKey.id == key_id).with_for_update(read=True)
+    ).one_or_none()
+    if row is None or row.revoked_at is not None:
+        raise Unauthorized("the API key is revoked or expired")
 
 
 def list_api_keys(session: Session, tenant_id: uuid.UUID) -> Sequence[ApiKey]:

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from conveyor.errors import Forbidden
-from conveyor.roles import check_grant
+from conveyor.auth import Principal, create_api_key, revoke_api_key
+from conveyor.errors import Forbidden, Unauthorized
+from conveyor.roles import Role, check_grant
 from tests.conftest import bearer
 from tests.test_api import assert_problem
 
@@ -125,3 +126,28 @@ def test_revoking_a_child_leaves_its_creator_working(client: Any, identity: Any)
     )
     assert works(client, parent["key"])
     assert not works(client, child["key"])
+
+
+def test_a_key_revoked_meanwhile_creates_nothing(
+    sessions: Any, settings: Any, identity: Any
+) -> None:
+    """Another API process may trust the key from its cache; creating re-reads it, locked."""
+    now = datetime.now(UTC)
+    as_key = Principal(
+        tenant_id=identity.tenant.id,
+        role=Role.ADMIN,
+        user_id=identity.user.id,
+        api_key_id=identity.api_key.id,
+    )
+    with sessions.begin() as session:
+        revoke_api_key(session, as_key, identity.api_key.id, now)
+    with sessions.begin() as session, pytest.raises(Unauthorized):
+        create_api_key(
+            session,
+            settings.secret_key,
+            as_key,
+            name="late",
+            role=Role.VIEWER,
+            expires_at=None,
+            now=now,
+        )
