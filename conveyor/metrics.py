@@ -18,7 +18,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -138,6 +138,18 @@ def token_matches(expected: str, authorization: str | None) -> bool:
     )
 
 
+def usable_accept(accept: str | None) -> str:
+    """Return `accept` if prometheus_client can pick a format by it, else "" (plain text).
+
+    Its `choose_encoder` raises TypeError on a version it cannot compare, such as `1.x`.
+    """
+    try:
+        choose_encoder(accept or "")
+    except TypeError:
+        return ""
+    return accept or ""
+
+
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes every few seconds would drown the log."""
@@ -155,6 +167,7 @@ def serve_metrics(address: str, port: int, token: str) -> ThreadingWSGIServer | 
         if token and not token_matches(token, environ.get("HTTP_AUTHORIZATION")):
             start_response("401 Unauthorized", [("WWW-Authenticate", "Bearer")])
             return [b"send Authorization: Bearer <CONVEYOR_METRICS_TOKEN>\n"]
+        environ["HTTP_ACCEPT"] = usable_accept(environ.get("HTTP_ACCEPT"))
         result: Iterable[bytes] = exposition(environ, start_response)
         return result
 

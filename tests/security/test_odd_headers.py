@@ -13,6 +13,7 @@ import base64
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from wsgiref.util import setup_testing_defaults
 
 import pytest
 from flask import Flask
@@ -24,7 +25,7 @@ from redis import Redis
 from api import create_app
 from conveyor.bootstrap import Identity
 from conveyor.broker import queue_lists
-from conveyor.metrics import token_matches
+from conveyor.metrics import serve_metrics, token_matches
 from conveyor.settings import Settings
 from tests.conftest import bearer
 from tests.processes import own_queue
@@ -80,7 +81,7 @@ BOUNDED = hypothesis_settings(
     deadline=None,
     derandomize=True,
     database=None,
-    phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure reports at once
     suppress_health_check=list(HealthCheck),
 )
 
@@ -136,9 +137,13 @@ def fuzz_authorization(
 
 def fuzz_headers(client: Any, method: str, path: str, body: Any, credentials: str) -> None:
     """Send odd values of the other headers the API reads to one route: never a 5xx."""
-    names = st.sampled_from(["X-Request-ID", "Idempotency-Key", "If-None-Match", "X-Forwarded-For"])
+    names = st.sampled_from(
+        ["X-Request-ID", "Idempotency-Key", "If-None-Match", "X-Forwarded-For", "Accept", "Origin"]
+    )
+    # `/metrics` picks its format by the version in `Accept`.
+    values = HEADER_TEXT | HEADER_TEXT.map(lambda s: f"application/openmetrics-text; version={s}")
 
-    @given(headers=st.dictionaries(names, HEADER_TEXT, min_size=1))
+    @given(headers=st.dictionaries(names, values, min_size=1))
     @BOUNDED
     def fuzz(headers: dict[str, str]) -> None:
         sent = {**headers, **bearer(credentials)}
@@ -196,3 +201,42 @@ def test_odd_request_headers_never_reach_a_server_error(
 def test_the_metrics_token_check_takes_any_text(authorization: str | None, matches: bool) -> None:
     """The worker's exporter and `/metrics` share this check; it raised on non-ASCII text."""
     assert token_matches("tökén", authorization) is matches
+
+
+ODD_ACCEPT = [
+    "application/openmetrics-text; version=1.x",
+    "text/plain; version=1.0.0-rc1",
+    "application/openmetrics-text; version=\xff",
+]
+
+
+@pytest.mark.parametrize("accept", ODD_ACCEPT)
+def test_an_odd_accept_on_metrics_gets_plain_text(guarded_app: Flask, accept: str) -> None:
+    headers = {**bearer(METRICS_TOKEN), "Accept": accept}
+    response = guarded_app.test_client().get("/metrics", headers=headers)
+    assert response.status_code == 200
+    assert response.content_type.startswith("text/plain; version=0.0.4")
+
+
+def test_the_worker_exporter_takes_odd_headers_too() -> None:
+    server = serve_metrics("127.0.0.1", 0, METRICS_TOKEN)
+    assert server is not None
+    try:
+        app = server.get_app()
+        assert app is not None
+
+        def status(headers: dict[str, str]) -> str:
+            environ: dict[str, Any] = {f"HTTP_{k.upper()}": v for k, v in headers.items()}
+            setup_testing_defaults(environ)
+            seen: list[str] = []
+            b"".join(app(environ, lambda status, _headers, *_: seen.append(status)))
+            return seen[0]
+
+        assert status({"Authorization": "Bearer é"}).startswith("401")
+        for accept in ODD_ACCEPT:
+            assert (
+                status({"Authorization": f"Bearer {METRICS_TOKEN}", "Accept": accept}) == "200 OK"
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
