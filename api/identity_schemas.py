@@ -141,6 +141,9 @@ class ApiKeyOut(BaseModel):
     created_at: datetime
     last_used_at: datetime | None
     expires_at: datetime | None
+    created_by_key_id: uuid.UUID | None = Field(
+        description="The key that created this one, if a key did: revoking it revokes this one."
+    )
 
     @classmethod
     def of(cls, key: ApiKey) -> ApiKeyOut:
@@ -153,6 +156,7 @@ class ApiKeyOut(BaseModel):
             created_at=key.created_at,
             last_used_at=key.last_used_at,
             expires_at=key.expires_at,
+            created_by_key_id=key.created_by_key_id,
         )
 
 
@@ -160,6 +164,10 @@ class CreatedApiKey(ApiKeyOut):
     """A new key, with its secret token shown this once."""
 
     key: str
+    expiry_capped: bool = Field(
+        description="A key made with a key never outlives it: true when `expires_at` is the "
+        "creating key's expiry instead of the one asked for (or none)."
+    )
 
 
 class TenantOut(BaseModel):

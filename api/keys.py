@@ -35,7 +35,8 @@ def create(body: NewApiKey) -> tuple[Response, int]:
             now=datetime.now(UTC),
         )
         audit(session, principal, "api_key.create", "api_key", key.id, {"role": body.role})
-        out = CreatedApiKey(**ApiKeyOut.of(key).model_dump(), key=token)
+        capped = key.expires_at != body.expires_at
+        out = CreatedApiKey(**ApiKeyOut.of(key).model_dump(), key=token, expiry_capped=capped)
     return jsonify(out.model_dump(mode="json")), 201
 
 
@@ -52,12 +53,14 @@ def index() -> Response:
 @bp.delete("/<key_id>", responses=responses({204: empty("Revoked.")}, 404))
 @requires(Permission.MANAGE_KEYS)
 def revoke(path: KeyPath) -> tuple[str, int]:
-    """Revoke a key at once."""
+    """Revoke a key, and every key it created, at once; never a key above your own role."""
     principal = current_principal()
     svc = services()
     with svc.sessions.begin() as session:
         key = parse_id(path.key_id, "API key")
-        revoke_api_key(session, principal.tenant_id, key, datetime.now(UTC))
-        audit(session, principal, "api_key.revoke", "api_key", key)
+        for revoked in revoke_api_key(session, principal, key, datetime.now(UTC)):
+            cascade = revoked.cascade_from
+            detail = None if cascade is None else {"cascade_from": str(cascade)}
+            audit(session, principal, "api_key.revoke", "api_key", revoked.id, detail)
     svc.key_cache.clear()
     return "", 204

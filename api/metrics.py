@@ -16,7 +16,7 @@ from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
 from api.queues import read_queues
 from api.services import services
 from conveyor.errors import Forbidden, Unauthorized
-from conveyor.metrics import QueueCollector, scrape_registry, token_matches
+from conveyor.metrics import QueueCollector, scrape_registry, token_matches, usable_accept
 from conveyor.metrics_dir import multiprocess_dir
 
 bp = Blueprint("metrics", __name__)
@@ -48,5 +48,5 @@ def scrape() -> Response:
         raise Forbidden("/metrics is closed until CONVEYOR_METRICS_TOKEN is set")
     exporter: PrometheusMetrics = current_app.extensions["conveyor_metrics"]
     registry = scrape_registry(QueueCollector(lambda: read_queues(svc)), local=[exporter.registry])
-    encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+    encode, content_type = choose_encoder(usable_accept(request.headers.get("Accept")))
     return Response(encode(registry), content_type=content_type)

@@ -13,6 +13,7 @@ from flask import Flask, Response, g, request
 
 from conveyor.errors import MalformedRequest, NotFound, UnsupportedMediaType, ValidationFailed
 from conveyor.logs import bind_context, clear_context
+from conveyor.nesting import MAX_JSON_DEPTH, render_path, too_deep
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -61,13 +62,17 @@ def _takes_body(view: Callable[..., Any]) -> bool:
 
 
 def json_object() -> dict[str, Any]:
-    """Return the request's JSON object, raising 415, 400 or 422 for anything else."""
+    """Return the request's JSON object, raising 415, 400 or 422 for anything else.
+
+    Every view with a `body` comes through here before its model validates it, so this is
+    where a body nested past `MAX_JSON_DEPTH` is refused, naming where (a 422).
+    """
     if request.mimetype != "application/json":
         raise UnsupportedMediaType("send the body as application/json")
     try:
         body = request.get_json(silent=True)
-    except RecursionError:  # absurdly deep nesting, within the size limit
-        body = None
+    except RecursionError as exc:  # too deep for the parser itself: too deep for us
+        raise _too_deep("body") from exc
     if body is None:
         raise MalformedRequest("the body is not valid JSON")
     if not isinstance(body, dict):
@@ -75,7 +80,15 @@ def json_object() -> dict[str, Any]:
             "the body must be a JSON object",
             errors=[{"field": "body", "message": "must be a JSON object"}],
         )
+    path = too_deep(body)
+    if path is not None:
+        raise _too_deep(render_path(path))
     return body
+
+
+def _too_deep(field: str) -> ValidationFailed:
+    message = f"nested deeper than {MAX_JSON_DEPTH} levels"
+    return ValidationFailed(f"the body is {message}", errors=[{"field": field, "message": message}])
 
 
 def parse_id(raw: str, what: str) -> uuid.UUID:

@@ -22,6 +22,8 @@ from conveyor.roles import Role, check_grant
 
 KEY_SCHEME = "cvk"
 _PREFIX = re.compile(r"[0-9a-f]{12}")
+# `secrets.token_urlsafe` text; anything else in a header is refused before any lookup.
+_SECRET = re.compile(r"[A-Za-z0-9_-]{1,256}")
 # `last_used_at` is written at most this often per key, so reads stay reads.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
@@ -69,7 +71,7 @@ def authenticate_api_key(
     """
     scheme, _, rest = token.partition("_")
     prefix, _, secret = rest.partition("_")
-    if scheme != KEY_SCHEME or not _PREFIX.fullmatch(prefix) or not secret:
+    if scheme != KEY_SCHEME or not _PREFIX.fullmatch(prefix) or not _SECRET.fullmatch(secret):
         raise Unauthorized("the API key is malformed")
     row = session.execute(
         select(ApiKey, User.role, User.is_active)
@@ -120,7 +122,7 @@ class PrincipalCache:
     @staticmethod
     def _slot(token: str) -> bytes:
         # Keyed by a digest, so the cache never holds a usable secret.
-        return hashlib.sha256(token.encode()).digest()
+        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
     def get(self, token: str, now: datetime) -> Principal | None:
         """Return the cached principal of `token` while it is fresh and its key unexpired."""
@@ -164,16 +166,25 @@ def create_api_key(
     expires_at: datetime | None,
     now: datetime,
 ) -> tuple[ApiKey, str]:
-    """Issue a key in the creator's tenant, never above the creator's role, with its token."""
+    """Issue a key in the creator's tenant, never above the creator's role, with its token.
+
+    A key made by a key never outlives it: its expiry is capped at its creator's.
+    """
     check_grant(creator.role, role)
     if expires_at is not None and expires_at <= now:
         raise ValidationFailed(
             "the expiry is in the past", errors=[{"field": "expires_at", "message": "in the past"}]
         )
+    if creator.api_key_id is not None:
+        _lock_live_key(session, creator.api_key_id)
+        limit = creator.expires_at
+        if limit is not None and (expires_at is None or expires_at > limit):
+            expires_at = limit
     new_key = generate_api_key(signing_key)
     key = ApiKey(
         tenant_id=creator.tenant_id,
         created_by=creator.user_id,
+        created_by_key_id=creator.api_key_id,
         name=name,
         prefix=new_key.prefix,
         secret_hash=new_key.secret_hash,
@@ -185,6 +196,20 @@ def create_api_key(
     return key, new_key.token
 
 
+def _lock_live_key(session: Session, key_id: uuid.UUID) -> None:
+    """Hold a creating key against revocation until commit, or raise if it is revoked already.
+
+    The share lock and revocation's update lock exclude each other: either the revocation
+    waits and then finds the new key in the lineage, or the creation waits and is refused.
+    It also refuses a key another API process still trusts from its cache.
+    """
+    row = session.execute(
+        select(ApiKey.revoked_at).where(ApiKey.id == key_id).with_for_update(read=True)
+    ).one_or_none()
+    if row is None or row.revoked_at is not None:
+        raise Unauthorized("the API key is revoked or expired")
+
+
 def list_api_keys(session: Session, tenant_id: uuid.UUID) -> Sequence[ApiKey]:
     """Return the tenant's keys that are not revoked, newest first."""
     return session.scalars(
@@ -194,15 +219,48 @@ def list_api_keys(session: Session, tenant_id: uuid.UUID) -> Sequence[ApiKey]:
     ).all()
 
 
+@dataclass(frozen=True)
+class RevokedKey:
+    """A key `revoke_api_key` revoked: the one asked for, or one its lineage created."""
+
+    id: uuid.UUID
+    # The key that created this one, when it was revoked along with it.
+    cascade_from: uuid.UUID | None
+
+
 def revoke_api_key(
-    session: Session, tenant_id: uuid.UUID, key_id: uuid.UUID, now: datetime
-) -> None:
-    """Revoke one of the tenant's keys at once; another tenant's key is `NotFound`."""
-    revoked = session.execute(
-        update(ApiKey)
-        .where(ApiKey.id == key_id, ApiKey.tenant_id == tenant_id, ApiKey.revoked_at.is_(None))
-        .values(revoked_at=now)
-        .returning(ApiKey.id)
-    ).one_or_none()
-    if revoked is None:
+    session: Session, revoker: Principal, key_id: uuid.UUID, now: datetime
+) -> list[RevokedKey]:
+    """Revoke a key and every key it created (transitively) at once, the asked-for one first.
+
+    Another tenant's key is `NotFound`; a key whose role ranks above the revoker's is
+    `Forbidden`, by the rule that keeps a creator from granting it.
+    """
+    role = session.scalar(
+        select(ApiKey.role)
+        .where(
+            ApiKey.id == key_id,
+            ApiKey.tenant_id == revoker.tenant_id,
+            ApiKey.revoked_at.is_(None),
+        )
+        .with_for_update()
+    )
+    if role is None:
         raise NotFound(f"there is no API key {key_id}")
+    check_grant(revoker.role, role, action="revoke")
+    lineage = select(ApiKey.id).where(ApiKey.id == key_id).cte("lineage", recursive=True)
+    # UNION, not UNION ALL: it stops at a key already seen, whatever the data holds.
+    lineage = lineage.union(
+        select(ApiKey.id).join(lineage, ApiKey.created_by_key_id == lineage.c.id)
+    )
+    rows = session.execute(
+        update(ApiKey)
+        .where(ApiKey.id.in_(select(lineage.c.id)), ApiKey.revoked_at.is_(None))
+        .values(revoked_at=now)
+        .returning(ApiKey.id, ApiKey.created_by_key_id)
+        .execution_options(synchronize_session=False)
+    ).all()
+    revoked = [
+        RevokedKey(row.id, None if row.id == key_id else row.created_by_key_id) for row in rows
+    ]
+    return sorted(revoked, key=lambda key: key.cascade_from is not None)

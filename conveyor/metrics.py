@@ -18,7 +18,7 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -137,7 +137,23 @@ def scrape_registry(*extra: Collector, local: Iterable[Collector] = ()) -> Colle
 def token_matches(expected: str, authorization: str | None) -> bool:
     """Return whether `Authorization: Bearer <token>` carries `expected` (constant time)."""
     scheme, _, given = (authorization or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip(), expected)
+    # Bytes, not str: compare_digest raises on a non-ASCII str, and header bytes are anyone's.
+    # UTF-8 with surrogatepass encodes every str there is.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
+
+
+def usable_accept(accept: str | None) -> str:
+    """Return `accept` if prometheus_client can pick a format by it, else "" (plain text).
+
+    Its `choose_encoder` raises TypeError on a version it cannot compare, such as `1.x`.
+    """
+    try:
+        choose_encoder(accept or "")
+    except TypeError:
+        return ""
+    return accept or ""
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -157,6 +173,7 @@ def serve_metrics(address: str, port: int, token: str) -> ThreadingWSGIServer | 
         if token and not token_matches(token, environ.get("HTTP_AUTHORIZATION")):
             start_response("401 Unauthorized", [("WWW-Authenticate", "Bearer")])
             return [b"send Authorization: Bearer <CONVEYOR_METRICS_TOKEN>\n"]
+        environ["HTTP_ACCEPT"] = usable_accept(environ.get("HTTP_ACCEPT"))
         result: Iterable[bytes] = exposition(environ, start_response)
         return result
 

@@ -1,9 +1,12 @@
 """Outbound HTTP that cannot be turned against us: the one guard for `http.request` and webhooks.
 
 Only http and https; the host is resolved once and the connection goes to that address,
-so DNS cannot change its answer between the check and the request; private, loopback,
-link-local (cloud metadata), multicast and reserved addresses are refused unless the
-host is on the allow-list; redirects are never followed; the body read is capped.
+so DNS cannot change its answer between the check and the request; every address that is
+not globally routable (private, loopback, link-local and cloud metadata, carrier-grade
+NAT, multicast, reserved, documentation, transition prefixes) is refused unless the host
+is on the allow-list; redirects are never followed; the body read is capped. A refusal
+says "blocked destination" and never which address a name resolved to, nor whether it
+resolved at all: job errors are tenant-visible, and either would map the internal DNS.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import json
+import logging
 import socket
 import ssl
 import time
@@ -19,6 +23,39 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from conveyor.errors import PermanentError
+
+logger = logging.getLogger(__name__)
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# IANA special-purpose blocks that are not globally reachable but that Python 3.11's
+# `is_global` calls global (or that a later IANA entry added), and the IPv6 transition
+# prefixes nobody needs to call out through: 6to4 and Teredo are deprecated, local-use
+# NAT64 is local by definition, and IPv4-compatible addresses are obsolete.
+NON_GLOBAL_NETWORKS = tuple(
+    ipaddress.ip_network(block)
+    for block in (
+        "0.0.0.0/8",  # "this network"
+        "100.64.0.0/10",  # carrier-grade NAT (shared address space); some cloud metadata
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.88.99.0/24",  # 6to4 relay anycast (deprecated)
+        "198.18.0.0/15",  # benchmarking
+        "240.0.0.0/4",  # reserved, and the limited broadcast address
+        "::/96",  # IPv4-compatible (deprecated), with :: and ::1
+        "64:ff9b:1::/48",  # local-use NAT64
+        "100::/64",  # discard-only
+        "2001::/23",  # IETF protocol assignments, Teredo (2001::/32) among them
+        "2001:db8::/32",  # documentation
+        "2002::/16",  # 6to4
+        "3fff::/20",  # documentation
+        "5f00::/16",  # segment routing (SRv6) SIDs
+        "fc00::/7",  # unique local
+        "fe80::/10",  # link-local
+        "fec0::/10",  # site-local (deprecated)
+        "ff00::/8",  # multicast
+    )
+)
+# Translated IPv6 that stands for an IPv4 address: judged by that address. DNS64 on an
+# IPv6-only host answers with the well-known NAT64 prefix for public IPv4-only sites.
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class BlockedDestination(PermanentError):
@@ -35,36 +72,41 @@ class Response:
     seconds: float
 
 
-def _forbidden(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return (
-        address.is_private
-        or address.is_loopback
-        or address.is_link_local
-        or address.is_multicast
-        or address.is_reserved
-        or address.is_unspecified
-    )
+def globally_routable(address: IPAddress) -> bool:
+    """Return whether outbound requests may go to `address` without an allow-list entry."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return globally_routable(address.ipv4_mapped)
+        if address in NAT64:
+            return globally_routable(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    if any(address in network for network in NON_GLOBAL_NETWORKS):
+        return False
+    # is_global alone lets multicast and some reserved IPv4 through.
+    return address.is_global and not (address.is_multicast or address.is_reserved)
 
 
 def resolve(url: str, allow_hosts: frozenset[str]) -> tuple[str, str, int, str]:
     """Check a URL and pin its address: return (scheme, host, port, ip) or raise."""
     parts = urlsplit(url)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise BlockedDestination(f"only http and https URLs are allowed, not {url[:100]!r}")
+        raise BlockedDestination("blocked destination: only http and https URLs are allowed")
     host = parts.hostname.lower().rstrip(".")
     port = parts.port or (443 if parts.scheme == "https" else 80)
+    # One message whether the name failed to resolve or resolved somewhere private.
+    blocked = f"blocked destination: {host} does not resolve, or resolves to a non-public address"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise BlockedDestination(f"cannot resolve {host}") from exc
+    except (socket.gaierror, UnicodeError) as exc:
+        logger.info("outbound host %s does not resolve: %s", host, exc)
+        raise BlockedDestination(blocked) from exc
     addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
     if host not in allow_hosts:
         # Every answer must be public: a name with one private answer is refused whole.
-        bad = [str(a) for a in addresses if _forbidden(a) and str(a) not in allow_hosts]
+        bad = [str(a) for a in addresses if not globally_routable(a) and str(a) not in allow_hosts]
         if bad:
-            raise BlockedDestination(f"{host} resolves to a non-public address ({bad[0]})")
+            # The operator may see the address; the caller (the job's error) may not.
+            logger.info("outbound host %s resolves to non-public %s", host, bad[0])
+            raise BlockedDestination(blocked)
     return parts.scheme, host, port, str(addresses[0])
 
 

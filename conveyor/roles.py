@@ -61,10 +61,10 @@ def check_permission(role: str, permission: Permission) -> None:
         raise Forbidden(f"the {role} role may not {permission.value.replace('_', ' ')}")
 
 
-def check_grant(granter: str, granted: str) -> None:
-    """Raise `Forbidden` if `granter` would hand out a role above its own."""
+def check_grant(granter: str, granted: str, *, action: str = "grant") -> None:
+    """Raise `Forbidden` if `granter` would grant (or revoke) a role above its own."""
     if Role(granted).rank > Role(granter).rank:
-        raise Forbidden(f"a {granter} cannot grant the {granted} role")
+        raise Forbidden(f"a {granter} cannot {action} the {granted} role")
 
 
 def sees_internal_payloads(role: str) -> bool:

@@ -153,8 +153,8 @@ class Settings(BaseSettings):
         "conveyor.jobtypes.webhooks",
         "worker.orders.jobs",
     ]
-    # Hosts (names or addresses) outbound requests may reach even when they resolve to
-    # private or loopback addresses; everything else must be public.
+    # Hosts (names or addresses) outbound requests may reach even when they resolve to an
+    # address that is not globally routable; everything else must be public.
     outbound_allow_hosts: list[str] = []
     # Largest response body an outbound request reads.
     outbound_max_bytes: int = Field(default=1024 * 1024, ge=1024)

@@ -98,12 +98,6 @@ def test_flower_refuses_to_start_without_a_password_outside_development() -> Non
         flower_environment(Settings(env="test", secret_key=TEST_SECRET_KEY, flower_password=""))
 
 
-def test_absurdly_nested_json_is_a_400(client: Any, auth: dict[str, str]) -> None:
-    body = '{"a":' * 50_000 + "1" + "}" * 50_000
-    response = client.post("/v1/jobs", data=body, content_type="application/json", headers=auth)
-    assert_problem(response, 400)
-
-
 def test_a_nul_character_is_a_422_and_writes_nothing(
     client: Any, auth: dict[str, str], sessions: sessionmaker[Session]
 ) -> None:

@@ -35,6 +35,7 @@ from conveyor.ledger.work import Work
 from conveyor.live.store import LiveStore, progress_document
 from conveyor.logs import bind_context
 from conveyor.metrics import JOB_QUEUE_WAIT_SECONDS, JOB_RUN_SECONDS, JOBS_FINISHED
+from conveyor.nesting import MAX_JSON_DEPTH, render_path, too_deep
 from conveyor.registry import JobContext, JobRegistry
 from conveyor.settings import Settings
 
@@ -151,9 +152,22 @@ class ResultTooLarge(PermanentError):
     """Raised when a job returns more JSON than `max_result_bytes`."""
 
 
+class ResultTooDeep(PermanentError):
+    """Raised when a job returns JSON nested deeper than `MAX_JSON_DEPTH` levels."""
+
+
 def _as_result(value: BaseModel | dict[str, Any] | None, limit: int) -> dict[str, Any] | None:
-    result = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    try:
+        result = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+    except ValueError as exc:  # such as pydantic's own depth limit (~255 levels)
+        raise PermanentError(f"the result cannot be serialised as JSON: {exc}") from exc
     if result is not None:
+        path = too_deep(result)
+        if path is not None:
+            raise ResultTooDeep(
+                f"the result is nested deeper than {MAX_JSON_DEPTH} levels "
+                f"(at {render_path(path, root='result')})"
+            )
         size = len(json.dumps(result, separators=(",", ":")))
         if size > limit:
             raise ResultTooLarge(f"the result is {size} bytes; the limit is {limit}")
