@@ -20,6 +20,7 @@ from flask import Flask
 from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from pydantic import SecretStr
 from redis import Redis
 
 from api import create_app
@@ -90,7 +91,7 @@ BOUNDED = hypothesis_settings(
 def guarded_app(settings: Settings, redis_client: Redis) -> Iterator[Flask]:
     """The API with `/metrics` behind a token, one trusted proxy and a queue of its own."""
     own = own_queue(settings, "odd-headers").model_copy(
-        update={"metrics_token": METRICS_TOKEN, "trusted_proxies": 1}
+        update={"metrics_token": SecretStr(METRICS_TOKEN), "trusted_proxies": 1}
     )
     app = create_app(own)
     yield app
