@@ -16,7 +16,7 @@ from api.schemas import JobPath
 from api.services import services
 from conveyor.errors import UnsupportedMediaType, ValidationFailed
 from conveyor.files import get_artifact, read_artifact, read_file, safe_filename, store_upload
-from conveyor.queries import get_job
+from conveyor.ledger.reads import job_row
 from conveyor.roles import Permission
 
 bp = secured_blueprint("files", __name__, "files")
@@ -133,7 +133,7 @@ def artifact(path: JobPath) -> Response:
     svc = services()
     key = parse_id(path.job_id, "job")
     with svc.sessions() as session:
-        get_job(session, key, principal.tenant_id)
+        job_row(session, key, principal.tenant_id)
         found = get_artifact(session, key)
         filename, content_type, size = found.filename, found.content_type, found.size
 

@@ -10,15 +10,14 @@ from flask import Response, jsonify
 from api.auth import current_principal, requires
 from api.job_views import shown
 from api.openapi import JSON_BODY, described, responses, secured_blueprint
-from api.publishing import publish_committed
 from api.requests import parse_id
 from api.schemas import BulkRetry, CancelAnswer, JobPath, Retried
 from api.services import services
 from conveyor.audit import audit
 from conveyor.auth import Principal
-from conveyor.control import cancel_job, retry_job, retry_jobs
+from conveyor.ledger import transitions
+from conveyor.ledger.views import JobOut
 from conveyor.roles import Permission
-from conveyor.views import JobOut
 
 bp = secured_blueprint("job_control", __name__, "jobs", "/v1/jobs")
 
@@ -47,18 +46,13 @@ def cancel(path: JobPath) -> tuple[Response, int]:
     """Cancel a waiting job at once (200), or ask a running one to stop (202)."""
     principal = current_principal()
     svc = services()
-    with svc.sessions.begin() as session:
-        job, outcome = cancel_job(
-            session,
-            svc.registry,
-            principal.tenant_id,
-            parse_id(path.job_id, "job"),
-            datetime.now(UTC),
-            _actor(principal),
+    job_id = parse_id(path.job_id, "job")
+    with svc.work.begin() as unit:
+        view, outcome = transitions.cancel(
+            unit, svc.registry, principal.tenant_id, job_id, datetime.now(UTC), _actor(principal)
         )
-        audit(session, principal, "job.cancel", "job", job.id, {"outcome": outcome})
-        body = {"outcome": outcome, "job": shown(JobOut.of(job).model_dump(mode="json"))}
-    return jsonify(body), 200 if outcome == "cancelled" else 202
+        audit(unit.session, principal, "job.cancel", "job", job_id, {"outcome": outcome})
+    return jsonify(outcome=outcome, job=shown(view)), 200 if outcome == "cancelled" else 202
 
 
 @bp.post("/<job_id>/retry", responses=responses({202: JobOut}, 404, 409))
@@ -67,17 +61,13 @@ def retry(path: JobPath) -> tuple[Response, int]:
     """Run a failed, cancelled or expired job again, with a fresh attempt budget."""
     principal = current_principal()
     svc = services()
-    with svc.sessions.begin() as session:
-        job = retry_job(
-            session,
-            svc.registry,
-            principal.tenant_id,
-            parse_id(path.job_id, "job"),
-            _actor(principal),
+    job_id = parse_id(path.job_id, "job")
+    with svc.work.begin() as unit:
+        view = transitions.retry(
+            unit, svc.registry, principal.tenant_id, job_id, datetime.now(UTC), _actor(principal)
         )
-        audit(session, principal, "job.retry", "job", job.id)
-    publish_committed(svc, [job])
-    return jsonify(shown(JobOut.of(job).model_dump(mode="json"))), 202
+        audit(unit.session, principal, "job.retry", "job", job_id)
+    return jsonify(shown(view)), 202
 
 
 @bp.post("/retry", responses=responses({200: Retried}, 409, *JSON_BODY))
@@ -86,16 +76,18 @@ def retry_many(body: BulkRetry) -> Response:
     """Run again every dead job matching the filters (failed ones by default), up to `limit`."""
     principal = current_principal()
     svc = services()
-    with svc.sessions.begin() as session:
-        jobs = retry_jobs(
-            session,
+    with svc.work.begin() as unit:
+        views = transitions.retry_matching(
+            unit,
             svc.registry,
             principal.tenant_id,
             body.filters(),
+            datetime.now(UTC),
             _actor(principal),
             limit=body.limit,
         )
         filters = body.model_dump(mode="json", exclude_none=True)
-        audit(session, principal, "job.retry_many", "jobs", "*", {**filters, "count": len(jobs)})
-    publish_committed(svc, jobs)
-    return jsonify(retried=len(jobs), ids=[str(job.id) for job in jobs])
+        audit(
+            unit.session, principal, "job.retry_many", "jobs", "*", {**filters, "count": len(views)}
+        )
+    return jsonify(retried=len(views), ids=[view["id"] for view in views])

@@ -21,18 +21,16 @@ from api.openapi import (
     responses,
     secured_blueprint,
 )
-from api.publishing import publish_committed
 from api.requests import parse_id
 from api.schemas import EventList, EventOut, JobBatch, JobList, JobListQuery, JobPage, JobPath
 from api.services import services
 from conveyor.errors import ValidationFailed
+from conveyor.ledger.reads import job_row, list_events, list_jobs, read_view
+from conveyor.ledger.submit import JobRequest, claim_idempotency_key, submit_jobs
+from conveyor.ledger.views import JobOut, job_view
 from conveyor.logs import bind_context
 from conveyor.metrics import JOBS_SUBMITTED
-from conveyor.queries import get_job, list_events, list_jobs
 from conveyor.roles import Permission
-from conveyor.snapshots import read_job_view
-from conveyor.submit import JobRequest, claim_idempotency_key, submit_jobs
-from conveyor.views import JobOut
 
 logger = logging.getLogger(__name__)
 bp = secured_blueprint("jobs", __name__, "jobs", "/v1/jobs")
@@ -79,11 +77,11 @@ def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
     svc = services()
     now = datetime.now(UTC)
     job_id = uuid.uuid4()
-    with svc.sessions.begin() as session:
+    with svc.work.begin() as unit:
         original = None
         if key is not None:
             original = claim_idempotency_key(
-                session,
+                unit,
                 principal.tenant_id,
                 key,
                 body.fingerprint(),
@@ -92,18 +90,16 @@ def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
                 retention=timedelta(hours=svc.settings.idempotency_retention_hours),
             )
         if original is not None:
-            job = get_job(session, original, principal.tenant_id)
-            view = JobOut.of(job).model_dump(mode="json")
+            view = job_view(job_row(unit.session, original, principal.tenant_id))
         else:
             (submitted,) = submit_jobs(
-                session,
+                unit,
                 svc.registry,
                 [body],
                 tenant_id=principal.tenant_id,
                 default_queue=svc.settings.default_queue,
                 now=now,
                 ids=[job_id],
-                publishing=True,
             )
             view = submitted.view
     location = {"Location": url_for("jobs.show", job_id=view["id"])}
@@ -112,7 +108,6 @@ def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
         return jsonify(shown(view)), 200, location
     JOBS_SUBMITTED.labels(submitted.type, submitted.queue).inc()
     logger.info("job submitted to queue %s", submitted.queue)
-    publish_committed(svc, [submitted])
     return jsonify(shown(view)), 202, location
 
 
@@ -122,19 +117,17 @@ def create_batch(body: JobBatch) -> tuple[Response, int]:
     """Submit up to 1,000 jobs in one transaction, all or none."""
     principal = current_principal()
     svc = services()
-    with svc.sessions.begin() as session:
+    with svc.work.begin() as unit:
         jobs = submit_jobs(
-            session,
+            unit,
             svc.registry,
             body.jobs,
             tenant_id=principal.tenant_id,
             default_queue=svc.settings.default_queue,
             now=datetime.now(UTC),
-            publishing=True,
         )
     for (job_type, queue), count in Counter((job.type, job.queue) for job in jobs).items():
         JOBS_SUBMITTED.labels(job_type, queue).inc(count)
-    publish_committed(svc, jobs)
     return jsonify(items=[shown(job.view) for job in jobs]), 202
 
 
@@ -143,11 +136,11 @@ def create_batch(body: JobBatch) -> tuple[Response, int]:
 def index(query: JobListQuery) -> Response:
     """List jobs, newest first, filtered, a page at a time."""
     principal = current_principal()
-    with services().sessions() as session:
-        jobs, next_cursor = list_jobs(
+    with services().work.reading() as session:
+        rows, next_cursor = list_jobs(
             session, principal.tenant_id, query.filters(), limit=query.limit, cursor=query.cursor
         )
-        items = [shown(JobOut.of(job).model_dump(mode="json")) for job in jobs]
+    items = [shown(job_view(row)) for row in rows]
     links = {}
     if next_cursor is not None:
         args: dict[str, Any] = {**request.args.to_dict(), "cursor": next_cursor}
@@ -167,13 +160,14 @@ def show(path: JobPath) -> ResponseBase:
     """Read a job, with live progress while it runs (from Redis when it can); `ETag`, 304."""
     principal = current_principal()
     svc = services()
-    view = read_job_view(
-        svc.snapshots,
-        svc.reads,
-        parse_id(path.job_id, "job"),
-        principal.tenant_id,
-        prefetched_snapshot(),
-    )
+    with svc.work.reading() as session:
+        view = read_view(
+            svc.live,
+            session,
+            parse_id(path.job_id, "job"),
+            principal.tenant_id,
+            prefetched_snapshot(),
+        )
     bind_context(job_id=view["id"], job_type=view["type"])
     response = jsonify(shown(view))
     response.add_etag()
@@ -185,6 +179,6 @@ def show(path: JobPath) -> ResponseBase:
 def events(path: JobPath) -> Response:
     """Read a job's history: every transition, with each attempt's error and timings."""
     principal = current_principal()
-    with services().sessions() as session:
+    with services().work.reading() as session:
         history = list_events(session, parse_id(path.job_id, "job"), principal.tenant_id)
         return jsonify(items=[EventOut.of(e).model_dump(mode="json") for e in history])

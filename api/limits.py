@@ -39,11 +39,11 @@ from api.services import services
 from conveyor.auth import Principal
 from conveyor.errors import RateLimited, Unauthorized
 from conveyor.identity import normalise_email
+from conveyor.ledger.submit import MAX_BATCH
+from conveyor.live.store import Prefetched, queue_read
 from conveyor.quota import TenantQuota
 from conveyor.roles import PERMISSIONS, Permission
 from conveyor.settings import Settings
-from conveyor.snapshots import SnapshotReply, queue_read
-from conveyor.submit import MAX_BATCH
 
 logger = logging.getLogger(__name__)
 GROUPS = ("submit", "read", "control", "admin")
@@ -125,9 +125,9 @@ def email_key() -> str:
     return f"email:{normalise_email(email)}" if isinstance(email, str) else ip_key()
 
 
-def prefetched_snapshot() -> SnapshotReply | None:
+def prefetched_snapshot() -> Prefetched | None:
     """Return the job snapshot read with this admitted poll's counters, if it was."""
-    reply: SnapshotReply | None = g.pop(_PREFETCHED, None)
+    reply: Prefetched | None = g.pop(_PREFETCHED, None)
     return reply
 
 
@@ -236,7 +236,7 @@ class _Limits:
             raise breach_error(last)
         setattr(g, _SHOWN, windows[shown])
         if snapshot_of is not None and replies is not None:
-            setattr(g, _PREFETCHED, SnapshotReply(snapshot_of, replies))
+            setattr(g, _PREFETCHED, Prefetched(snapshot_of, replies))
 
 
 def _add_headers(outage: _Outage) -> Callable[[Response], Response]:
@@ -352,7 +352,9 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
                     limits.counters(by_principal, principal_key(principal), f"principal-{group}")
                 )
         if principal is not None and submits and _may_submit(principal):
-            quota.admit(services().reads, principal.tenant_id, _submitted_jobs(), datetime.now(UTC))
+            quota.admit(
+                services().work.reading, principal.tenant_id, _submitted_jobs(), datetime.now(UTC)
+            )
 
     if settings.rate_limit_headers:
         app.after_request(_add_headers(outage))

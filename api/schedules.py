@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 from flask import Response, jsonify, url_for
 from pydantic import BaseModel
-from sqlalchemy.orm import Session
 
 from api.auth import current_principal, requires
 from api.job_views import shown
@@ -21,11 +20,13 @@ from api.openapi import (
     responses,
     secured_blueprint,
 )
-from api.publishing import publish_committed
 from api.requests import parse_id
 from api.services import services
 from conveyor.audit import audit
 from conveyor.errors import Conflict
+from conveyor.ledger.states import JobState
+from conveyor.ledger.upkeep import detach_schedule
+from conveyor.ledger.views import JobOut
 from conveyor.models import Schedule
 from conveyor.roles import Permission
 from conveyor.schedules import (
@@ -33,14 +34,12 @@ from conveyor.schedules import (
     ScheduleOptions,
     ScheduleSpec,
     create_schedule,
-    detach_jobs,
     fire,
     get_schedule,
     last_job_states,
     list_schedules,
     update_schedule,
 )
-from conveyor.views import JobOut
 
 bp = secured_blueprint("schedules", __name__, "schedules", "/v1/schedules")
 
@@ -76,11 +75,7 @@ class SchedulePath(BaseModel):
     schedule_id: ObjectId
 
 
-def _schedule(session: Session, tenant_id: uuid.UUID, path: SchedulePath) -> Schedule:
-    return get_schedule(session, tenant_id, parse_id(path.schedule_id, "schedule"))
-
-
-def _out(schedule: Schedule, states: dict[uuid.UUID, str]) -> dict[str, Any]:
+def _out(schedule: Schedule, states: dict[uuid.UUID, JobState]) -> dict[str, Any]:
     last_state = states.get(schedule.last_job_id) if schedule.last_job_id else None
     return {
         "id": str(schedule.id),
@@ -175,14 +170,19 @@ def change(path: SchedulePath, body: ScheduleChange) -> Response:
 def delete(path: SchedulePath) -> tuple[str, int]:
     """Delete a schedule; jobs it fired stay, with `schedule_id` cleared."""
     principal = current_principal()
-    with services().sessions.begin() as session:
+    with services().work.begin() as unit:
         schedule = get_schedule(
-            session, principal.tenant_id, parse_id(path.schedule_id, "schedule")
+            unit.session, principal.tenant_id, parse_id(path.schedule_id, "schedule")
         )
-        detach_jobs(session, schedule.id)
-        session.delete(schedule)
+        detach_schedule(unit, schedule.id)
+        unit.session.delete(schedule)
         audit(
-            session, principal, "schedule.delete", "schedule", schedule.id, {"name": schedule.name}
+            unit.session,
+            principal,
+            "schedule.delete",
+            "schedule",
+            schedule.id,
+            {"name": schedule.name},
         )
     return "", 204
 
@@ -193,12 +193,12 @@ def trigger(path: SchedulePath) -> tuple[Response, int]:
     """Run the schedule's job now, outside its timing; 202 with the job."""
     principal = current_principal()
     svc = services()
-    with svc.sessions.begin() as session:
+    with svc.work.begin() as unit:
         schedule = get_schedule(
-            session, principal.tenant_id, parse_id(path.schedule_id, "schedule")
+            unit.session, principal.tenant_id, parse_id(path.schedule_id, "schedule")
         )
         job = fire(
-            session,
+            unit,
             svc.registry,
             schedule,
             default_queue=svc.settings.default_queue,
@@ -207,6 +207,12 @@ def trigger(path: SchedulePath) -> tuple[Response, int]:
         )
         if job is None:  # only occurrences have a unique key; a trigger has none
             raise Conflict("the schedule fired no job")
-        audit(session, principal, "schedule.trigger", "schedule", schedule.id, {"job": str(job.id)})
-    publish_committed(svc, [job])
+        audit(
+            unit.session,
+            principal,
+            "schedule.trigger",
+            "schedule",
+            schedule.id,
+            {"job": str(job.id)},
+        )
     return jsonify(shown(job.view)), 202

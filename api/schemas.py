@@ -9,11 +9,11 @@ from typing import Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.openapi import ObjectId
+from conveyor.ledger.reads import MAX_PAGE, JobFilter
+from conveyor.ledger.states import JobState
+from conveyor.ledger.submit import MAX_BATCH, JobRequest
+from conveyor.ledger.views import JobOut
 from conveyor.models import JobEvent
-from conveyor.queries import MAX_PAGE, JobFilter
-from conveyor.states import JobState
-from conveyor.submit import MAX_BATCH, JobRequest
-from conveyor.views import JobOut
 
 
 class JobBatch(BaseModel):

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flask import current_app
+from flask import current_app, has_request_context
 from redis import Redis
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.requests import request_id
 from conveyor.auth import PrincipalCache
 from conveyor.broker import CeleryPublisher, create_celery
 from conveyor.db import create_db_engine, create_session_factory
+from conveyor.ledger.work import Work
+from conveyor.live.store import LiveStore
 from conveyor.registry import JobRegistry, load_job_types
 from conveyor.settings import Settings
-from conveyor.snapshots import SnapshotStore
 
 
 @dataclass
@@ -23,37 +25,43 @@ class Services:
 
     settings: Settings
     engine: Engine
+    # The ledger's units of work: every request that writes jobs opens one (conveyor.ledger).
+    work: Work
+    # Plain transactions for data that is not the ledger's: people, keys, webhooks, files.
     sessions: sessionmaker[Session]
-    # For one-statement units of work (the status poll's fallback, (un)marking jobs published):
-    # autocommit, so no BEGIN and no COMMIT/ROLLBACK round trips around the statement; a
-    # single statement is atomic and its own consistent snapshot. No job transitions here.
-    reads: sessionmaker[Session]
     redis: Redis
     publisher: CeleryPublisher
     registry: JobRegistry
     key_cache: PrincipalCache
-    # Job state snapshots in Redis, written after every transition's commit: the poll's
-    # fast path (conveyor.snapshots).
-    snapshots: SnapshotStore
+
+    @property
+    def live(self) -> LiveStore:
+        """Return the store of live job views: the status poll's fast path."""
+        assert self.work.live is not None, "the API writes and reads live views"
+        return self.work.live
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Services:
         """Wire every service from settings; nothing connects until first use."""
         engine = create_db_engine(settings)
-        celery = create_celery(settings, name="conveyor-api", with_result_backend=False)
+        celery = create_celery(settings, name="conveyor-api")
         redis = Redis.from_url(settings.result_backend, socket_timeout=2, socket_connect_timeout=2)
-        snapshots = SnapshotStore(redis, settings.result_expires)
+        publisher = CeleryPublisher(celery)
         return cls(
             settings=settings,
             engine=engine,
-            sessions=create_session_factory(engine, snapshots),
-            reads=create_session_factory(engine.execution_options(isolation_level="AUTOCOMMIT")),
+            work=Work(engine, LiveStore(redis, settings.result_expires), publisher, _request_id),
+            sessions=create_session_factory(engine),
             redis=redis,
-            publisher=CeleryPublisher(celery),
+            publisher=publisher,
             registry=load_job_types(settings.job_modules),
             key_cache=PrincipalCache(settings.api_key_cache_seconds),
-            snapshots=snapshots,
         )
+
+
+def _request_id() -> str | None:
+    """Return the id of the request being served, if any: its messages carry it."""
+    return request_id() if has_request_context() else None
 
 
 def services() -> Services:

@@ -16,8 +16,8 @@ from api.requests import parse_id
 from api.schemas import JobPath
 from api.services import services
 from conveyor.audit import audit
+from conveyor.ledger.reads import job_row
 from conveyor.models import Job, JobEvent, Webhook
-from conveyor.queries import get_job
 from conveyor.roles import Permission, sees_internal_payloads
 from conveyor.webhooks import DELIVER_TYPE, EVENTS, create_webhook, get_webhook, list_webhooks
 
@@ -147,7 +147,7 @@ def deliveries(path: JobPath) -> Response:
     # Webhook URLs are for those who manage webhooks, as in the delivery jobs' own views.
     show_url = sees_internal_payloads(principal.role)
     with services().sessions() as session:
-        get_job(session, key, principal.tenant_id)
+        job_row(session, key, principal.tenant_id)
         rows = session.execute(
             select(Job.id, Job.payload, JobEvent.to_state, JobEvent.attempt, JobEvent.detail)
             .join(JobEvent, JobEvent.job_id == Job.id)

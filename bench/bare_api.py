@@ -22,7 +22,7 @@ def create_app() -> Flask:
     """Build the baseline app from `BARE_DATABASE_URL` and the usual `CONVEYOR_REDIS_URL`."""
     settings = Settings(database_url=os.environ["BARE_DATABASE_URL"])
     engine = create_engine(settings.sqlalchemy_url, pool_size=10, max_overflow=10)
-    celery = create_celery(settings, name="bare-api", with_result_backend=False)
+    celery = create_celery(settings, name="bare-api")
     app = Flask(__name__)
 
     @app.post("/jobs")

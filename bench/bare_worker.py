@@ -1,7 +1,8 @@
 """The baseline worker: a Celery task that marks the row done, and a raw no-op task.
 
-Built by Conveyor's own `create_celery`, so acks_late, prefetch, events and the result
-backend match the Conveyor worker exactly: only Conveyor's claim/run/finish differs.
+Built by Conveyor's own `create_celery`, so acks_late, prefetch and events match the
+Conveyor worker exactly, plus the Redis result backend a bare Celery stack keeps its task
+states in (Conveyor keeps them in its ledger and its own Redis keys instead).
 Run as `celery -A bench.bare_worker worker -Q bare`.
 """
 
@@ -15,7 +16,8 @@ from conveyor.broker import create_celery
 from conveyor.settings import Settings
 
 settings = Settings(database_url=os.environ["BARE_DATABASE_URL"])
-app = create_celery(settings, name="bare-worker", with_result_backend=True)
+app = create_celery(settings, name="bare-worker")
+app.conf.update(result_backend=settings.result_backend, result_expires=settings.result_expires)
 engine = create_engine(settings.sqlalchemy_url, pool_size=2, max_overflow=2)
 
 

@@ -20,7 +20,7 @@ import psutil
 import psycopg
 import redis
 
-from conveyor.progress import RESULT_KEY_PREFIX
+from conveyor.live.store import VIEW_PREFIX
 
 NOOP = json.dumps({"type": "system.noop", "payload": {}})
 TERMINAL = ("succeeded", "failed", "cancelled", "expired")
@@ -300,7 +300,7 @@ class Sampler:
         ).fetchone() or (0, 0)
         keys = without_ttl = 0
         batch: list[bytes] = []
-        for key in self.redis.scan_iter(match=f"{RESULT_KEY_PREFIX}*", count=1000):
+        for key in self.redis.scan_iter(match=f"{VIEW_PREFIX}*", count=1000):
             batch.append(key)
             keys += 1
             if len(batch) == 1000 or keys >= SCAN_LIMIT:

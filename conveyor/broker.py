@@ -36,16 +36,14 @@ UNACKED_INDEX_KEY = "unacked_index"
 CONFIRM_TIMEOUT = 5.0
 
 
-def create_celery(settings: Settings, *, name: str, with_result_backend: bool) -> Celery:
-    """Build a Celery app with Conveyor's reliability settings; connects to nothing yet."""
-    # The API has no result backend: a backend in a publishing process subscribes per task
-    # and costs ~20% of the enqueue rate (PITFALLS.md); it reads progress with plain GETs.
-    app = Celery(
-        name,
-        broker=settings.broker,
-        backend=settings.result_backend if with_result_backend else None,
-        set_as_current=False,
-    )
+def create_celery(settings: Settings, *, name: str) -> Celery:
+    """Build a Celery app with Conveyor's reliability settings; connects to nothing yet.
+
+    No result backend: results live in the ledger and live views in Conveyor's own Redis
+    keys (`conveyor.live.store`). A backend would cost a worker round trips per job and a
+    publishing process ~20% of its enqueue rate (PITFALLS.md).
+    """
+    app = Celery(name, broker=settings.broker, set_as_current=False)
     app.conf.update(
         # Acknowledge after the job ran, so a worker that dies mid-job gets it redelivered;
         # the claim guard in PostgreSQL turns the redelivery of a finished job into a no-op.
@@ -60,16 +58,12 @@ def create_celery(settings: Settings, *, name: str, with_result_backend: bool) -
         # Prefetch one message per process: long jobs must not hoard messages other
         # workers could run, and fewer unacked messages are exposed to redelivery.
         worker_prefetch_multiplier=1,
-        # Redis keeps live state and progress for a day; the ledger keeps results for good.
-        result_expires=settings.result_expires,
         broker_transport_options=_transport_options(settings),
-        result_backend_transport_options={"visibility_timeout": settings.visibility_timeout},
         # honcho starts processes in no order: wait for the broker instead of crashing.
         broker_connection_retry_on_startup=True,
         broker_connection_retry=True,
         task_default_queue=settings.default_queue,
         task_serializer="json",
-        result_serializer="json",
         accept_content=["json"],
         # Events let Flower show every task by its job type.
         worker_send_task_events=True,

@@ -10,7 +10,6 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.settings import Settings
-from conveyor.snapshots import SnapshotStore
 
 
 def create_db_engine(settings: Settings) -> Engine:
@@ -48,16 +47,7 @@ def _refuse_closed_connection(dbapi_connection: Any, _record: Any, _proxy: Any) 
         raise DisconnectionError("the server closed the pooled connection")
 
 
-def create_session_factory(
-    engine: Engine, snapshots: SnapshotStore | None = None
-) -> sessionmaker[Session]:
-    """Build the session factory whose `begin()` owns one unit of work.
-
-    With `snapshots`, each commit writes the job snapshots its transitions noted; every
-    factory whose sessions change jobs needs it, or the status poll could serve a stale one.
-    """
-    # expire_on_commit=False: handlers serialise rows after the commit.
-    factory = sessionmaker(engine, expire_on_commit=False)
-    if snapshots is not None:
-        snapshots.attach(factory)
-    return factory
+def create_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Build a plain session factory (tools, tests, data that is not the ledger's)."""
+    # expire_on_commit=False: callers read rows after the commit.
+    return sessionmaker(engine, expire_on_commit=False)

@@ -21,9 +21,11 @@ from sqlalchemy import (
     func,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
-from conveyor.states import JobState
+from conveyor.ledger.states import JobState
 
 # Named constraints keep Alembic migrations deterministic.
 NAMING_CONVENTION = {
@@ -37,11 +39,30 @@ NAMING_CONVENTION = {
 STATE_VALUES = ", ".join(f"'{s.value}'" for s in JobState)
 
 
+class StateType(TypeDecorator[JobState]):
+    """A job state stored as its name (a checked VARCHAR), read back as a `JobState`."""
+
+    impl = String(20)
+    cache_ok = True
+
+    def process_bind_param(self, value: JobState | str | None, _dialect: Dialect) -> str | None:
+        """Store the state's name."""
+        return None if value is None else JobState(value).value
+
+    def process_result_value(self, value: str | None, _dialect: Dialect) -> JobState | None:
+        """Read the name back as the enum member."""
+        return None if value is None else JobState(value)
+
+
 class Base(DeclarativeBase):
     """Declarative base with Conveyor's naming convention."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {dict[str, Any]: JSONB, datetime: DateTime(timezone=True)}  # noqa: RUF012
+    type_annotation_map = {  # noqa: RUF012
+        dict[str, Any]: JSONB,
+        datetime: DateTime(timezone=True),
+        JobState: StateType(),
+    }
 
 
 class Tenant(Base):
@@ -130,7 +151,7 @@ class Job(Base):
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     type: Mapped[str] = mapped_column(String(200))
     queue: Mapped[str] = mapped_column(String(100))
-    state: Mapped[str] = mapped_column(String(20))
+    state: Mapped[JobState]
     priority: Mapped[int] = mapped_column(SmallInteger, default=0, server_default="0")
     payload: Mapped[dict[str, Any]]
     tags: Mapped[list[str]] = mapped_column(ARRAY(String(64)), default=list, server_default="{}")
@@ -161,6 +182,9 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     worker: Mapped[str | None] = mapped_column(String(200))
+    # Grows by one with every ledger write that changes the job's client view: it versions
+    # the job's live view in Redis (conveyor.live.store), so an older one never wins.
+    version: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
 
 
 class JobEvent(Base):
@@ -171,8 +195,8 @@ class JobEvent(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
-    from_state: Mapped[str | None] = mapped_column(String(20))
-    to_state: Mapped[str] = mapped_column(String(20))
+    from_state: Mapped[JobState | None]
+    to_state: Mapped[JobState]
     attempt: Mapped[int] = mapped_column(SmallInteger)
     detail: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())

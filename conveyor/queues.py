@@ -19,8 +19,8 @@ from redis.exceptions import RedisError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from conveyor.ledger.states import JobState
 from conveyor.models import Job
-from conveyor.states import JobState
 
 logger = logging.getLogger(__name__)
 

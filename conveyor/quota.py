@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from conveyor.errors import QuotaExceeded, ValidationFailed
+from conveyor.ledger.submit import MAX_BATCH
 from conveyor.models import Job
-from conveyor.submit import MAX_BATCH
 
 # Bounds of a quota refusal's Retry-After, in seconds, and the answer when nothing of the
 # tenant finished within the drain window (its workers may be down or busy elsewhere).

@@ -6,14 +6,14 @@ from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, delete, select, tuple_
-from sqlalchemy.orm import Session
 
-from conveyor.models import IdempotencyKey, Job, RefreshToken
-from conveyor.snapshots import GONE, Snapshot, note
+from conveyor.ledger.upkeep import delete_finished
+from conveyor.ledger.work import UnitOfWork
+from conveyor.models import IdempotencyKey, RefreshToken
 
 
 def prune(
-    session: Session,
+    unit: UnitOfWork,
     now: datetime,
     *,
     job_retention: timedelta,
@@ -21,13 +21,6 @@ def prune(
     batch_size: int = 1000,
 ) -> dict[str, int]:
     """Delete one bounded batch of each kind of expired row; return how many of each."""
-    old_jobs = (
-        select(Job.id)
-        .where(Job.finished_at < now - job_retention)
-        .order_by(Job.finished_at)
-        .limit(batch_size)
-        .with_for_update(skip_locked=True)
-    )
     old_keys = (
         select(IdempotencyKey.tenant_id, IdempotencyKey.key)
         .where(IdempotencyKey.created_at < now - key_retention)
@@ -35,15 +28,12 @@ def prune(
     )
     old_tokens = select(RefreshToken.id).where(RefreshToken.expires_at < now).limit(batch_size)
     key_columns = tuple_(IdempotencyKey.tenant_id, IdempotencyKey.key)
-    # Job events go with their job (ON DELETE CASCADE).
-    pruned = session.scalars(delete(Job).where(Job.id.in_(old_jobs)).returning(Job.id)).all()
-    # A pruned job is gone for good: no snapshot may show it again.
-    note(session, [Snapshot(job_id, GONE) for job_id in pruned])
+    jobs = delete_finished(unit, now - job_retention, batch_size=batch_size)
     statements = {
         "idempotency_keys": delete(IdempotencyKey).where(key_columns.in_(old_keys)),
         "refresh_tokens": delete(RefreshToken).where(RefreshToken.id.in_(old_tokens)),
     }
-    return {"jobs": len(pruned)} | {
-        name: cast("CursorResult[Any]", session.execute(statement)).rowcount
+    return {"jobs": jobs} | {
+        name: cast("CursorResult[Any]", unit.session.execute(statement)).rowcount
         for name, statement in statements.items()
     }

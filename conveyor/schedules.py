@@ -13,20 +13,19 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy import func, select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from conveyor.errors import Conflict, NotFound, ValidationFailed
-from conveyor.models import Job, JobEvent, Schedule
+from conveyor.ledger.states import UNFINISHED, JobState
+from conveyor.ledger.submit import JobRequest, Submitted, check_request, submit_jobs
+from conveyor.ledger.work import UnitOfWork
+from conveyor.models import Job, Schedule
 from conveyor.quota import count_unfinished
 from conveyor.registry import JobRegistry
-from conveyor.snapshots import Snapshot, note
-from conveyor.states import NOT_STARTED, JobState
-from conveyor.submit import JobRequest, Submitted, check_request, submit_jobs
 
 logger = logging.getLogger(__name__)
-UNFINISHED = NOT_STARTED | {JobState.RUNNING}
 # Enough to find the latest of the occurrences a long beat outage missed.
 MAX_MISSED = 10_000
 
@@ -240,7 +239,7 @@ def update_schedule(
     return schedule
 
 
-def last_job_states(session: Session, schedules: Sequence[Schedule]) -> dict[uuid.UUID, str]:
+def last_job_states(session: Session, schedules: Sequence[Schedule]) -> dict[uuid.UUID, JobState]:
     """Return the state of each schedule's last fired job, in one query."""
     ids = [s.last_job_id for s in schedules if s.last_job_id is not None]
     if not ids:
@@ -250,7 +249,7 @@ def last_job_states(session: Session, schedules: Sequence[Schedule]) -> dict[uui
 
 
 def fire(
-    session: Session,
+    unit: UnitOfWork,
     registry: JobRegistry,
     schedule: Schedule,
     *,
@@ -263,9 +262,9 @@ def fire(
     `None` means this occurrence already has its job: another beat fired it.
     """
     try:
-        with session.begin_nested():
+        with unit.savepoint():
             (job,) = submit_jobs(
-                session,
+                unit,
                 registry,
                 [_job_request(schedule)],
                 tenant_id=schedule.tenant_id,
@@ -281,7 +280,7 @@ def fire(
 
 
 def fire_due_schedules(
-    session: Session,
+    unit: UnitOfWork,
     registry: JobRegistry,
     now: datetime,
     *,
@@ -296,6 +295,7 @@ def fire_due_schedules(
     An occurrence whose tenant already has `max_unfinished` unfinished jobs (0: no quota) is
     skipped like a missed one, logged, and counted in `skipped` under "quota".
     """
+    session = unit.session
     due = session.scalars(
         select(Schedule)
         .where(Schedule.enabled.is_(True), Schedule.next_run_at <= now)
@@ -325,7 +325,7 @@ def fire_due_schedules(
                 )
                 if skipped is not None:
                     skipped["quota"] += 1
-            elif job := _fire_valid(session, registry, schedule, default_queue, now, occurrence):
+            elif job := _fire_valid(unit, registry, schedule, default_queue, now, occurrence):
                 fired.append(job)
                 room.take(schedule.tenant_id)
         schedule.next_run_at = next_occurrence(schedule, now)
@@ -334,7 +334,7 @@ def fire_due_schedules(
 
 
 def _fire_valid(
-    session: Session,
+    unit: UnitOfWork,
     registry: JobRegistry,
     schedule: Schedule,
     default_queue: str,
@@ -344,7 +344,7 @@ def _fire_valid(
     """Fire an occurrence, or log why a schedule no longer makes a valid job."""
     try:
         return fire(
-            session, registry, schedule, default_queue=default_queue, now=now, occurrence=occurrence
+            unit, registry, schedule, default_queue=default_queue, now=now, occurrence=occurrence
         )
     except ValidationFailed:
         # The job type or its model changed since the schedule was written.
@@ -373,20 +373,3 @@ class _QuotaRoom:
         """Count a job just fired for the tenant."""
         if tenant_id in self._room:
             self._room[tenant_id] -= 1
-
-
-def detach_jobs(session: Session, schedule_id: uuid.UUID) -> None:
-    """Unlink a schedule's jobs before it is deleted, invalidating their snapshots.
-
-    The foreign key would null `schedule_id` by itself, but unseen by the snapshots, which
-    would keep showing the schedule. No event is written: version just above the latest.
-    """
-    latest = select(func.max(JobEvent.id)).where(JobEvent.job_id == Job.id).scalar_subquery()
-    rows = session.execute(
-        update(Job)
-        .where(Job.schedule_id == schedule_id)
-        .values(schedule_id=None)
-        .returning(Job.id, latest)
-        .execution_options(synchronize_session=False)
-    ).all()
-    note(session, [Snapshot(job_id, (version or 0) + 0.5) for job_id, version in rows])

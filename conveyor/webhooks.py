@@ -1,7 +1,8 @@
 """Webhooks: endpoints per tenant, signed deliveries enqueued as jobs when a job finishes.
 
-A delivery is a `webhooks.deliver` job inserted in the same transaction as the finishing
-transition (a transactional outbox): if the transition commits, its deliveries exist.
+A delivery is a `webhooks.deliver` job the ledger inserts in the very statement that
+finishes the job (`conveyor.ledger.statements`): if the finish commits, its deliveries
+exist. Deliveries are internal jobs: nobody submits them through the API.
 """
 
 from __future__ import annotations
@@ -11,20 +12,18 @@ import hmac
 import secrets
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from conveyor.errors import NotFound
-from conveyor.models import Job, Webhook
-from conveyor.registry import registry
-from conveyor.states import JobState
-from conveyor.submit import JobRequest, Submitted, submit_jobs
+from conveyor.ledger.states import FINISHED
+from conveyor.models import Webhook
 
 DELIVER_TYPE = "webhooks.deliver"
-EVENTS = frozenset(f"job.{s.value}" for s in JobState if s.is_terminal)
+# Attempts a delivery gets (with exponential backoff, up to ten minutes apart).
+DELIVERY_ATTEMPTS = 5
+EVENTS = frozenset(f"job.{state.value}" for state in FINISHED)
 SIGNATURE_HEADER = "Conveyor-Signature"
 
 
@@ -71,60 +70,3 @@ def get_webhook(session: Session, tenant_id: uuid.UUID, webhook_id: uuid.UUID) -
     if webhook is None:
         raise NotFound(f"there is no webhook {webhook_id}")
     return webhook
-
-
-def enqueue_deliveries(
-    session: Session,
-    job_id: uuid.UUID,
-    state: JobState,
-    now: datetime,
-    *,
-    job: Job | None = None,
-    subscribed: bool | None = None,
-) -> list[Submitted]:
-    """Insert one delivery job per subscribed endpoint (and the job's callback URL).
-
-    A caller that already holds the finished row passes it as `job`, and `subscribed`
-    when it knows whether any endpoint listens: each saves a round trip.
-    """
-    if DELIVER_TYPE not in registry:
-        return []  # deliveries are not loaded (CONVEYOR_JOB_MODULES) in this process
-    event = f"job.{state.value}"
-    job = job or session.get(Job, job_id)
-    if job is None or job.type == DELIVER_TYPE:
-        return []  # deliveries of deliveries would never end
-    targets: list[dict[str, Any]] = []
-    if subscribed is not False:
-        targets = [
-            {"url": w.url, "webhook_id": str(w.id)}
-            for w in session.scalars(
-                select(Webhook).where(
-                    Webhook.tenant_id == job.tenant_id,
-                    Webhook.enabled.is_(True),
-                    Webhook.events.contains([event]),
-                )
-            )
-        ]
-    if job.callback_url:
-        targets.append({"url": job.callback_url, "webhook_id": None})
-    if not targets:
-        return []
-    # A tiny delay makes them `scheduled`: the promoter publishes them on its next pass,
-    # after this transaction commits.
-    requests = [
-        JobRequest(
-            type=DELIVER_TYPE,
-            payload={"job_id": str(job.id), "event": event, **target},
-            delay_seconds=0.001,
-        )
-        for target in targets
-    ]
-    return submit_jobs(
-        session,
-        registry,
-        requests,
-        tenant_id=job.tenant_id,
-        default_queue=job.queue,
-        now=now,
-        allow_internal=True,
-    )

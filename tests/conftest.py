@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -20,24 +22,67 @@ from alembic.config import Config
 from kombu.exceptions import ChannelError
 from pydantic import SecretStr
 from redis import Redis
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, event, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity, create_tenant_identity
+from conveyor.broker import CeleryPublisher, create_celery
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.embedded import create_database, drop_database, embedded_services
+from conveyor.ledger.work import UnitOfWork, Work
+from conveyor.live.store import LiveStore
 from conveyor.models import JobEvent
 from conveyor.settings import Settings
-from conveyor.snapshots import SnapshotStore
 
 ROOT = Path(__file__).resolve().parent.parent
 # This run's signing secret: random, as every secret must be (no shared default exists).
 TEST_SECRET_KEY = secrets.token_urlsafe(32)
+# A statement that writes the ledger's tables (DESIGN.md: only conveyor.ledger may).
+LEDGER_WRITE = re.compile(
+    r"\b(UPDATE\s+(jobs|job_events)|INSERT\s+INTO\s+(jobs|job_events)|DELETE\s+FROM\s+(jobs|job_events))\b",
+    re.IGNORECASE,
+)
+# Who may send one: the ledger itself, and tests and migrations setting the scene.
+LEDGER_WRITERS = ("conveyor/ledger/", "tests/", "migrations/")
+LEDGER_WRITES_ELSEWHERE: list[str] = []
 TABLES = (
     "artifact_chunks, artifacts, upload_chunks, uploads, orders, daily_revenue, "
     "audit_log, webhooks, job_events, jobs, schedules, idempotency_keys, refresh_tokens, api_keys, "
     "users, tenants"
 )
+
+
+def _ledger_writer(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+    """Note a write to `jobs` or `job_events` sent by project code outside the ledger."""
+    if not LEDGER_WRITE.search(statement):
+        return
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if path.is_relative_to(ROOT) and ".venv" not in path.parts:
+            where = path.relative_to(ROOT).as_posix()
+            if not where.startswith(LEDGER_WRITERS):
+                LEDGER_WRITES_ELSEWHERE.append(f"{where}:{frame.f_lineno}: {statement[:120]}")
+            return
+        frame = frame.f_back
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ledger_writes_watched() -> Iterator[None]:
+    """Watch every engine in this process for ledger writes from outside `conveyor.ledger`."""
+    event.listen(Engine, "before_cursor_execute", _ledger_writer)
+    yield
+    event.remove(Engine, "before_cursor_execute", _ledger_writer)
+
+
+@pytest.fixture(autouse=True)
+def only_the_ledger_writes_jobs(ledger_writes_watched: None) -> Iterator[None]:
+    """Fail a test in which code outside the ledger wrote `jobs` or `job_events`."""
+    LEDGER_WRITES_ELSEWHERE.clear()
+    yield
+    assert not LEDGER_WRITES_ELSEWHERE, "written outside conveyor.ledger: " + "; ".join(
+        LEDGER_WRITES_ELSEWHERE
+    )
 
 
 @pytest.fixture(scope="session")
@@ -181,10 +226,17 @@ def engine(base_settings: Settings) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
-def sessions(engine: Engine, settings: Settings) -> Iterator[sessionmaker[Session]]:
-    """Return the session factory code under test uses, writing job snapshots as it does."""
+def sessions(engine: Engine) -> sessionmaker[Session]:
+    """Return a plain session factory on the test database (ledger writes go through `work`)."""
+    return create_session_factory(engine)
+
+
+@pytest.fixture(scope="session")
+def work(engine: Engine, settings: Settings) -> Iterator[Work]:
+    """Return units of work as the services open them: live views written, jobs published."""
     redis = Redis.from_url(settings.redis_url.get_secret_value())
-    yield create_session_factory(engine, SnapshotStore(redis, settings.result_expires))
+    publisher = CeleryPublisher(create_celery(settings, name="test-work"))
+    yield Work(engine, LiveStore(redis, settings.result_expires), publisher)
     redis.close()
 
 
@@ -199,6 +251,12 @@ def db_session(engine: Engine) -> Iterator[Session]:
         finally:
             session.close()
             transaction.rollback()
+
+
+@pytest.fixture
+def unit(db_session: Session) -> UnitOfWork:
+    """Return a unit of work on the rolled-back test session (its views and messages unsent)."""
+    return UnitOfWork.around(db_session)
 
 
 @pytest.fixture
@@ -239,9 +297,7 @@ def waiting(settings: Settings, queue: str | None = None) -> int | None:
     from conveyor.queues import broker_depths
 
     if settings.broker not in _CONTROL_APPS:
-        _CONTROL_APPS[settings.broker] = create_celery(
-            settings, name="test-depth", with_result_backend=False
-        )
+        _CONTROL_APPS[settings.broker] = create_celery(settings, name="test-depth")
     queue = queue or settings.default_queue
     return broker_depths(_CONTROL_APPS[settings.broker], [queue])[queue]
 

@@ -9,10 +9,12 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity, create_tenant_identity
+from conveyor.ledger.publishing import unmark_published
+from conveyor.ledger.submit import JobRequest, submit_jobs
+from conveyor.ledger.work import UnitOfWork
 from conveyor.models import Job, Tenant
-from conveyor.registry import load_job_types
+from conveyor.registry import JobRegistry, load_job_types
 from conveyor.settings import Settings
-from conveyor.submit import JobRequest, submit_jobs
 
 QUEUE = "factory-queue"
 
@@ -42,18 +44,23 @@ def job_factory(
     tenant_id: uuid.UUID | None = None,
     type_name: str = "system.noop",
     payload: dict[str, Any] | None = None,
+    *,
+    registry: JobRegistry | None = None,
     **options: Any,
 ) -> Job:
     """Submit a job through the real submit path (and a tenant for it when none is given)."""
     tenant_id = tenant_id or tenant_factory(session).id
     request = JobRequest(type=type_name, payload=payload or {}, **options)
+    unit = UnitOfWork.around(session)
     (submitted,) = submit_jobs(
-        session,
-        load_job_types(["conveyor.jobtypes.system"]),
+        unit,
+        registry or load_job_types(["conveyor.jobtypes.system"]),
         [request],
         tenant_id=tenant_id,
         default_queue=QUEUE,
         now=datetime.now(UTC),
     )
+    # Nothing publishes a test's unit: as after a failed publish, the promoter will.
+    unmark_published(unit, [submitted.id])
     # submit_jobs returns a Submitted record, not a Job: tests take the session's own.
     return session.get_one(Job, submitted.id)

@@ -88,7 +88,7 @@ class WorkerProcess:
 
 def control_app(settings: Settings) -> Celery:
     """Return a Celery app that only talks to the broker (ping, inspect)."""
-    return create_celery(settings, name="test-control", with_result_backend=False)
+    return create_celery(settings, name="test-control")
 
 
 def start_worker(

@@ -120,6 +120,6 @@ def test_a_dead_broker_is_one_publish_failed(settings: Settings) -> None:
     from conveyor.errors import PublishFailed
 
     dead = settings.model_copy(update={"broker_url": DEAD_REDIS})
-    publisher = CeleryPublisher(create_celery(dead, name="dead", with_result_backend=False))
+    publisher = CeleryPublisher(create_celery(dead, name="dead"))
     with pytest.raises(PublishFailed, match="the broker did not take the messages"):
         publisher.publish([Message(_uuid.uuid4(), "system.noop", "q")])

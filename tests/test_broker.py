@@ -79,7 +79,7 @@ def test_readyz_names_a_dead_rabbitmq(base_settings: Settings) -> None:
 
 def test_a_dead_rabbitmq_is_one_publish_failed(base_settings: Settings) -> None:
     dead = base_settings.model_copy(update={"broker_url": NO_RABBIT})
-    publisher = CeleryPublisher(create_celery(dead, name="dead", with_result_backend=False))
+    publisher = CeleryPublisher(create_celery(dead, name="dead"))
     with pytest.raises(PublishFailed, match="the broker did not take the messages"):
         publisher.publish([Message(uuid.uuid4(), "system.noop", "q")])
 
@@ -89,7 +89,7 @@ def test_the_broker_delivers_higher_priorities_first(
     settings: Settings, redis_client: Redis
 ) -> None:
     queue = fresh_queue(settings, "prio")
-    app = create_celery(settings, name="prio", with_result_backend=False)
+    app = create_celery(settings, name="prio")
     ids = {priority: uuid.uuid4() for priority in (0, 9, 5, 1)}
     CeleryPublisher(app).publish(
         Message(job_id, "system.noop", queue, priority) for priority, job_id in ids.items()

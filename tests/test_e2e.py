@@ -79,7 +79,7 @@ def test_the_same_message_delivered_three_times_runs_once(
     redis_client: Redis,
 ) -> None:
     job_id = submit(client, auth, "system.sleep", {"seconds": 0.2})
-    publisher = CeleryPublisher(create_celery(settings, name="dup", with_result_backend=False))
+    publisher = CeleryPublisher(create_celery(settings, name="dup"))
     message = Message(uuid.UUID(job_id), "system.sleep", settings.default_queue)
     publisher.publish([message, message])
     wait_for(lambda: finished(client, auth, job_id))

@@ -15,7 +15,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
 from conveyor.broker import queue_depth
-from conveyor.jobs import claim_job, expire_jobs, promote_due_jobs
+from conveyor.ledger.transitions import claim
+from conveyor.ledger.upkeep import expire_due, promote_due, stop_overdue
+from conveyor.ledger.work import UnitOfWork, Work
 from conveyor.models import IdempotencyKey, Job
 from conveyor.retention import prune
 from conveyor.settings import Settings
@@ -57,7 +59,7 @@ def test_every_option_is_stored_and_shown(
 def test_a_delayed_job_waits_unpublished_until_due(
     client: Any,
     auth: dict[str, str],
-    sessions: sessionmaker[Session],
+    work: Work,
     redis_client: Redis,
     settings: Settings,
 ) -> None:
@@ -68,17 +70,17 @@ def test_a_delayed_job_waits_unpublished_until_due(
         ).get_json()
         assert job["state"] == "scheduled"
         assert queue_depth(redis_client, settings.default_queue) == before
-        with sessions.begin() as session:
-            assert promote_due_jobs(session, datetime.now(UTC)) == []
+        with work.begin() as unit:
+            assert promote_due(unit, datetime.now(UTC)) == 0
         frozen.tick(timedelta(seconds=61))
-        with sessions.begin() as session:
-            assert [j.id for j in promote_due_jobs(session, datetime.now(UTC))] == [
-                uuid.UUID(job["id"])
-            ]
+        with work.begin() as unit:
+            assert promote_due(unit, datetime.now(UTC)) == 1
+            assert [m.job_id for m in unit.messages] == [uuid.UUID(job["id"])]
+        assert queue_depth(redis_client, settings.default_queue) == before + 1
 
 
 def test_ttl_expires_a_job_that_never_started(
-    client: Any, auth: dict[str, str], sessions: sessionmaker[Session]
+    client: Any, auth: dict[str, str], sessions: sessionmaker[Session], work: Work
 ) -> None:
     with freeze_time(datetime.now(UTC)) as frozen:
         job = client.post(
@@ -87,16 +89,16 @@ def test_ttl_expires_a_job_that_never_started(
         job_id = uuid.UUID(job["id"])
         frozen.tick(timedelta(seconds=31))
         now = datetime.now(UTC)
-        with sessions.begin() as session:
-            assert claim_job(session, job_id, "w1", now) is None  # too late to start
-            assert expire_jobs(session, now) == 1
+        with work.begin() as unit:
+            assert claim(unit, job_id, "w1", now) is None  # too late to start
+            assert expire_due(unit, now) == 1
         with sessions() as session:
             assert session.get_one(Job, job_id).state == "expired"
             assert events(session, session.get_one(Job, job_id))[-1][1] == "expired"
 
 
 def test_retention_prunes_old_finished_jobs_and_keys(
-    client: Any, auth: dict[str, str], sessions: sessionmaker[Session]
+    client: Any, auth: dict[str, str], sessions: sessionmaker[Session], work: Work
 ) -> None:
     headers = {**auth, "Idempotency-Key": "old-key"}
     old = client.post("/v1/jobs", json={"type": "system.noop"}, headers=headers).get_json()
@@ -109,9 +111,9 @@ def test_retention_prunes_old_finished_jobs_and_keys(
         session.get_one(IdempotencyKey, (job.tenant_id, "old-key")).created_at = now - timedelta(
             hours=25
         )
-    with sessions.begin() as session:
+    with work.begin() as unit:
         counts = prune(
-            session, now, job_retention=timedelta(days=30), key_retention=timedelta(hours=24)
+            unit, now, job_retention=timedelta(days=30), key_retention=timedelta(hours=24)
         )
     assert counts["jobs"] == 1
     assert counts["idempotency_keys"] == 1
@@ -347,18 +349,19 @@ def test_workers_drain_queues_in_the_configured_order(settings: Settings) -> Non
         app.conveyor.engine.dispose()
 
 
-def test_overdue_cancellations_are_cancelled_for_termination(db_session: Session) -> None:
-    from conveyor.jobs import overdue_cancellations
+def test_overdue_cancellations_are_cancelled_for_termination(
+    db_session: Session, unit: UnitOfWork
+) -> None:
     from tests.factories import job_factory
 
     stubborn, polite = job_factory(db_session), job_factory(db_session)
     now = datetime.now(UTC)
     for job in (stubborn, polite):
-        claim_job(db_session, job.id, "w1", now)
+        claim(unit, job.id, "w1", now)
     stubborn.cancel_requested_at = now - timedelta(seconds=31)
     polite.cancel_requested_at = now - timedelta(seconds=5)
     db_session.flush()
-    assert overdue_cancellations(db_session, now, grace=30) == [stubborn.id]
+    assert stop_overdue(unit, now, grace=30) == [stubborn.id]
     db_session.refresh(stubborn)
     db_session.refresh(polite)
     assert (stubborn.state, polite.state) == ("cancelled", "running")

@@ -27,10 +27,10 @@ from conveyor import quota as quota_module
 from conveyor.auth import authenticate_api_key
 from conveyor.bootstrap import Identity
 from conveyor.errors import QuotaExceeded, ValidationFailed
+from conveyor.ledger.states import JobState
 from conveyor.models import Job
 from conveyor.quota import DRAIN_SAMPLE, DrainRate, TenantQuota
 from conveyor.settings import Settings
-from conveyor.states import JobState
 from tests.conftest import bearer
 from tests.factories import job_factory, other_tenant
 from tests.test_api import assert_problem, job_count, published

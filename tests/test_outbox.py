@@ -156,7 +156,7 @@ def test_a_job_stamped_but_never_published_is_redriven_by_the_reconciler(
     def database_gone(*_: Any) -> None:
         raise OperationalError("UPDATE jobs", {}, Exception("connection lost"))
 
-    monkeypatch.setattr("api.publishing.unmark_published", database_gone)
+    monkeypatch.setattr("conveyor.ledger.work.unmark_published", database_gone)
     response = dead_broker_client.post("/v1/jobs", json=NOOP, headers=auth)
     assert response.status_code == 202
     job_id = response.get_json()["id"]

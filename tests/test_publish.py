@@ -30,7 +30,7 @@ def published() -> Iterator[list[dict[str, Any]]]:
 def test_each_message_is_the_one_send_task_builds(
     settings: Settings, published: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = create_celery(settings, name="publish-test", with_result_backend=False)
+    app = create_celery(settings, name="publish-test")
     publisher = CeleryPublisher(app)
     queue = f"{settings.default_queue}-publish"
     job_id = uuid.uuid4()
@@ -55,7 +55,7 @@ def test_each_message_is_the_one_send_task_builds(
 def test_sent_events_go_out_as_one_list(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = create_celery(settings, name="publish-test", with_result_backend=False)
+    app = create_celery(settings, name="publish-test")
     publisher = CeleryPublisher(app)
     sent: list[tuple[Any, dict[str, Any]]] = []
     monkeypatch.setattr(Producer, "publish", lambda _, body, **kw: sent.append((body, kw)))
@@ -73,7 +73,7 @@ def test_sent_events_go_out_as_one_list(
 def test_each_queue_is_declared_once_per_call(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = create_celery(settings, name="publish-test", with_result_backend=False)
+    app = create_celery(settings, name="publish-test")
     publisher = CeleryPublisher(app)
     sent: list[tuple[str, list[Any]]] = []
     monkeypatch.setattr(

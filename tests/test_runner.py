@@ -8,7 +8,6 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -19,14 +18,13 @@ from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
+from conveyor.live.store import view_key
 from conveyor.models import Job, Tenant
 from conveyor.registry import JobContext, JobRegistry
 from conveyor.settings import Settings
-from conveyor.snapshots import snapshot_key
-from conveyor.submit import JobRequest, submit_jobs
 from conveyor.webhooks import DELIVER_TYPE, create_webhook
 from tests.conftest import transitions
-from tests.factories import QUEUE, job_factory
+from tests.factories import job_factory
 from worker.app import create_celery_app
 from worker.runner import run_job
 
@@ -59,12 +57,12 @@ def steps(ctx: JobContext, payload: Steps) -> dict[str, Any]:
         with app.conveyor.engine.begin() as conn:
             conn.execute(update(Job).where(Job.id == ctx.job_id).values(attempt=Job.attempt + 1))
     if payload.subscribe:
-        with app.conveyor.sessions.begin() as other:
+        with Session(app.conveyor.engine) as other, other.begin():
             create_webhook(other, ctx.tenant_id, payload.subscribe, ["job.succeeded"])
     if payload.after_commit:
 
         def look() -> None:
-            with app.conveyor.sessions() as other:
+            with Session(app.conveyor.engine) as other:
                 SEEN["state after commit"] = other.get_one(Job, ctx.job_id).state
 
         ctx.after_commit(look)
@@ -94,19 +92,14 @@ def submit_steps(
     **steps: Any,
 ) -> str:
     with sessions.begin() as session:
-        (job,) = submit_jobs(
-            session,
-            TYPES,
-            [JobRequest(type="tests.steps", payload=steps, callback_url=callback_url)],
-            tenant_id=tenant_id,
-            default_queue=QUEUE,
-            now=datetime.now(UTC),
+        job = job_factory(
+            session, tenant_id, "tests.steps", steps, registry=TYPES, callback_url=callback_url
         )
-    return str(job.id)
+        return str(job.id)
 
 
 def run(app: Any, job_id: str) -> str:
-    return run_job(app.conveyor, app.tasks["system.noop"], job_id)
+    return run_job(app.conveyor, job_id)
 
 
 @contextmanager
@@ -158,17 +151,16 @@ def test_a_noop_job_is_two_statements_and_two_redis_round_trips(
     assert run(celery_app, warm_up) == "succeeded"  # connects (a handshake is round trips too)
     with sent(celery_app.conveyor.engine) as counts:
         assert run(celery_app, job_id) == "succeeded"
-    # The claim and the finish, each one autocommit statement; the running snapshot, then
-    # the finished snapshot with the result-backend document.
-    assert counts == {"before_cursor_execute": 2, "redis": 2}
+    # The claim, one autocommit statement; the finish in the job's own transaction; the
+    # running view, then the finished one.
+    assert counts == {"before_cursor_execute": 2, "begin": 1, "commit": 1, "redis": 2}
     assert transitions(sessions, job_id) == [
         (None, "queued"),
         ("queued", "running"),
         ("running", "succeeded"),
     ]
-    snapshot = json.loads(redis_client.hget(snapshot_key(uuid.UUID(job_id)), "doc") or "{}")
-    assert snapshot["state"] == "succeeded"
-    assert celery_app.AsyncResult(job_id).state == "SUCCESS"
+    view = json.loads(redis_client.hget(view_key(uuid.UUID(job_id)), "doc") or "{}")
+    assert view["state"] == "succeeded"
 
 
 def test_a_job_that_writes_commits_its_writes_with_its_success(
@@ -206,10 +198,9 @@ def test_a_job_that_lost_its_claim_rolls_back_and_is_not_succeeded(
         written = session.scalar(select(Tenant).where(Tenant.name == f"written by {job_id}"))
         assert written is None
     assert transitions(sessions, job_id)[-1] == ("queued", "running")
-    assert steps_app.AsyncResult(job_id).state == "PENDING"  # no SUCCESS left behind
 
 
-def test_deliveries_commit_with_a_success_that_wrote_nothing(
+def test_deliveries_commit_with_the_success(
     steps_app: Any, identity: Identity, sessions: sessionmaker[Session]
 ) -> None:
     # A webhook that starts listening while the job runs, after its claim, is not missed.
@@ -220,45 +211,18 @@ def test_deliveries_commit_with_a_success_that_wrote_nothing(
     assert deliveries(sessions, job_id) == [during]
     # In one transaction with the success, not beside it: its commit, and the webhook's.
     assert counts["commit"] == 2
-    # Known at the claim: a callback URL and a listening webhook.
+    # A callback URL and a listening webhook.
     called = submit_steps(sessions, identity.tenant.id, callback_url="https://cb.example/x")
     assert run(steps_app, called) == "succeeded"
     assert deliveries(sessions, called) == ["https://cb.example/x", during]
 
 
-def test_after_commit_steps_run_once_the_quiet_success_committed(
+def test_after_commit_steps_run_once_the_success_committed(
     steps_app: Any, identity: Identity, sessions: sessionmaker[Session]
 ) -> None:
     job_id = submit_steps(sessions, identity.tenant.id, after_commit=True)
-    with sent(steps_app.conveyor.engine) as counts:
-        assert run(steps_app, job_id) == "succeeded"
-    assert counts["commit"] == 0  # the quiet path (the step itself only reads)
+    assert run(steps_app, job_id) == "succeeded"
     assert SEEN.pop("state after commit") == "succeeded"
-
-
-def test_the_result_document_is_what_celery_itself_would_store(
-    celery_app: Any, identity: Identity, sessions: sessionmaker[Session], redis_client: Redis
-) -> None:
-    with sessions.begin() as session:
-        job_id = str(
-            job_factory(session, identity.tenant.id, "system.fail", {"succeed_on_attempt": 1}).id
-        )
-    assert run(celery_app, job_id) == "succeeded"
-    result = celery_app.AsyncResult(job_id)
-    assert result.get(timeout=10) == {"attempt": 1}
-    assert (result.state, result.result) == ("SUCCESS", {"attempt": 1})
-    key = f"celery-task-meta-{job_id}"
-    assert 0 < redis_client.ttl(key) <= celery_app.conf.result_expires
-    # Byte for byte Celery's own document, but for its id and time.
-    other = str(uuid.uuid4())
-    celery_app.backend.store_result(other, {"attempt": 1}, "SUCCESS")
-    ours, theirs = (
-        json.loads(redis_client.get(k) or "") for k in (key, f"celery-task-meta-{other}")
-    )
-    for meta in (ours, theirs):
-        del meta["date_done"]
-    assert ours == {**theirs, "task_id": job_id}
-    redis_client.delete(f"celery-task-meta-{other}")
 
 
 def test_a_duplicate_delivery_never_runs_the_job_again(

@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
+from conveyor.ledger.work import UnitOfWork
 from conveyor.models import Job, Schedule
 from conveyor.registry import load_job_types
 from conveyor.schedules import ScheduleSpec, create_schedule, fire_due_schedules, next_occurrence
@@ -63,7 +64,8 @@ def test_interval_occurrences_stay_on_their_grid() -> None:
 
 def fired(session: Session, now: datetime, grace: float = 60) -> list[Job]:
     """Fire what is due; return the rows of the jobs fired, as the ledger has them."""
-    jobs = fire_due_schedules(session, REGISTRY, now, default_queue="q", misfire_grace=grace)
+    unit = UnitOfWork.around(session)
+    jobs = fire_due_schedules(unit, REGISTRY, now, default_queue="q", misfire_grace=grace)
     return [session.get_one(Job, job.id) for job in jobs]
 
 
@@ -133,7 +135,8 @@ def test_two_senders_of_one_occurrence_create_one_job(
             schedule = session.get_one(Schedule, schedule_id)
             from conveyor.schedules import fire
 
-            fire(session, REGISTRY, schedule, default_queue="q", now=start, occurrence=occurrence)
+            unit = UnitOfWork.around(session)
+            fire(unit, REGISTRY, schedule, default_queue="q", now=start, occurrence=occurrence)
     with sessions() as session:
         count = session.scalar(
             select(func.count()).where(

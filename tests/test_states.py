@@ -4,35 +4,48 @@ from __future__ import annotations
 
 import pytest
 
-from conveyor.states import TRANSITIONS, JobState, sources_of
+from conveyor.ledger.states import FINISHED, SUBMITTED, TRANSITIONS, JobState, Move, edges
+
+
+def sources_of(target: JobState) -> set[JobState]:
+    return {source for source, to in edges() if to == target and source is not None}
 
 
 def test_terminal_states_are_exactly_the_four_final_ones() -> None:
     terminal = {s for s in JobState if s.is_terminal}
-    assert terminal == {
-        JobState.SUCCEEDED,
-        JobState.FAILED,
-        JobState.CANCELLED,
-        JobState.EXPIRED,
-    }
+    assert (
+        terminal
+        == {
+            JobState.SUCCEEDED,
+            JobState.FAILED,
+            JobState.CANCELLED,
+            JobState.EXPIRED,
+        }
+        == FINISHED
+    )
 
 
 def test_only_a_queued_job_can_be_claimed() -> None:
     assert sources_of(JobState.RUNNING) == {JobState.QUEUED}
 
 
-def test_only_a_running_job_can_finish() -> None:
+def test_only_a_running_job_can_finish_by_itself() -> None:
     assert sources_of(JobState.SUCCEEDED) == {JobState.RUNNING}
     assert sources_of(JobState.FAILED) == {JobState.RUNNING}
 
 
-def test_every_state_has_a_transition_entry() -> None:
-    assert set(TRANSITIONS) == set(JobState)
+def test_every_move_has_an_entry_and_every_state_is_reachable() -> None:
+    assert set(TRANSITIONS) == set(Move)
+    assert {target for _, target in edges()} == set(JobState)
+    assert {JobState.SCHEDULED, JobState.QUEUED} == SUBMITTED
 
 
-@pytest.mark.parametrize("state", [s for s in JobState if s.is_terminal])
-def test_nothing_leaves_a_terminal_state(state: JobState) -> None:
-    assert all(state not in sources_of(target) for target in JobState)
+@pytest.mark.parametrize("state", sorted(FINISHED))
+def test_only_a_person_takes_a_job_out_of_a_finished_state(state: JobState) -> None:
+    leaving = [t for t in TRANSITIONS.values() if state in t.sources]
+    assert [(t.move, t.target, t.manual) for t in leaving] == (
+        [] if state == JobState.SUCCEEDED else [(Move.RETRY, JobState.QUEUED, True)]
+    )
 
 
 def test_a_retrying_job_goes_back_to_the_queue() -> None:

@@ -14,8 +14,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
-from conveyor.broker import Message, broker_task_ids, queue_depth, queue_lists
-from conveyor.jobs import claim_job
+from conveyor.broker import CeleryPublisher, Message, broker_task_ids, queue_depth, queue_lists
+from conveyor.ledger.transitions import claim
+from conveyor.ledger.work import UnitOfWork, Work
 from conveyor.models import Job
 from conveyor.settings import Settings
 from tests.conftest import fresh_queue, wait_for, waiting
@@ -26,11 +27,11 @@ from worker.runner import Heartbeats, public_error
 
 
 def test_heartbeats_refresh_running_jobs_until_they_end(
-    identity: Identity, sessions: sessionmaker[Session]
+    identity: Identity, sessions: sessionmaker[Session], work: Work
 ) -> None:
     with sessions.begin() as session:
         job_id = job_factory(session, identity.tenant.id).id
-        claim_job(session, job_id, "w1", datetime.now(UTC) - timedelta(hours=1))
+        claim(UnitOfWork.around(session), job_id, "w1", datetime.now(UTC) - timedelta(hours=1))
 
     def heartbeat() -> datetime | None:
         with sessions() as session:
@@ -38,7 +39,7 @@ def test_heartbeats_refresh_running_jobs_until_they_end(
 
     stale = heartbeat()
     assert stale is not None
-    heartbeats = Heartbeats(sessions, interval=0.05)
+    heartbeats = Heartbeats(work, interval=0.05)
     with heartbeats.running(job_id):
         wait_for(lambda: (heartbeat() or stale) > stale + timedelta(minutes=59))
     after = heartbeat()
@@ -124,20 +125,17 @@ def test_a_result_over_the_cap_fails_the_job_clearly() -> None:
 
 
 @pytest.mark.brokers
-def test_the_final_result_is_left_in_the_result_backend(
+def test_the_final_result_and_progress_live_in_the_ledger_and_conveyors_keys(
     worker: Any, client: Any, auth: dict[str, str], redis_client: Any
 ) -> None:
-    import json
-
     from tests.test_e2e import finished, submit
 
-    job_id = submit(client, auth, "system.sleep", {"seconds": 0})
-    wait_for(lambda: finished(client, auth, job_id))
-    stored = wait_for(lambda: redis_client.get(f"celery-task-meta-{job_id}"))
-    meta = json.loads(stored)
-    assert meta["status"] == "SUCCESS"
-    assert "slept" in meta["result"]
-    assert 0 < redis_client.ttl(f"celery-task-meta-{job_id}") <= worker.conf.result_expires
+    job_id = submit(client, auth, "system.sleep", {"seconds": 0.2})
+    done = wait_for(lambda: finished(client, auth, job_id))
+    assert "slept" in done["result"]
+    # The sleep reported progress; Conveyor keeps it under its own key, Celery keeps nothing.
+    assert redis_client.get(f"conveyor:progress:{job_id}") is not None
+    assert redis_client.keys(f"celery-task-meta-{job_id}") == []
 
 
 def test_a_hard_time_limit_fails_the_attempt_at_once(
@@ -147,7 +145,7 @@ def test_a_hard_time_limit_fails_the_attempt_at_once(
 
     with sessions.begin() as session:
         job = job_factory(session, identity.tenant.id, max_attempts=2)
-        claim_job(session, job.id, "w1", datetime.now(UTC))
+        claim(UnitOfWork.around(session), job.id, "w1", datetime.now(UTC))
     task = worker.tasks["system.noop"]
     # What Celery's main process does when it kills a child past the hard limit.
     task.on_failure(TimeLimitExceeded(1800), str(job.id), (str(job.id),), {}, None)
@@ -172,7 +170,7 @@ def test_the_reconciler_redrives_a_job_whose_message_was_lost(
             kept, lost = (job_factory(session, identity.tenant.id) for _ in range(2))
             for job in (kept, lost):
                 job.queue = queue
-        housekeeper.publisher.publish([Message.of(kept), Message.of(lost)])
+        CeleryPublisher(app).publish([Message.of(kept), Message.of(lost)])
         for raw in redis_client.lrange(f"{queue}:9", 0, -1):  # the broker loses one message
             if json.loads(raw)["headers"]["id"] == str(lost.id):
                 redis_client.lrem(f"{queue}:9", 0, raw)
@@ -206,7 +204,7 @@ def test_the_reconciler_redrives_a_job_whose_consumer_died_before_claiming(
         with sessions.begin() as session:
             job = job_factory(session, identity.tenant.id)
             job.queue = queue
-        housekeeper.publisher.publish([Message.of(job)])
+        CeleryPublisher(app).publish([Message.of(job)])
         # A consumer took the message (kombu moves it to its unacked hash) and never claimed.
         (raw,) = redis_client.lrange(f"{queue}:9", 0, -1)
         redis_client.delete(f"{queue}:9")
@@ -243,7 +241,7 @@ def test_on_rabbitmq_the_reconciler_redrives_the_jobs_of_a_drained_queue(
         with sessions.begin() as session:
             job = job_factory(session, identity.tenant.id)
             job.queue = queue
-        housekeeper.publisher.publish([Message.of(job)])
+        CeleryPublisher(app).publish([Message.of(job)])
         published_long_ago(job.id)
         # AMQP cannot say which messages wait; one does, so the job may be behind it.
         assert waiting(amqp_settings, queue) == 1

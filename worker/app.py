@@ -18,13 +18,14 @@ from celery.signals import (
 from kombu import Queue
 from redis import Redis
 
-from conveyor.broker import REQUEST_ID_HEADER, create_celery
-from conveyor.db import create_db_engine, create_session_factory
+from conveyor.broker import REQUEST_ID_HEADER, CeleryPublisher, create_celery
+from conveyor.db import create_db_engine
+from conveyor.ledger.work import Work
+from conveyor.live.store import LiveStore
 from conveyor.logs import bind_context, clear_context, configure_logging
 from conveyor.metrics import serve_metrics
 from conveyor.registry import JobType, load_job_types
 from conveyor.settings import Settings
-from conveyor.snapshots import SnapshotStore
 from worker.consumer import install as install_loop_bound_consumer
 from worker.housekeeping import Housekeeper
 from worker.runner import WorkerServices, fail_timed_out, run_job
@@ -36,19 +37,17 @@ logger = logging.getLogger(__name__)
 def create_celery_app(settings: Settings | None = None) -> Celery:
     """Build the worker's Celery app from settings; importing or building it connects nothing."""
     settings = settings or Settings()
-    app = create_celery(settings, name="conveyor-worker", with_result_backend=True)
+    app = create_celery(settings, name="conveyor-worker")
     engine = create_db_engine(settings)
     # Connects on first use; redis-py reconnects in each forked pool child.
-    snapshots = SnapshotStore(
+    live = LiveStore(
         Redis.from_url(settings.result_backend, socket_timeout=5), settings.result_expires
     )
     services = WorkerServices(
         settings=settings,
         engine=engine,
-        sessions=create_session_factory(engine, snapshots),
-        statements=create_session_factory(
-            engine.execution_options(isolation_level="AUTOCOMMIT"), snapshots
-        ),
+        # Workers queue nothing themselves; beat's housekeeping (this app too) publishes.
+        work=Work(engine, live, CeleryPublisher(app)),
         registry=load_job_types(settings.job_modules),
     )
     app.conveyor = services
@@ -159,8 +158,8 @@ def _register_job_task(app: Celery, services: WorkerServices, job_type: JobType)
         )
         raise ValueError(msg)
 
-    def execute(task: Task, job_id: str) -> str:
-        return run_job(services, task, job_id)
+    def execute(job_id: str) -> str:
+        return run_job(services, job_id)
 
     class JobTask(Task):
         def on_failure(self, exc: Exception, task_id: str, *_: Any) -> None:
@@ -172,7 +171,6 @@ def _register_job_task(app: Celery, services: WorkerServices, job_type: JobType)
     app.task(
         name=job_type.name,
         base=JobTask,
-        bind=True,
         # Not shared: each app's task closes over that app's services.
         shared=False,
         ignore_result=True,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,19 +22,20 @@ from typing import Any
 from celery import Celery
 from redis import Redis
 from sqlalchemy import Connection, func, select
+from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import SQLAlchemyError
 
-from conveyor.broker import CeleryPublisher, Message, broker_task_ids
-from conveyor.jobs import (
-    expire_jobs,
-    mark_published,
-    overdue_cancellations,
-    promote_due_jobs,
-    reap_stale_jobs,
-    stale_queued_jobs,
+from conveyor.broker import broker_task_ids
+from conveyor.ledger.upkeep import (
+    expire_due,
+    promote_due,
+    reap_stale,
+    redrive,
+    republish_unpublished,
+    stale_queued,
+    stop_overdue,
 )
 from conveyor.metrics import JOBS_FINISHED, JOBS_REDRIVEN, SCHEDULE_FIRES_SKIPPED
-from conveyor.models import Job
 from conveyor.queues import broker_depths
 from conveyor.retention import prune
 from conveyor.schedules import fire_due_schedules
@@ -88,7 +88,6 @@ class Housekeeper:
     """Runs housekeeping tasks on demand, or each on its interval on a daemon thread."""
 
     services: WorkerServices
-    publisher: CeleryPublisher
     app: Celery
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -98,42 +97,37 @@ class Housekeeper:
     @classmethod
     def for_app(cls, app: Celery) -> Housekeeper:
         """Build a housekeeper publishing through the worker app."""
-        return cls(app.conveyor, CeleryPublisher(app), app)
+        return cls(app.conveyor, app)
 
     def _count(self, name: str, n: int) -> int:
         self.stats[name] = self.stats.get(name, 0) + n
         return n
 
-    def _publish(self, messages: list[Message], *, redeclare: bool = False) -> None:
-        """Publish after the jobs' commit, then mark them published."""
-        if not messages:
-            return
-        self.publisher.publish(messages, redeclare=redeclare)
-        with self.services.sessions.begin() as session:
-            mark_published(session, [m.job_id for m in messages], utcnow())
-
     def promote(self) -> int:
         """Expire late jobs, then queue due and unpublished ones; return how many were queued."""
-        reasons: Counter[str] = Counter()
-        with self.services.sessions.begin() as session:
-            expired = expire_jobs(session, utcnow())
-            jobs = promote_due_jobs(session, utcnow(), reasons=reasons)
-            messages = [Message.of(j) for j in jobs]
+        with self.services.work.begin() as unit:
+            expired = expire_due(unit, utcnow())
+            promoted = promote_due(unit, utcnow())
+            republished = republish_unpublished(unit, utcnow())
         self._count("expired", expired)
-        self._publish(messages)
-        for reason, count in reasons.items():
-            JOBS_REDRIVEN.labels(reason).inc(count)
-        if expired or messages:
-            logger.info("queued %d due jobs, expired %d late ones", len(messages), expired)
-        return self._count("promoted", len(messages))
+        JOBS_REDRIVEN.labels("promoted").inc(promoted)
+        JOBS_REDRIVEN.labels("republished").inc(republished)
+        if expired or promoted or republished:
+            logger.info(
+                "queued %d due and %d unpublished jobs, expired %d late ones",
+                promoted,
+                republished,
+                expired,
+            )
+        return self._count("promoted", promoted + republished)
 
     def fire_schedules(self) -> int:
         """Fire due schedule occurrences (none for tenants at their job quota); return how many."""
         settings = self.services.settings
         skipped: Counter[str] = Counter()
-        with self.services.sessions.begin() as session:
+        with self.services.work.begin() as unit:
             jobs = fire_due_schedules(
-                session,
+                unit,
                 self.services.registry,
                 utcnow(),
                 default_queue=settings.default_queue,
@@ -141,8 +135,6 @@ class Housekeeper:
                 max_unfinished=settings.tenant_max_unfinished_jobs,
                 skipped=skipped,
             )
-            messages = [Message.of(j) for j in jobs if j.state == "queued"]
-        self._publish(messages)
         for reason, count in skipped.items():
             SCHEDULE_FIRES_SKIPPED.labels(reason).inc(count)
         if jobs:
@@ -152,25 +144,21 @@ class Housekeeper:
     def reap(self) -> int:
         """Retry or fail jobs whose worker vanished; terminate ignored cancellations."""
         settings = self.services.settings
-        with self.services.sessions.begin() as session:
-            reaped = reap_stale_jobs(session, utcnow(), stale_after=settings.heartbeat_timeout)
-            # Rare (a worker died): one more small query to count them by type is fine.
-            types: dict[uuid.UUID, str] = {}
-            if reaped:
-                ids = [job_id for job_id, _ in reaped]
-                rows = session.execute(select(Job.id, Job.type).where(Job.id.in_(ids)))
-                types.update({job_id: job_type for job_id, job_type in rows})
-        for job_id, outcome in reaped:
+        with self.services.work.begin() as unit:
+            reaped = reap_stale(
+                unit, self.services.registry, utcnow(), stale_after=settings.heartbeat_timeout
+            )
+        for job_id, job_type, outcome in reaped:
             JOBS_REDRIVEN.labels("reaped").inc()
-            JOBS_FINISHED.labels(types.get(job_id, "unknown"), outcome).inc()
+            JOBS_FINISHED.labels(job_type, outcome).inc()
             logger.warning(
                 "job %s lost its worker: now %s",
                 job_id,
                 outcome,
-                extra={"job_id": str(job_id), "job_type": types.get(job_id)},
+                extra={"job_id": str(job_id), "job_type": job_type},
             )
-        with self.services.sessions.begin() as session:
-            overdue = overdue_cancellations(session, utcnow(), grace=settings.cancel_grace_seconds)
+        with self.services.work.begin() as unit:
+            overdue = stop_overdue(unit, utcnow(), grace=settings.cancel_grace_seconds)
         if overdue:
             # The ledger already says cancelled; this stops the process still running it.
             self.app.control.revoke([str(i) for i in overdue], terminate=True, signal="SIGKILL")
@@ -191,38 +179,35 @@ class Housekeeper:
         A second message is harmless; the claim guard runs one.
         """
         settings = self.services.settings
-        with self.services.sessions.begin() as session:
-            stale = stale_queued_jobs(session, utcnow(), older_than=settings.reconcile_after)
+        with self.services.work.begin() as unit:
+            stale = stale_queued(unit, utcnow(), older_than=settings.reconcile_after)
             if not stale:
                 return 0
             lost = self._amqp_lost(stale) if settings.amqp_broker else self._redis_lost(stale)
             if lost is None:
                 logger.info("broker backlog too deep to reconcile this pass")
                 return 0
-            for job in lost:
-                job.published_at = None
-            messages = [Message.of(j) for j in lost]
-        self._publish(messages, redeclare=True)
-        if messages:
-            JOBS_REDRIVEN.labels("reconciled").inc(len(messages))
-            logger.warning("re-drove %d queued jobs missing from the broker", len(messages))
-        return self._count("redriven", len(messages))
+            redriven = redrive(unit, lost, utcnow())
+        if redriven:
+            JOBS_REDRIVEN.labels("reconciled").inc(redriven)
+            logger.warning("re-drove %d queued jobs missing from the broker", redriven)
+        return self._count("redriven", redriven)
 
-    def _redis_lost(self, stale: list[Job]) -> list[Job] | None:
+    def _redis_lost(self, stale: list[RowMapping]) -> list[RowMapping] | None:
         """Return the stale jobs whose message is neither waiting nor freshly delivered."""
         settings = self.services.settings
         self._redis = self._redis or Redis.from_url(settings.broker, socket_timeout=5)
         present = broker_task_ids(
             self._redis,
-            {j.queue for j in stale},
+            {j["queue"] for j in stale},
             settings.reconcile_scan_limit,
             delivered_since=time.time() - settings.reconcile_after,
         )
         if present is None:
             return None  # too deep to read this pass
-        return [j for j in stale if str(j.id) not in present]
+        return [j for j in stale if str(j["id"]) not in present]
 
-    def _amqp_lost(self, stale: list[Job]) -> list[Job]:
+    def _amqp_lost(self, stale: list[RowMapping]) -> list[RowMapping]:
         """Return the stale jobs of queues RabbitMQ holds no waiting message for.
 
         AMQP cannot list a queue's messages, nor see deliveries a consumer holds. It does not
@@ -235,15 +220,15 @@ class Housekeeper:
         drained. At worst a job held unclaimed by a live consumer gets a second message,
         which the claim guard skips: nothing runs twice.
         """
-        depths = broker_depths(self.app, sorted({j.queue for j in stale}))
-        return [j for j in stale if depths[j.queue] == 0]
+        depths = broker_depths(self.app, sorted({j["queue"] for j in stale}))
+        return [j for j in stale if depths[j["queue"]] == 0]
 
     def prune(self) -> dict[str, int]:
         """Delete one batch of each kind of row past its retention."""
         settings = self.services.settings
-        with self.services.sessions.begin() as session:
+        with self.services.work.begin() as unit:
             return prune(
-                session,
+                unit,
                 utcnow(),
                 job_retention=timedelta(days=settings.job_retention_days),
                 key_retention=timedelta(hours=settings.idempotency_retention_hours),

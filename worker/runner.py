@@ -9,45 +9,39 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-from celery import Task
 from pydantic import BaseModel
-from redis import Redis
-from sqlalchemy import Connection, Engine, event
+from redis.exceptions import RedisError
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from conveyor.errors import JobCancelled, PermanentError, ValidationFailed
-from conveyor.jobs import (
+from conveyor.ledger.transitions import (
     ClaimedJob,
-    beat_heartbeats,
-    cancel_running_job,
-    claim_job,
-    fail_job,
+    claim,
+    fail,
     running_attempt,
-    succeed_job,
-    succeed_job_quietly,
+    stop,
+    succeed,
 )
+from conveyor.ledger.upkeep import beat_heartbeats
+from conveyor.ledger.work import Work
+from conveyor.live.store import LiveStore, progress_document
 from conveyor.logs import bind_context
 from conveyor.metrics import JOB_QUEUE_WAIT_SECONDS, JOB_RUN_SECONDS, JOBS_FINISHED
 from conveyor.nesting import MAX_JSON_DEPTH, render_path, too_deep
-from conveyor.progress import PROGRESS_STATE, progress_meta
 from conveyor.registry import JobContext, JobRegistry
 from conveyor.settings import Settings
-from conveyor.snapshots import BackendResult, note
 
 logger = logging.getLogger(__name__)
 # Progress is written at most this often per job, so chatty jobs stay cheap.
 PROGRESS_INTERVAL = 0.25
-SUCCESS_STATE = "SUCCESS"
-# Set in a session's info once it began a database transaction (anything touched the DB).
-_BEGAN = "conveyor_began"
 
 
 def utcnow() -> datetime:
@@ -62,8 +56,8 @@ class Heartbeats:
     an OOM kill or a hard time limit never leaves a job `running` for ever.
     """
 
-    def __init__(self, sessions: sessionmaker[Session], interval: float) -> None:
-        self._sessions = sessions
+    def __init__(self, work: Work, interval: float) -> None:
+        self._work = work
         self._interval = interval
         self._running: set[uuid.UUID] = set()
         self._cancel_requested: set[uuid.UUID] = set()
@@ -101,8 +95,8 @@ class Heartbeats:
             if not job_ids:
                 continue
             try:
-                with self._sessions.begin() as session:
-                    cancelled = beat_heartbeats(session, job_ids, utcnow())
+                with self._work.single_statement() as unit:
+                    cancelled = beat_heartbeats(unit, job_ids, utcnow())
                 with self._lock:
                     self._cancel_requested |= cancelled & self._running
             except SQLAlchemyError:
@@ -115,26 +109,19 @@ class WorkerServices:
 
     settings: Settings
     engine: Engine
-    sessions: sessionmaker[Session]
+    work: Work
     registry: JobRegistry
-    # Autocommit, for units of work that are one statement (the claim, a quiet finish): one is
-    # atomic by itself, so BEGIN and COMMIT would be two round trips for nothing.
-    statements: sessionmaker[Session]
     name: str = field(default_factory=socket.gethostname)
     heartbeats: Heartbeats = field(init=False)
-    redis: Redis = field(init=False)
 
     def __post_init__(self) -> None:
-        self.heartbeats = Heartbeats(self.sessions, self.settings.heartbeat_interval)
-        if not event.contains(self.sessions, "after_begin", _mark_began):
-            event.listen(self.sessions, "after_begin", _mark_began)
-        # Connects on first use, so building it in the parent before fork is harmless.
-        self.redis = Redis.from_url(self.settings.result_backend, socket_timeout=5)
+        self.heartbeats = Heartbeats(self.work, self.settings.heartbeat_interval)
 
-
-def _mark_began(session: Session, _transaction: SessionTransaction, _conn: Connection) -> None:
-    """Remember that the session began a database transaction: the job used its session."""
-    session.info[_BEGAN] = True
+    @property
+    def live(self) -> LiveStore:
+        """Return the store of live job views and progress."""
+        assert self.work.live is not None, "a worker's units of work write live views"
+        return self.work.live
 
 
 class LostOwnership(Exception):
@@ -143,10 +130,10 @@ class LostOwnership(Exception):
 
 @dataclass
 class ProgressWriter:
-    """Stores a job's progress in the result backend, throttled."""
+    """Stores a job's progress for the API to show, throttled."""
 
-    task: Task
-    job_id: str
+    live: LiveStore
+    job_id: uuid.UUID
     _last: float = 0.0
 
     def __call__(self, current: int, total: int | None, message: str | None) -> None:
@@ -156,12 +143,8 @@ class ProgressWriter:
             return
         self._last = now
         try:
-            self.task.update_state(
-                task_id=self.job_id,
-                state=PROGRESS_STATE,
-                meta=progress_meta(current, total, message),
-            )
-        except Exception:  # progress is best effort; the job itself must not fail for it
+            self.live.set_progress(self.job_id, progress_document(current, total, message))
+        except RedisError:  # progress is best effort; the job itself must not fail for it
             logger.warning("could not store progress of job %s", self.job_id, exc_info=True)
 
 
@@ -191,43 +174,42 @@ def _as_result(value: BaseModel | dict[str, Any] | None, limit: int) -> dict[str
     return result
 
 
-def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
+def run_job(services: WorkerServices, raw_job_id: str) -> str:
     """Claim, run and finish one job; return what happened, for the task's log line."""
     try:
         job_id = uuid.UUID(raw_job_id)
     except ValueError:
         logger.error("dropping message with malformed job id %r", raw_job_id)
         return "malformed"
-    with services.statements.begin() as session:
-        claimed = claim_job(session, job_id, services.name, utcnow())
+    with services.work.single_statement() as unit:
+        claimed = claim(unit, job_id, services.name, utcnow())
     if claimed is None:
         # A redelivery, a duplicate publish, a cancelled or expired job: ack and skip.
         logger.info("job %s is not queued; skipping this delivery", job_id)
         return "skipped"
     job_type = services.registry.get(claimed.type)
     bind_context(tenant_id=claimed.tenant_id, attempt=claimed.attempt)
-    if claimed.due_at is not None:
-        JOB_QUEUE_WAIT_SECONDS.labels(claimed.type).observe(
-            max(0.0, (utcnow() - claimed.due_at).total_seconds())
-        )
+    JOB_QUEUE_WAIT_SECONDS.labels(claimed.type).observe(
+        max(0.0, (utcnow() - claimed.due_at).total_seconds())
+    )
     started = time.monotonic()
     try:
         with services.heartbeats.running(job_id):
-            _run_and_succeed(services, task, claimed)
+            _run_and_succeed(services, claimed)
     except LostOwnership:
         logger.warning("job %s attempt %s lost its claim; rolled back", job_id, claimed.attempt)
         return "lost"
     except JobCancelled:
-        with services.sessions.begin() as session:
-            cancel_running_job(session, claimed, utcnow())
+        with services.work.begin() as unit:
+            stop(unit, claimed, utcnow())
         JOBS_FINISHED.labels(claimed.type, "cancelled").inc()
         return "cancelled"
     except Exception as exc:
         JOB_RUN_SECONDS.labels(claimed.type).observe(time.monotonic() - started)
         logger.warning("job %s attempt %s raised", job_id, claimed.attempt, exc_info=True)
-        with services.sessions.begin() as session:
-            outcome = fail_job(
-                session,
+        with services.work.begin() as unit:
+            outcome = fail(
+                unit,
                 claimed,
                 public_error(exc),
                 utcnow(),
@@ -242,33 +224,6 @@ def run_job(services: WorkerServices, task: Task, raw_job_id: str) -> str:
     return "succeeded"
 
 
-def _backend_result(task: Task, job_id: str, result: dict[str, Any] | None) -> list[BackendResult]:
-    """Build the document Celery's `store_result` would write for the job's success.
-
-    Noted beside the job's finished snapshot, it goes out in the same pipeline after the
-    commit (one round trip instead of the backend's GET, then SETEX and PUBLISH), and
-    expires with `result_expires`. Its read-before-write guards a SUCCESS against a late
-    duplicate; the ledger's guarded finish already does (only the attempt that succeeded
-    the job gets here). Built with the backend's own meta and encoding, so
-    `AsyncResult(job_id)` reads it as Celery's own.
-    """
-    backend = task.backend
-    try:
-        meta = backend._get_result_meta(
-            result=backend.encode_result(result, SUCCESS_STATE),
-            state=SUCCESS_STATE,
-            traceback=None,
-            request=None,
-        )
-        meta["task_id"] = job_id
-        return [
-            BackendResult(backend.get_key_for_task(job_id), backend.encode(meta), backend.expires)
-        ]
-    except Exception:  # the ledger has the result; the backend copy is a convenience
-        logger.warning("could not store the result of job %s", job_id, exc_info=True)
-        return []
-
-
 class DatabaseError(Exception):
     """Stands in for a database exception whose text (SQL, parameters, hosts) stays private."""
 
@@ -280,67 +235,38 @@ def public_error(exc: Exception) -> Exception:
     return exc
 
 
-def _run_and_succeed(services: WorkerServices, task: Task, claimed: ClaimedJob) -> None:
-    """Run the job and succeed it in one transaction: its writes and its success commit together.
+def _run_and_succeed(services: WorkerServices, claimed: ClaimedJob) -> None:
+    """Run the job and succeed it in one unit of work: its writes and its success commit together.
 
-    A job that never touched its session has nothing to commit with its success: then the
-    finish is one autocommit statement, unless deliveries must commit with it.
+    The success inserts the job's webhook deliveries in its own statement, so they commit
+    with it too.
     """
     job_type = services.registry.get(claimed.type)
     payload = job_type.parse_payload(claimed.payload)
-    committed: list[Callable[[], None]] = []
-    with services.sessions.begin() as session:
+    with services.work.begin() as unit:
         ctx = JobContext(
             job_id=claimed.id,
             tenant_id=claimed.tenant_id,
             attempt=claimed.attempt,
-            session=session,
-            reporter=ProgressWriter(task, str(claimed.id)),
+            session=unit.session,
+            reporter=ProgressWriter(services.live, claimed.id),
             cancel_requested=partial(services.heartbeats.cancel_requested, claimed.id),
-            after_commit=committed.append,
-            redis=services.redis,
+            after_commit=unit.after_commit,
+            redis=services.live.redis,
             settings=services.settings,
         )
         result = _as_result(job_type.func(ctx, payload), services.settings.max_result_bytes)
-        session.flush()  # pending objects begin the transaction now, not in the finish
-        stored = _backend_result(task, str(claimed.id), result)
-        # Untouched, the session's transaction ends with no round trip at all.
-        quiet = not (session.info.get(_BEGAN) or claimed.success_delivers)
-        if not (quiet and _succeed_quietly(services, claimed, result, stored)):
-            if not succeed_job(session, claimed, result, utcnow()):
-                raise LostOwnership(str(claimed.id))
-            note(session, stored)
-    for callback in committed:
-        try:
-            callback()
-        except Exception:  # the job succeeded; a follow-up that fails is logged, not retried
-            logger.warning("after-commit step of job %s failed", claimed.id, exc_info=True)
-
-
-def _succeed_quietly(
-    services: WorkerServices,
-    claimed: ClaimedJob,
-    result: dict[str, Any] | None,
-    stored: list[BackendResult],
-) -> bool:
-    """Succeed the job in one autocommit statement; `False` if that moved nothing.
-
-    Moving nothing means the attempt lost the job or deliveries are due: the caller's
-    transaction then finishes it, or finds that it lost.
-    """
-    with services.statements.begin() as statement:
-        if not succeed_job_quietly(statement, claimed, result, utcnow()):
-            return False
-        note(statement, stored)
-    return True
+        unit.session.flush()  # the job's own writes fail its attempt here, before its success
+        if not succeed(unit, claimed, result, utcnow()):
+            raise LostOwnership(str(claimed.id))
 
 
 def fail_timed_out(services: WorkerServices, raw_job_id: str, error: Exception) -> None:
     """Count a hard time limit as a failed attempt at once, rather than after the reaper."""
-    with services.sessions.begin() as session:
-        attempt = running_attempt(session, uuid.UUID(raw_job_id))
+    with services.work.begin() as unit:
+        attempt = running_attempt(unit, uuid.UUID(raw_job_id))
         if attempt is None:
             return
         policy = services.registry.get(attempt.type).retry
-        outcome = fail_job(session, attempt, error, utcnow(), policy=policy)
+        outcome = fail(unit, attempt, error, utcnow(), policy=policy)
     logger.warning("job %s hit its hard time limit: now %s", raw_job_id, outcome)

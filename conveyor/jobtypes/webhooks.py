@@ -9,13 +9,14 @@ import uuid
 from pydantic import BaseModel, ConfigDict, field_validator
 from sqlalchemy import select
 
-from conveyor.errors import JobFailed, PermanentError
-from conveyor.models import Job, Webhook
+from conveyor.errors import JobFailed, NotFound, PermanentError
+from conveyor.ledger.reads import job_row
+from conveyor.ledger.views import job_view
+from conveyor.models import Webhook
 from conveyor.outbound import request
 from conveyor.registry import JobContext, RetryPolicy, job_type
 from conveyor.settings import Settings
-from conveyor.views import JobOut
-from conveyor.webhooks import DELIVER_TYPE, EVENTS, SIGNATURE_HEADER, sign
+from conveyor.webhooks import DELIVER_TYPE, DELIVERY_ATTEMPTS, EVENTS, SIGNATURE_HEADER, sign
 
 
 class Delivery(BaseModel):
@@ -48,7 +49,7 @@ class DeliveryFailed(JobFailed):
 @job_type(
     DELIVER_TYPE,
     payload=Delivery,
-    retry=RetryPolicy(max_attempts=5, backoff_base=1.0, backoff_cap=600.0),
+    retry=RetryPolicy(max_attempts=DELIVERY_ATTEMPTS, backoff_base=1.0, backoff_cap=600.0),
     internal=True,
 )
 def deliver(ctx: JobContext, payload: Delivery) -> dict[str, object]:
@@ -59,10 +60,9 @@ def deliver(ctx: JobContext, payload: Delivery) -> dict[str, object]:
     webhook's or the job's `callback_url`; any other is refused for good, before sending.
     """
     settings = ctx.settings or Settings()
-    job = ctx.session.scalar(
-        select(Job).where(Job.id == payload.job_id, Job.tenant_id == ctx.tenant_id)
-    )
-    if job is None:
+    try:
+        job = job_row(ctx.session, payload.job_id, ctx.tenant_id)
+    except NotFound:
         return {"skipped": "the job no longer exists"}
     webhook = None
     if payload.webhook_id is not None:
@@ -73,10 +73,10 @@ def deliver(ctx: JobContext, payload: Delivery) -> dict[str, object]:
         )
         if webhook is None or not webhook.enabled:
             return {"skipped": "the webhook was removed or disabled"}
-    if payload.url != (webhook.url if webhook is not None else job.callback_url):
+    if payload.url != (webhook.url if webhook is not None else job["callback_url"]):
         raise PermanentError("the delivery's URL is not its webhook's or the job's callback URL")
     body = json.dumps(
-        {"event": payload.event, "job": JobOut.of(job).model_dump(mode="json")},
+        {"event": payload.event, "job": job_view(job)},
         separators=(",", ":"),
     ).encode()
     headers = {

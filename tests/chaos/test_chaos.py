@@ -335,7 +335,7 @@ def broker_options(cluster: Cluster) -> dict[str, object]:
     settings = Settings(
         redis_url=cluster.env["CONVEYOR_REDIS_URL"], secret_key=cluster.env["CONVEYOR_SECRET_KEY"]
     )
-    app = create_celery(settings, name="chaos-probe", with_result_backend=False)
+    app = create_celery(settings, name="chaos-probe")
     return dict(app.conf.broker_transport_options)
 
 

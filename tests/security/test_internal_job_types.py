@@ -23,9 +23,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
 from conveyor.errors import ValidationFailed
+from conveyor.ledger.submit import JobRequest, submit_jobs
+from conveyor.ledger.work import UnitOfWork
 from conveyor.models import Job, Schedule
 from conveyor.settings import Settings
-from conveyor.submit import JobRequest, submit_jobs
 from conveyor.webhooks import DELIVER_TYPE, SIGNATURE_HEADER, create_webhook, verify
 from tests.conftest import Receiver, bearer, row_counts, wait_for
 from tests.factories import job_factory, other_tenant
@@ -176,11 +177,14 @@ def tenants(
 
 
 def enqueue_delivery(worker: Any, tenant_id: uuid.UUID, payload: dict[str, Any]) -> uuid.UUID:
-    """Insert a delivery job through the submit path with the platform's internal flag."""
+    """Insert a delivery job through the submit path with the platform's internal flag.
+
+    Unpublished: the test runs it itself, not the worker listening on the queue.
+    """
     services = worker.conveyor
-    with services.sessions.begin() as session:
+    with Session(services.engine) as session, session.begin():
         (job,) = submit_jobs(
-            session,
+            UnitOfWork.around(session),
             services.registry,
             [JobRequest(type=DELIVER_TYPE, payload=payload)],
             tenant_id=tenant_id,
@@ -194,9 +198,8 @@ def enqueue_delivery(worker: Any, tenant_id: uuid.UUID, payload: dict[str, Any])
 
 def run_delivery(worker: Any, job_id: uuid.UUID) -> Job:
     """Claim, run and finish the delivery as the worker does; return its row."""
-    run_job(worker.conveyor, worker.tasks[DELIVER_TYPE], str(job_id))
-    sessions: sessionmaker[Session] = worker.conveyor.sessions
-    with sessions() as session:
+    run_job(worker.conveyor, str(job_id))
+    with worker.conveyor.work.reading() as session:
         return session.get_one(Job, job_id)
 
 

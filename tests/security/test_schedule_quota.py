@@ -16,11 +16,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor import schedules as schedules_module
 from conveyor.bootstrap import Identity
+from conveyor.ledger.states import JobState
+from conveyor.ledger.submit import Submitted
+from conveyor.ledger.work import UnitOfWork
 from conveyor.models import Job
 from conveyor.schedules import fire_due_schedules
 from conveyor.settings import Settings
-from conveyor.states import JobState
-from conveyor.submit import Submitted
 from tests.conftest import bearer
 from tests.factories import job_factory, tenant_factory
 from tests.test_api import assert_problem, job_count
@@ -62,7 +63,7 @@ def test_beat_fires_nothing_for_a_tenant_at_its_quota(
 
     with caplog.at_level(logging.WARNING, logger="conveyor.schedules"):
         jobs = fire_due_schedules(
-            db_session,
+            UnitOfWork.around(db_session),
             JOB_TYPES,
             now,
             default_queue="q",
@@ -87,7 +88,12 @@ def test_beat_fires_nothing_for_a_tenant_at_its_quota(
     )
     later = now + timedelta(seconds=1)
     refired = fire_due_schedules(
-        db_session, JOB_TYPES, later, default_queue="q", misfire_grace=60, max_unfinished=3
+        UnitOfWork.around(db_session),
+        JOB_TYPES,
+        later,
+        default_queue="q",
+        misfire_grace=60,
+        max_unfinished=3,
     )
     # The one fired before is still unfinished: room for two of the three.
     assert sorted(schedule_of(db_session, refired)) == sorted([mine[0].id, mine[1].id, theirs.id])

@@ -1,16 +1,19 @@
-"""The public view of a job: what the API returns and what webhooks deliver."""
+"""The public view of a job: what the API returns, the live views hold and webhooks deliver."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic import BaseModel, ConfigDict
 
-from conveyor.models import Job
-from conveyor.states import JobState
+from conveyor.ledger.states import JobState
+
+# A job's columns by name, as a statement returned them (a RowMapping) or as a submit
+# built them (a dict).
+JobRow = Mapping[Any, Any]
 
 
 class JobError(BaseModel):
@@ -21,7 +24,7 @@ class JobError(BaseModel):
 
 
 class JobOut(BaseModel):
-    """A job as clients see it."""
+    """A job as clients see it (the schema of `job_view`'s dictionaries)."""
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -52,7 +55,7 @@ class JobOut(BaseModel):
 
     id: uuid.UUID
     type: str
-    state: str
+    state: JobState
     queue: str
     priority: int
     attempts: int
@@ -71,68 +74,34 @@ class JobOut(BaseModel):
     expires_at: datetime | None
     cancel_requested_at: datetime | None
 
-    @classmethod
-    def of(cls, job: Job, progress: dict[str, Any] | None = None) -> JobOut:
-        """Build the client view of a ledger row, with live progress if any."""
-        error = None
-        if job.error_type and job.state != JobState.SUCCEEDED:
-            error = JobError(type=job.error_type, message=job.error_message or "")
-        return cls(
-            id=job.id,
-            type=job.type,
-            state=job.state,
-            queue=job.queue,
-            priority=job.priority,
-            attempts=job.attempt,
-            max_attempts=job.max_attempts,
-            payload=job.payload,
-            result=job.result,
-            error=error,
-            progress=with_eta(progress, job.started_at),
-            tags=job.tags,
-            metadata=job.meta,
-            schedule_id=job.schedule_id,
-            created_at=job.created_at,
-            scheduled_for=job.scheduled_for,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            expires_at=job.expires_at,
-            cancel_requested_at=job.cancel_requested_at,
-        )
-
-
-_DATETIME: TypeAdapter[datetime] = TypeAdapter(datetime)
-_UTC_OFFSET = timedelta(0)
-
 
 def _json_time(value: datetime | None) -> str | None:
-    """Format a datetime exactly as pydantic's JSON mode does (UTC as `Z`)."""
+    """Format a time in UTC as pydantic's JSON mode does, whatever offset the database used."""
     if value is None:
         return None
-    if value.utcoffset() == _UTC_OFFSET:
-        return value.replace(tzinfo=None).isoformat() + "Z"
-    # Other offsets are rare (a client's `run_at`): pydantic itself says how they look.
-    text: str = _DATETIME.dump_python(value, mode="json")
-    return text
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat() + "Z"
 
 
-def new_job_view(row: Mapping[str, Any]) -> dict[str, Any]:
-    """Return a just-inserted job's client view, equal to `JobOut.of(...).model_dump(mode="json")`.
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
-    The submit path's view, one dict serving the answer and the snapshot: building and
-    dumping a pydantic model per job cost more than the insert of a batch. `row` holds the
-    job's column values by attribute name, as `submit_jobs` writes them; its payload, tags
-    and metadata are JSON values already (parsed from a request), so they pass as they are.
+
+def job_view(row: JobRow, progress: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Return a job's client view (JSON-ready, `JobOut`'s shape) from its row, by column name.
+
+    A plain dict rather than a `JobOut`: building and dumping a pydantic model per job cost
+    more than the insert of a batch; a test holds the two to the same JSON.
     """
+    state = JobState(row["state"])
     error_type = row.get("error_type")
     error = None
-    if error_type and row["state"] != JobState.SUCCEEDED:
+    if error_type and state != JobState.SUCCEEDED:
         error = {"type": error_type, "message": row.get("error_message") or ""}
-    schedule_id = row.get("schedule_id")
+    started_at = row.get("started_at")
     return {
         "id": str(row["id"]),
         "type": row["type"],
-        "state": str(row["state"]),
+        "state": state.value,
         "queue": row["queue"],
         "priority": row["priority"],
         "attempts": row["attempt"],
@@ -140,13 +109,13 @@ def new_job_view(row: Mapping[str, Any]) -> dict[str, Any]:
         "payload": row["payload"],
         "result": row.get("result"),
         "error": error,
-        "progress": None,
-        "tags": row["tags"],
-        "metadata": row["meta"],
-        "schedule_id": None if schedule_id is None else str(schedule_id),
+        "progress": with_eta(progress, started_at) if state == JobState.RUNNING else None,
+        "tags": list(row["tags"] or []),
+        "metadata": row["metadata"],
+        "schedule_id": _text(row.get("schedule_id")),
         "created_at": _json_time(row["created_at"]),
         "scheduled_for": _json_time(row.get("scheduled_for")),
-        "started_at": _json_time(row.get("started_at")),
+        "started_at": _json_time(started_at),
         "finished_at": _json_time(row.get("finished_at")),
         "expires_at": _json_time(row.get("expires_at")),
         "cancel_requested_at": _json_time(row.get("cancel_requested_at")),

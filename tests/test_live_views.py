@@ -1,4 +1,4 @@
-"""The status poll's Redis snapshots: served, refilled from the ledger, isolated, never stale."""
+"""The poll's live views in Redis: served, refilled from the ledger, isolated, never stale."""
 
 from __future__ import annotations
 
@@ -17,24 +17,27 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
 from bench.roundtrips import watch_redis
-from conveyor.jobs import claim_job, succeed_job
+from conveyor.ledger.submit import JobRequest, submit_jobs
+from conveyor.ledger.transitions import claim, succeed
+from conveyor.ledger.work import Work
+from conveyor.live.store import (
+    LiveStore,
+    LiveView,
+    Prefetched,
+    progress_document,
+    queue_read,
+    view_key,
+)
+from conveyor.registry import load_job_types
 from conveyor.retention import prune
 from conveyor.settings import Settings
-from conveyor.snapshots import (
-    BackendResult,
-    Snapshot,
-    SnapshotReply,
-    SnapshotStore,
-    queue_read,
-    snapshot_key,
-)
-from tests.factories import job_factory, other_tenant
+from tests.factories import other_tenant
 
 
 @pytest.fixture
-def store(redis_client: Redis, settings: Settings) -> SnapshotStore:
-    """Return a snapshot store on the test Redis."""
-    return SnapshotStore(redis_client, settings.result_expires)
+def store(redis_client: Redis, settings: Settings) -> LiveStore:
+    """Return a live store on the test Redis."""
+    return LiveStore(redis_client, settings.result_expires)
 
 
 @pytest.fixture
@@ -59,11 +62,11 @@ def submit(client: Any, auth: dict[str, str]) -> str:
     return job_id
 
 
-def test_the_poll_is_served_from_the_snapshot_written_at_submit(
+def test_the_poll_is_served_from_the_view_written_at_submit(
     client: Any, auth: dict[str, str], redis_client: Redis, job_reads: list[str]
 ) -> None:
     job_id = submit(client, auth)
-    assert redis_client.hget(snapshot_key(uuid.UUID(job_id)), "doc") is not None
+    assert redis_client.hget(view_key(uuid.UUID(job_id)), "doc") is not None
     job_reads.clear()
     response = client.get(f"/v1/jobs/{job_id}", headers=auth)
     assert response.status_code == 200
@@ -71,17 +74,17 @@ def test_the_poll_is_served_from_the_snapshot_written_at_submit(
     assert job_reads == []
 
 
-def test_without_a_snapshot_the_ledger_answers_the_same_and_refills_it(
+def test_without_a_view_the_ledger_answers_the_same_and_refills_it(
     client: Any, auth: dict[str, str], redis_client: Redis, job_reads: list[str]
 ) -> None:
     job_id = submit(client, auth)
-    from_snapshot = client.get(f"/v1/jobs/{job_id}", headers=auth)
-    redis_client.delete(snapshot_key(uuid.UUID(job_id)))
+    from_view = client.get(f"/v1/jobs/{job_id}", headers=auth)
+    redis_client.delete(view_key(uuid.UUID(job_id)))
     job_reads.clear()
     from_ledger = client.get(f"/v1/jobs/{job_id}", headers=auth)
     assert len(job_reads) == 1
-    assert from_ledger.get_json() == from_snapshot.get_json()
-    assert from_ledger.headers["ETag"] == from_snapshot.headers["ETag"]
+    assert from_ledger.get_json() == from_view.get_json()
+    assert from_ledger.headers["ETag"] == from_view.headers["ETag"]
     job_reads.clear()
     again = client.get(
         f"/v1/jobs/{job_id}", headers={**auth, "If-None-Match": from_ledger.headers["ETag"]}
@@ -90,7 +93,7 @@ def test_without_a_snapshot_the_ledger_answers_the_same_and_refills_it(
     assert job_reads == []
 
 
-def test_another_tenant_never_sees_a_job_through_its_snapshot(
+def test_another_tenant_never_sees_a_job_through_its_view(
     client: Any, auth: dict[str, str], sessions: sessionmaker[Session], settings: Settings
 ) -> None:
     job_id = submit(client, auth)
@@ -100,38 +103,35 @@ def test_another_tenant_never_sees_a_job_through_its_snapshot(
 
 
 def test_an_older_version_never_overwrites_a_newer_one(
-    store: SnapshotStore, redis_client: Redis
+    store: LiveStore, redis_client: Redis
 ) -> None:
     tenant, job_id = uuid.uuid4(), uuid.uuid4()
 
-    def doc(state: str) -> Snapshot:
-        return Snapshot(job_id, 0, tenant, json.dumps({"state": state, "started_at": None}))
-
-    def write(version: float, snapshot: Snapshot) -> None:
-        store.write([Snapshot(job_id, version, snapshot.tenant_id, snapshot.doc)])
+    def write(version: int, state: str | None) -> None:
+        doc = None if state is None else json.dumps({"state": state, "started_at": None})
+        store.write([LiveView(job_id, version, tenant, doc)])
 
     def state() -> str | None:
-        view = store.read(job_id, tenant)
-        return None if view is None else str(view["state"])
+        found = store.read(job_id, tenant)
+        return None if found is None else str(found.view["state"])
 
-    write(5, doc("succeeded"))
-    write(3, doc("running"))  # a late writer of an earlier transition
+    write(5, "succeeded")
+    write(3, "running")  # a late writer of an earlier transition
     assert state() == "succeeded"
-    write(6 - 0.5, Snapshot(job_id, 0))  # a transition with no row at hand: a tombstone
+    write(6, None)  # a change written without its view: a tombstone
     assert state() is None
-    write(5, doc("succeeded"))  # older than the tombstone
+    write(5, "succeeded")  # older than the tombstone
     assert state() is None
-    write(6, doc("queued"))  # the ledger read after that transition
+    write(6, "queued")  # the ledger read after that change, at the same version
     assert state() == "queued"
     assert store.read(job_id, uuid.uuid4()) is None  # another tenant
-    redis_client.delete(snapshot_key(job_id))
+    redis_client.delete(view_key(job_id))
 
 
-def test_every_transition_moves_the_snapshot_with_the_ledger(
+def test_every_transition_moves_the_view_with_the_ledger(
     client: Any,
     auth: dict[str, str],
-    sessions: sessionmaker[Session],
-    settings: Settings,
+    work: Work,
     job_reads: list[str],
 ) -> None:
     job_id = uuid.UUID(submit(client, auth))
@@ -141,17 +141,17 @@ def test_every_transition_moves_the_snapshot_with_the_ledger(
         body: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()
         return body
 
-    with sessions.begin() as session:
-        claimed = claim_job(session, job_id, "w1", datetime.now(UTC))
+    with work.single_statement() as unit:
+        claimed = claim(unit, job_id, "w1", datetime.now(UTC))
     assert claimed is not None
     body = poll()
     assert (body["state"], body["attempts"], job_reads) == ("running", 1, [])
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth).status_code == 202
     body = poll()
-    assert body["state"] == "running"
+    assert (body["state"], job_reads) == ("running", [])
     assert body["cancel_requested_at"] is not None
-    with sessions.begin() as session:
-        assert succeed_job(session, claimed, {"ok": True}, datetime.now(UTC))
+    with work.begin() as unit:
+        assert succeed(unit, claimed, {"ok": True}, datetime.now(UTC))
     body = poll()
     assert (body["state"], body["result"], job_reads) == ("succeeded", {"ok": True}, [])
 
@@ -164,22 +164,17 @@ def test_a_cancelled_queued_job_is_never_shown_queued(
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth).status_code == 200
     job_reads.clear()
     assert client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["state"] == "cancelled"
-    assert len(job_reads) == 1  # the tombstone sent this poll to the ledger, which refilled it
-    job_reads.clear()
-    assert client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["state"] == "cancelled"
-    assert job_reads == []
+    assert job_reads == []  # the cancel wrote the view it made
 
 
-def test_a_pruned_job_is_gone_from_the_poll(
-    client: Any, auth: dict[str, str], sessions: sessionmaker[Session]
-) -> None:
+def test_a_pruned_job_is_gone_from_the_poll(client: Any, auth: dict[str, str], work: Work) -> None:
     job_id = submit(client, auth)
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth).status_code == 200
     assert client.get(f"/v1/jobs/{job_id}", headers=auth).status_code == 200
-    with sessions.begin() as session:
+    with work.begin() as unit:
         later = datetime.now(UTC) + timedelta(days=365)
         counts = prune(
-            session, later, job_retention=timedelta(days=1), key_retention=timedelta(days=1)
+            unit, later, job_retention=timedelta(days=1), key_retention=timedelta(days=1)
         )
     assert counts["jobs"] == 1
     assert client.get(f"/v1/jobs/{job_id}", headers=auth).status_code == 404
@@ -191,127 +186,108 @@ def test_an_unreachable_redis_falls_back_to_the_ledger(
     job_id = submit(client, auth)
     # A fresh process (a cold key cache): its limiter reads no snapshot, the dead store does.
     fresh = create_app(settings)
-    dead = SnapshotStore(Redis(host="127.0.0.1", port=1, socket_connect_timeout=1), 60)
-    monkeypatch.setattr(fresh.extensions["conveyor"], "snapshots", dead)
+    services = fresh.extensions["conveyor"]
+    dead = LiveStore(Redis(host="127.0.0.1", port=1, socket_connect_timeout=1), 60)
+    monkeypatch.setattr(services, "work", Work(services.engine, dead, services.publisher))
     response = fresh.test_client().get(f"/v1/jobs/{job_id}", headers=auth)
     fresh.extensions["conveyor"].engine.dispose()
     assert response.status_code == 200
     assert response.get_json()["state"] == "queued"
 
 
-def test_a_rolled_back_savepoint_leaves_no_snapshot(
-    identity: Any, sessions: sessionmaker[Session], redis_client: Redis
+def test_a_rolled_back_savepoint_leaves_no_view_and_no_message(
+    identity: Any, work: Work, redis_client: Redis
 ) -> None:
-    with sessions.begin() as session:
-        with contextlib.suppress(RuntimeError), session.begin_nested():
-            dropped = job_factory(session, identity.tenant.id).id
+    registry = load_job_types(["conveyor.jobtypes.system"])
+
+    def submit_one(unit: Any) -> uuid.UUID:
+        (job,) = submit_jobs(
+            unit,
+            registry,
+            [JobRequest(type="system.noop", delay_seconds=60)],
+            tenant_id=identity.tenant.id,
+            default_queue="q",
+            now=datetime.now(UTC),
+        )
+        return job.id
+
+    with work.begin() as unit:
+        with contextlib.suppress(RuntimeError), unit.savepoint():
+            dropped = submit_one(unit)
             raise RuntimeError
-        kept = job_factory(session, identity.tenant.id).id
-    assert not redis_client.exists(snapshot_key(dropped))
-    assert redis_client.exists(snapshot_key(kept))
+        kept = submit_one(unit)
+        assert [view.job_id for view in unit.views] == [kept]
+    assert not redis_client.exists(view_key(dropped))
+    assert redis_client.exists(view_key(kept))
 
 
 def test_writes_that_failed_while_redis_was_away_are_retried(
-    store: SnapshotStore, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+    store: LiveStore, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tenant, job_id = uuid.uuid4(), uuid.uuid4()
     doc = json.dumps({"state": "queued", "started_at": None})
-    store.write([Snapshot(job_id, 1, tenant, doc)])
+    store.write([LiveView(job_id, 1, tenant, doc)])
     away = Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)
     with monkeypatch.context() as patch:
         patch.setattr(store, "_redis", away)
         succeeded = json.dumps({"state": "succeeded", "started_at": None})
-        store.write([Snapshot(job_id, 2, tenant, succeeded)])  # neither written nor dropped
+        store.write([LiveView(job_id, 2, tenant, succeeded)])  # neither written nor dropped
         assert store.read(job_id, tenant) is None  # this process knows: the ledger answers
-    # Redis is back with the old snapshot; the next read writes the newer one first, and
+    # Redis is back with the old view; the next read writes the newer one first, and
     # reads again rather than trust what was read before (the rate limiter's round trip).
     stale = prefetch(redis_client, job_id)
-    view = store.read(job_id, tenant, stale)
-    assert view is not None
-    assert view["state"] == "succeeded"
-    redis_client.delete(snapshot_key(job_id))
+    found = store.read(job_id, tenant, stale)
+    assert found is not None
+    assert found.view["state"] == "succeeded"
+    redis_client.delete(view_key(job_id))
 
 
-def prefetch(redis_client: Redis, job_id: uuid.UUID) -> SnapshotReply:
-    """Read a job's snapshot as the rate limiter's round trip does, for `SnapshotStore.read`."""
+def prefetch(redis_client: Redis, job_id: uuid.UUID) -> Prefetched:
+    """Read a job's view as the rate limiter's round trip does, for `LiveStore.read`."""
     with redis_client.pipeline(transaction=False) as pipe:
         queue_read(pipe, job_id)
-        return SnapshotReply(job_id, pipe.execute(raise_on_error=False))
+        return Prefetched(job_id, pipe.execute(raise_on_error=False))
 
 
-def test_a_prefetched_snapshot_is_used_as_read_and_checked_as_read(
-    store: SnapshotStore, redis_client: Redis
+def test_a_prefetched_view_is_used_as_read_and_checked_as_read(
+    store: LiveStore, redis_client: Redis
 ) -> None:
     tenant, job_id = uuid.uuid4(), uuid.uuid4()
-    doc = json.dumps({"state": "queued", "started_at": None})
-    store.write([Snapshot(job_id, 1, tenant, doc)])
+    doc = json.dumps({"state": "running", "started_at": None})
+    store.write([LiveView(job_id, 1, tenant, doc)])
+    store.set_progress(job_id, progress_document(3, 4, "three"))
     reply = prefetch(redis_client, job_id)
     with watch_redis() as sent:
         view = store.read(job_id, tenant, reply)
         assert store.read(job_id, uuid.uuid4(), reply) is None  # another tenant's job
         assert sent["round trips"] == 0
     assert view is not None
-    assert view["state"] == "queued"
-    assert view["progress"] is None
+    assert view.view["state"] == "running"
+    assert view.progress == {"current": 3, "total": 4, "percent": 75.0, "message": "three"}
     # Another job's reply, or one holding an error, is not used: Redis is read again.
-    failed = SnapshotReply(job_id, [ResponseError("WRONGTYPE"), None])
-    for unusable in (SnapshotReply(uuid.uuid4(), reply.replies), failed):
+    failed = Prefetched(job_id, [ResponseError("WRONGTYPE"), None])
+    for unusable in (Prefetched(uuid.uuid4(), reply.replies), failed):
         with watch_redis() as sent:
             assert store.read(job_id, tenant, unusable) == view
             assert sent["round trips"] == 1
-    redis_client.delete(snapshot_key(job_id))
+    redis_client.delete(view_key(job_id), f"conveyor:progress:{job_id}")
 
 
 def test_a_write_after_redis_lost_its_scripts_loads_the_script_again(
-    store: SnapshotStore, redis_client: Redis
+    store: LiveStore, redis_client: Redis
 ) -> None:
     tenant, job_id = uuid.uuid4(), uuid.uuid4()
     doc = json.dumps({"state": "queued", "started_at": None})
     # What a Redis restart without persistence of scripts looks like to a running process.
     redis_client.script_flush()
-    store.write([Snapshot(job_id, 1, tenant, doc)])
-    view = store.read(job_id, tenant)
-    assert view is not None
-    assert view["state"] == "queued"
-    redis_client.delete(snapshot_key(job_id))
+    store.write([LiveView(job_id, 1, tenant, doc)])
+    found = store.read(job_id, tenant)
+    assert found is not None
+    assert found.view["state"] == "queued"
+    redis_client.delete(view_key(job_id))
 
 
-def test_a_result_document_goes_out_with_the_snapshots_and_is_announced(
-    store: SnapshotStore, redis_client: Redis
-) -> None:
-    tenant, job_id = uuid.uuid4(), uuid.uuid4()
-    key = f"celery-task-meta-{job_id}"
-    listener = redis_client.pubsub()
-    listener.subscribe(key)
-    assert listener.get_message(timeout=5)["type"] == "subscribe"  # type: ignore[index]
-    doc = json.dumps({"state": "succeeded", "started_at": None})
-    store.write([Snapshot(job_id, 3, tenant, doc), BackendResult(key, b'{"status":"x"}', 120)])
-    assert redis_client.get(key) == b'{"status":"x"}'
-    assert 0 < redis_client.ttl(key) <= 120
-    # Celery's own write PUBLISHes the value too: an AsyncResult.get() waiting hears of it.
-    announced = listener.get_message(timeout=5)
-    assert announced is not None
-    assert announced["data"] == b'{"status":"x"}'
-    listener.close()
-    view = store.read(job_id, tenant)
-    assert view is not None
-    assert view["state"] == "succeeded"
-    redis_client.delete(key, snapshot_key(job_id))
-
-
-def test_a_result_document_lost_with_redis_is_dropped_but_its_snapshot_is_retried(
-    store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    tenant, job_id = uuid.uuid4(), uuid.uuid4()
-    away = Redis(host="127.0.0.1", port=1, socket_connect_timeout=1)
-    monkeypatch.setattr(store, "_redis", away)
-    snapshot = Snapshot(job_id, 2, tenant, json.dumps({"state": "succeeded"}))
-    store.write([snapshot, BackendResult(f"celery-task-meta-{job_id}", b"{}", 60)])
-    # The ledger has the result; only the snapshot must never be served stale.
-    assert store._retries == [snapshot]
-
-
-def test_a_batch_answers_byte_for_byte_what_the_snapshot_and_the_ledger_answer(
+def test_a_batch_answers_byte_for_byte_what_the_view_and_the_ledger_answer(
     client: Any, auth: dict[str, str], redis_client: Redis
 ) -> None:
     # A client's own offset: the ledger answers in UTC, and so must the submit.
@@ -334,10 +310,8 @@ def test_a_batch_answers_byte_for_byte_what_the_snapshot_and_the_ledger_answer(
         answer = client.application.json.response(item)
         answer.add_etag()
         path = f"/v1/jobs/{item['id']}"
-        from_snapshot = client.get(path, headers=auth)
-        redis_client.delete(snapshot_key(uuid.UUID(item["id"])))
+        from_view = client.get(path, headers=auth)
+        redis_client.delete(view_key(uuid.UUID(item["id"])))
         from_ledger = client.get(path, headers=auth)
-        assert from_snapshot.data == from_ledger.data == answer.get_data()
-        assert (
-            from_snapshot.headers["ETag"] == from_ledger.headers["ETag"] == answer.headers["ETag"]
-        )
+        assert from_view.data == from_ledger.data == answer.get_data()
+        assert from_view.headers["ETag"] == from_ledger.headers["ETag"] == answer.headers["ETag"]

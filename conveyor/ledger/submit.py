@@ -1,4 +1,9 @@
-"""Submitting jobs: the request model with every option, batches, and idempotency keys."""
+"""Submitting jobs: the request model with every option, batches, and idempotency keys.
+
+A submit is the ledger's insert: every job and its first event in one statement, its live
+view noted on the unit of work, and its message too when it is queued (written with
+`published_at` set: the unit publishes it right after the commit).
+"""
 
 from __future__ import annotations
 
@@ -14,14 +19,15 @@ from typing import Annotated, Any
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import String, TextClause, bindparam, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import Session
 
 from conveyor.errors import Conflict, ValidationFailed
-from conveyor.models import IdempotencyKey, Job
+from conveyor.ledger.states import JobState
+from conveyor.ledger.transitions import queue_messages
+from conveyor.ledger.views import job_view
+from conveyor.ledger.work import UnitOfWork
+from conveyor.live.store import LiveView
+from conveyor.models import IdempotencyKey
 from conveyor.registry import JobRegistry, unknown_job_type
-from conveyor.snapshots import Snapshot, note
-from conveyor.states import JobState
-from conveyor.views import new_job_view
 
 # A run time this far in the past is a clock skew, not a mistake; further back is refused.
 RUN_AT_SKEW = timedelta(minutes=1)
@@ -138,7 +144,7 @@ def _job_row(
         "priority": job_type.priority if request.priority is None else request.priority,
         "payload": payload.model_dump(mode="json", by_alias=True),
         "tags": request.tags,
-        "meta": request.metadata,
+        "metadata": request.metadata,
         "callback_url": request.callback_url,
         "schedule_id": schedule_id,
         "schedule_occurrence": schedule_occurrence,
@@ -168,23 +174,17 @@ def check_request(
 
 @dataclass(frozen=True, slots=True)
 class Submitted:
-    """A job just inserted: what its publish needs, and its client view (JSON-ready).
-
-    Not an ORM `Job`: building a transient `Job` per row cost a tenth of a millisecond.
-    """
+    """A job just inserted: where it goes, and its client view (JSON-ready)."""
 
     id: uuid.UUID
     type: str
     queue: str
-    priority: int
-    state: str
-    # Set when the caller said it publishes right after the commit (see `submit_jobs`).
-    published_at: datetime | None
+    state: JobState
     view: dict[str, Any]
 
 
 def submit_jobs(
-    session: Session,
+    unit: UnitOfWork,
     registry: JobRegistry,
     requests: Sequence[JobRequest],
     *,
@@ -194,20 +194,18 @@ def submit_jobs(
     schedule_id: uuid.UUID | None = None,
     schedule_occurrence: datetime | None = None,
     ids: Sequence[uuid.UUID] | None = None,
-    publishing: bool = False,
     allow_internal: bool = False,
 ) -> list[Submitted]:
     """Validate every request, then insert all the jobs and their first events, or none.
 
     Internal job types are refused (`UnknownJobType`) unless `allow_internal`, which only
-    the platform's own enqueuers pass (`conveyor.webhooks.enqueue_deliveries`).
+    the platform itself may pass (the ledger inserts webhook deliveries on its own).
 
-    Scheduled jobs wait for the promoter. Queued jobs are for the caller to publish after
-    its commit; with `publishing`, the caller promises to publish them at once, and they
-    are written with `published_at` set already (the publish is due now): no `UPDATE`
-    follows a publish that succeeds, and one that fails clears it again
-    (`conveyor.jobs.unmark_published`) for the promoter. Should the process die between
-    the commit and the publish, the reconciler re-drives the job (DESIGN.md, outbox).
+    Scheduled jobs wait for the promoter. Queued ones are published by the unit of work
+    right after its commit: they are written with `published_at` set already (the publish
+    is due now), so a publish that succeeds costs no further statement, and one that fails
+    clears it again for the promoter. Should the process die between the commit and the
+    publish, the reconciler re-drives the job (DESIGN.md, "The ledger").
     """
     if len(requests) > MAX_BATCH:
         raise _fail(None, "jobs", f"at most {MAX_BATCH} jobs in one batch")
@@ -229,49 +227,39 @@ def submit_jobs(
         for n, request in enumerate(requests)
     ]
     for row in rows:
-        row["published_at"] = now if publishing and row["state"] == JobState.QUEUED else None
+        row["published_at"] = now if row["state"] == JobState.QUEUED else None
     # One statement for any number of jobs and their first events: the rows travel as one
     # JSON document that PostgreSQL unpacks (jsonb_populate_recordset). SQLAlchemy's
     # per-row, per-column parameter processing of a multi-row insert cost a quarter of a
     # millisecond a job.
     document = json.dumps([_ledger_values(row) for row in rows], separators=(",", ":"))
-    event_ids: dict[uuid.UUID, int] = dict(
-        session.execute(_insert_statement(), {"rows": document}).all()
-    )
+    versions = {
+        job_id: version
+        for job_id, version in unit.session.execute(_insert_statement(), {"rows": document})
+    }
     submitted = []
-    snapshots = []
     for row in rows:
-        view = new_job_view(row)
-        submitted.append(
-            Submitted(
-                row["id"],
-                row["type"],
-                row["queue"],
-                row["priority"],
-                row["state"],
-                row["published_at"],
-                view,
-            )
-        )
-        snapshots.append(Snapshot.of_view(row["id"], event_ids[row["id"]], tenant_id, view))
-    note(session, snapshots)
+        view = job_view(row)
+        submitted.append(Submitted(row["id"], row["type"], row["queue"], row["state"], view))
+        unit.show([LiveView.of(row["id"], versions[row["id"]], tenant_id, view)])
+    queue_messages(unit, rows)
     return submitted
 
 
 def _ledger_values(row: dict[str, Any]) -> dict[str, Any]:
-    """Return a row's values keyed by column name, as JSON PostgreSQL casts to the columns."""
+    """Return a row's values as JSON PostgreSQL casts to the columns."""
     return {
         column: value.isoformat()
         if isinstance(value, datetime)
         else str(value)
         if isinstance(value, uuid.UUID)
         else value
-        for column, value in zip(_COLUMNS, (row[key] for key in _ATTRIBUTES), strict=True)
+        for column, value in ((column, row[column]) for column in _COLUMNS)
     }
 
 
-# The columns submit writes, by attribute and column name (`meta` is the `metadata` column).
-_ATTRIBUTES = (
+# The columns submit writes; the others (the finish's, the worker's) take their defaults.
+_COLUMNS = (
     "id",
     "tenant_id",
     "type",
@@ -280,7 +268,7 @@ _ATTRIBUTES = (
     "priority",
     "payload",
     "tags",
-    "meta",
+    "metadata",
     "callback_url",
     "schedule_id",
     "schedule_occurrence",
@@ -291,31 +279,30 @@ _ATTRIBUTES = (
     "created_at",
     "published_at",
 )
-_COLUMNS = tuple(Job.__mapper__.attrs[key].columns[0].name for key in _ATTRIBUTES)
 
 
 @functools.cache
 def _insert_statement() -> TextClause:
     """Build, once, the statement inserting jobs from a JSON array, and their first events."""
     columns = ", ".join(f'"{name}"' for name in _COLUMNS)
-    # Columns not listed (the finish's, the worker's) take their defaults; the event's id
-    # comes back per job, as the version of its snapshot.
+    # Each job comes back with its version, which its live view carries.
     return text(
         f"""
         WITH inserted AS (
             INSERT INTO jobs ({columns})
             SELECT {columns} FROM jsonb_populate_recordset(NULL::jobs, CAST(:rows AS jsonb))
-            RETURNING id, state
+            RETURNING id, state, version
+        ), first_events AS (
+            INSERT INTO job_events (job_id, from_state, to_state, attempt)
+            SELECT id, NULL, state, 0 FROM inserted
         )
-        INSERT INTO job_events (job_id, from_state, to_state, attempt)
-        SELECT id, NULL, state, 0 FROM inserted
-        RETURNING job_id, id
+        SELECT id, version FROM inserted
         """  # noqa: S608 - the columns are the model's own names, not input
     ).bindparams(bindparam("rows", type_=String()))
 
 
 def claim_idempotency_key(
-    session: Session,
+    unit: UnitOfWork,
     tenant_id: uuid.UUID,
     key: str,
     fingerprint: str,
@@ -330,7 +317,7 @@ def claim_idempotency_key(
     winner's commit and then sees its row. A key older than `retention` is reused.
     A different request under a live key is a `Conflict`.
     """
-    claimed = session.execute(
+    claimed = unit.session.execute(
         pg_insert(IdempotencyKey)
         .values(
             tenant_id=tenant_id, key=key, request_hash=fingerprint, job_id=job_id, created_at=now
@@ -344,7 +331,7 @@ def claim_idempotency_key(
     ).scalar_one_or_none()
     if claimed is not None:
         return None
-    existing = session.execute(
+    existing = unit.session.execute(
         select(IdempotencyKey.request_hash, IdempotencyKey.job_id).where(
             IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key
         )
