@@ -12,6 +12,7 @@ from api import (
     auth,
     errors,
     files,
+    flow,
     health,
     hygiene,
     identity,
@@ -62,6 +63,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         schedules.bp,
         files.bp,
         queues.bp,
+        flow.queues,
+        flow.limits,
         audit.bp,
         webhooks.bp,
     )

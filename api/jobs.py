@@ -26,7 +26,12 @@ from api.schemas import EventList, EventOut, JobBatch, JobList, JobListQuery, Jo
 from api.services import services
 from conveyor.errors import ValidationFailed
 from conveyor.ledger.reads import job_row, list_events, list_jobs, read_view
-from conveyor.ledger.submit import JobRequest, claim_idempotency_key, submit_jobs
+from conveyor.ledger.submit import (
+    JobRequest,
+    claim_idempotency_key,
+    point_idempotency_key,
+    submit_jobs,
+)
 from conveyor.ledger.views import JobOut, job_view
 from conveyor.logs import bind_context
 from conveyor.metrics import JOBS_SUBMITTED
@@ -52,7 +57,11 @@ def _idempotency_key() -> str | None:
     responses=responses(
         {
             202: described(JobOut, "Accepted: stored, and published to its queue.", LOCATION),
-            200: described(JobOut, "A repeated `Idempotency-Key`: the original job.", LOCATION),
+            200: described(
+                JobOut,
+                "A repeated `Idempotency-Key`, or a `unique_key` a job holds: that job.",
+                LOCATION,
+            ),
         },
         409,
         *JSON_BODY,
@@ -71,7 +80,7 @@ def _idempotency_key() -> str | None:
 )
 @requires(Permission.SUBMIT)
 def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
-    """Submit a job: 202, or 200 with the original for a repeated Idempotency-Key."""
+    """Submit a job: 202, or 200 with the job a repeated Idempotency-Key or unique key names."""
     principal = current_principal()
     key = _idempotency_key()
     svc = services()
@@ -98,13 +107,17 @@ def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
                 [body],
                 tenant_id=principal.tenant_id,
                 default_queue=svc.settings.default_queue,
+                gate=svc.gate,
                 now=now,
                 ids=[job_id],
             )
             view = submitted.view
+            if not submitted.created and key is not None:
+                # The key now names the job that held the unique key, not one never made.
+                point_idempotency_key(unit, principal.tenant_id, key, submitted.id)
     location = {"Location": url_for("jobs.show", job_id=view["id"])}
     bind_context(job_id=view["id"], job_type=view["type"])
-    if original is not None:
+    if original is not None or not submitted.created:
         return jsonify(shown(view)), 200, location
     JOBS_SUBMITTED.labels(submitted.type, submitted.queue).inc()
     logger.info("job submitted to queue %s", submitted.queue)
@@ -124,9 +137,11 @@ def create_batch(body: JobBatch) -> tuple[Response, int]:
             body.jobs,
             tenant_id=principal.tenant_id,
             default_queue=svc.settings.default_queue,
+            gate=svc.gate,
             now=datetime.now(UTC),
         )
-    for (job_type, queue), count in Counter((job.type, job.queue) for job in jobs).items():
+    created = [job for job in jobs if job.created]
+    for (job_type, queue), count in Counter((job.type, job.queue) for job in created).items():
         JOBS_SUBMITTED.labels(job_type, queue).inc(count)
     return jsonify(items=[shown(job.view) for job in jobs]), 202
 

@@ -14,9 +14,16 @@ from prometheus_flask_exporter import PrometheusMetrics
 from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
 
 from api.queues import read_queues
-from api.services import services
+from api.services import Services, services
 from conveyor.errors import Forbidden, Unauthorized
-from conveyor.metrics import QueueCollector, scrape_registry, token_matches, usable_accept
+from conveyor.ledger.flow import FlowStats, flow_stats
+from conveyor.metrics import (
+    FlowCollector,
+    QueueCollector,
+    scrape_registry,
+    token_matches,
+    usable_accept,
+)
 from conveyor.metrics_dir import multiprocess_dir
 
 bp = Blueprint("metrics", __name__)
@@ -36,6 +43,11 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(bp)
 
 
+def _flow(svc: Services) -> FlowStats:
+    with svc.work.reading() as session:
+        return flow_stats(session)
+
+
 @bp.get("/metrics")
 def scrape() -> Response:
     """Render every process's metrics plus live queue gauges, for a caller with the token."""
@@ -47,6 +59,10 @@ def scrape() -> Response:
     elif svc.settings.env != "development":
         raise Forbidden("/metrics is closed until CONVEYOR_METRICS_TOKEN is set")
     exporter: PrometheusMetrics = current_app.extensions["conveyor_metrics"]
-    registry = scrape_registry(QueueCollector(lambda: read_queues(svc)), local=[exporter.registry])
+    registry = scrape_registry(
+        QueueCollector(lambda: read_queues(svc)),
+        FlowCollector(lambda: _flow(svc)),
+        local=[exporter.registry],
+    )
     encode, content_type = choose_encoder(usable_accept(request.headers.get("Accept")))
     return Response(encode(registry), content_type=content_type)

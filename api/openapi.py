@@ -124,6 +124,7 @@ TAGS = {
     "files": "CSV files in for jobs, and the files jobs produce.",
     "webhooks": "Signed HTTP callbacks on job events.",
     "operations": "Queues and workers, for operators.",
+    "flow-control": "Limits on how many jobs run and how often they start; paused queues.",
     "audit": "Who did what, and when.",
 }
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from api.auth import current_principal, requires
 from api.openapi import responses, secured_blueprint
 from api.services import Services, services
+from conveyor.ledger.flow import paused_queues
 from conveyor.queues import (
     QueueStats,
     WorkerInfo,
@@ -41,6 +42,9 @@ class QueueOut(BaseModel):
         description="Since when the tenant's oldest queued job here has waited."
     )
     oldest_wait_seconds: float | None
+    paused: bool = Field(
+        description="The caller's jobs here do not start: its pause, or the deployment's."
+    )
 
 
 class WorkerOut(BaseModel):
@@ -80,7 +84,14 @@ def read_queues(
 @requires(Permission.SEE_QUEUES)
 def index() -> Response:
     """Show per-queue depth, oldest waiting job and running jobs, and the live workers."""
-    queues, workers = read_queues(services(), current_principal().tenant_id)
+    svc = services()
+    tenant_id = current_principal().tenant_id
+    queues, workers = read_queues(svc, tenant_id)
+    with svc.work.reading() as session:
+        paused = paused_queues(session, tenant_id)
+    shown = {q.name for q in queues}
+    # A paused queue with nothing in it is still worth seeing.
+    queues += [QueueStats(name, None, 0, None, 0) for name in sorted(paused.keys() - shown)]
     now = datetime.now(UTC)
     body = QueuesOut(
         queues=[
@@ -91,6 +102,7 @@ def index() -> Response:
                 running=q.running,
                 oldest_queued_at=q.oldest_queued_at,
                 oldest_wait_seconds=q.oldest_age(now),
+                paused=q.name in paused,
             )
             for q in queues
         ],

@@ -204,6 +204,7 @@ def trigger(path: SchedulePath) -> tuple[Response, int]:
             default_queue=svc.settings.default_queue,
             now=datetime.now(UTC),
             occurrence=None,
+            gate=svc.gate,
         )
         if job is None:  # only occurrences have a unique key; a trigger has none
             raise Conflict("the schedule fired no job")

@@ -13,6 +13,7 @@ from api.requests import request_id
 from conveyor.auth import PrincipalCache
 from conveyor.broker import CeleryPublisher, create_celery
 from conveyor.db import create_db_engine, create_session_factory
+from conveyor.ledger.gate import SubmitGate
 from conveyor.ledger.work import Work
 from conveyor.live.store import LiveStore
 from conveyor.registry import JobRegistry, load_job_types
@@ -33,6 +34,8 @@ class Services:
     publisher: CeleryPublisher
     registry: JobRegistry
     key_cache: PrincipalCache
+    # Whether a submitted job may go straight to the broker (flow control).
+    gate: SubmitGate
 
     @property
     def live(self) -> LiveStore:
@@ -47,15 +50,17 @@ class Services:
         celery = create_celery(settings, name="conveyor-api")
         redis = Redis.from_url(settings.result_backend, socket_timeout=2, socket_connect_timeout=2)
         publisher = CeleryPublisher(celery)
+        work = Work(engine, LiveStore(redis, settings.result_expires), publisher, _request_id)
         return cls(
             settings=settings,
             engine=engine,
-            work=Work(engine, LiveStore(redis, settings.result_expires), publisher, _request_id),
+            work=work,
             sessions=create_session_factory(engine),
             redis=redis,
             publisher=publisher,
             registry=load_job_types(settings.job_modules),
             key_cache=PrincipalCache(settings.api_key_cache_seconds),
+            gate=SubmitGate(redis, work.reading),
         )
 
 

@@ -164,6 +164,99 @@ def create_key(ctx: click.Context, name: str, role: str) -> None:
     _print(_client(ctx).create_key(name, role))
 
 
+@main.group()
+def limits() -> None:
+    """Limits: how many jobs of a key run at once, and how often they start."""
+
+
+@limits.command(name="set")
+@click.argument("key")
+@click.option("--max-running", type=int, default=None, help="at most this many at once")
+@click.option("--per-second", type=float, default=None, help="starts spaced to this rate")
+@click.pass_context
+def set_limit(
+    ctx: click.Context, key: str, max_running: int | None, per_second: float | None
+) -> None:
+    """Create or change a limit; jobs submitted with `limit_key=KEY` count against it."""
+    _print(_client(ctx).set_limit(key, max_running=max_running, per_second=per_second))
+
+
+@limits.command(name="get")
+@click.argument("key")
+@click.pass_context
+def get_limit(ctx: click.Context, key: str) -> None:
+    """Show a limit with its running and waiting jobs."""
+    _print(_client(ctx).get_limit(key))
+
+
+@limits.command(name="list")
+@click.pass_context
+def list_limits(ctx: click.Context) -> None:
+    """List the tenant's limits."""
+    _print(_client(ctx).list_limits())
+
+
+@limits.command(name="delete")
+@click.argument("key")
+@click.pass_context
+def delete_limit(ctx: click.Context, key: str) -> None:
+    """Remove a limit (its jobs run unlimited)."""
+    _client(ctx).delete_limit(key)
+
+
+@main.group()
+def queues() -> None:
+    """Queues: what they hold, and pausing them."""
+
+
+@queues.command(name="list")
+@click.pass_context
+def list_queues(ctx: click.Context) -> None:
+    """Show each queue's depth, the tenant's queued and running jobs, and pauses."""
+    _print(_client(ctx).queues())
+
+
+@queues.command(name="pause")
+@click.argument("queue")
+@click.option(
+    "--all-tenants", is_flag=True, help="for the whole deployment (in the database; operators)"
+)
+@click.pass_context
+def pause_queue(ctx: click.Context, queue: str, all_tenants: bool) -> None:
+    """Hold the jobs in QUEUE (running ones finish) until resumed."""
+    if all_tenants:
+        _pause_everywhere(queue, paused=True)
+        _print({"queue": queue, "paused": True, "tenants": "all"})
+    else:
+        _print(_client(ctx).pause_queue(queue))
+
+
+@queues.command(name="resume")
+@click.argument("queue")
+@click.option("--all-tenants", is_flag=True, help="lift the deployment-wide pause")
+@click.pass_context
+def resume_queue(ctx: click.Context, queue: str, all_tenants: bool) -> None:
+    """Let the jobs in QUEUE start again."""
+    if all_tenants:
+        _pause_everywhere(queue, paused=False)
+        _print({"queue": queue, "paused": False, "tenants": "all"})
+    else:
+        _print(_client(ctx).resume_queue(queue))
+
+
+def _pause_everywhere(queue: str, *, paused: bool) -> None:
+    """Pause or resume a queue for every tenant, straight in the database."""
+    from conveyor.ledger import flow
+    from conveyor.ledger.work import Work
+
+    engine = create_db_engine(Settings())
+    try:
+        with Work(engine, None).begin() as unit:
+            (flow.pause if paused else flow.resume)(unit, None, queue)
+    finally:
+        engine.dispose()
+
+
 @main.command(name="create-tenant")
 @click.option("--name", required=True)
 @click.option("--email", required=True)

@@ -185,3 +185,42 @@ class Client:
     def revoke_key(self, key_id: str) -> None:
         """Revoke an API key."""
         self._call("DELETE", f"/v1/api-keys/{key_id}")
+
+    def set_limit(
+        self, key: str, *, max_running: int | None = None, per_second: float | None = None
+    ) -> dict[str, Any]:
+        """Create or change a limit (a running cap, a rate, or both)."""
+        body = {"max_running": max_running, "per_second": per_second}
+        limit: dict[str, Any] = self._call(
+            "PUT", f"/v1/limits/{key}", json={k: v for k, v in body.items() if v is not None}
+        )
+        return limit
+
+    def get_limit(self, key: str) -> dict[str, Any]:
+        """Return a limit with the jobs it holds now (`running`, `waiting`)."""
+        limit: dict[str, Any] = self._call("GET", f"/v1/limits/{key}")
+        return limit
+
+    def list_limits(self) -> list[dict[str, Any]]:
+        """List the tenant's limits."""
+        items: list[dict[str, Any]] = self._call("GET", "/v1/limits")["items"]
+        return items
+
+    def delete_limit(self, key: str) -> None:
+        """Remove a limit: its jobs run unlimited."""
+        self._call("DELETE", f"/v1/limits/{key}")
+
+    def pause_queue(self, queue: str) -> dict[str, Any]:
+        """Hold the tenant's jobs in a queue until resumed (running ones finish)."""
+        answer: dict[str, Any] = self._call("POST", f"/v1/queues/{queue}/pause")
+        return answer
+
+    def resume_queue(self, queue: str) -> dict[str, Any]:
+        """Let the tenant's jobs in a queue start again."""
+        answer: dict[str, Any] = self._call("POST", f"/v1/queues/{queue}/resume")
+        return answer
+
+    def queues(self) -> dict[str, Any]:
+        """Return the queues (depth, the tenant's queued and running jobs, paused) and workers."""
+        overview: dict[str, Any] = self._call("GET", "/v1/queues")
+        return overview

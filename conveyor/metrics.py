@@ -22,6 +22,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from conveyor.ledger.flow import FlowStats
 from conveyor.metrics_dir import multiprocess_dir
 from conveyor.queues import QueueStats, WorkerInfo
 
@@ -103,6 +104,39 @@ class QueueCollector(Collector):
                 "Celery workers that answered a broadcast.",
                 value=len(workers),
             )
+
+
+class FlowCollector(Collector):
+    """Limits' running and waiting jobs, and why queued jobs wait, read at scrape time."""
+
+    def __init__(self, read: Callable[[], FlowStats]):
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        """Ask the ledger; yield one gauge family each."""
+        try:
+            stats = self._read()
+        except Exception:  # a scrape must not fail because the database is down
+            logger.warning("flow metrics unavailable", exc_info=True)
+            return
+        labels = ["tenant", "key"]
+        running = GaugeMetricFamily(
+            "conveyor_limit_running", "Jobs holding a slot of a limit now.", labels=labels
+        )
+        waiting = GaugeMetricFamily(
+            "conveyor_limit_waiting", "Queued jobs of a limit not started yet.", labels=labels
+        )
+        for tenant, key, n_running, n_waiting in stats.limits:
+            running.add_metric([tenant, key], n_running)
+            waiting.add_metric([tenant, key], n_waiting)
+        reasons = GaugeMetricFamily(
+            "conveyor_jobs_waiting",
+            "Queued jobs not handed to the broker yet, per queue and why they wait.",
+            labels=["queue", "reason"],
+        )
+        for queue, reason, n in stats.waiting:
+            reasons.add_metric([queue, reason], n)
+        yield from (running, waiting, reasons)
 
 
 class _Union(Collector):

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Dialect
@@ -145,6 +146,24 @@ class Job(Base):
         ),
         # The reaper looks for running jobs whose heartbeat went quiet.
         Index("ix_jobs_running_heartbeat", "heartbeat_at", postgresql_where="state = 'running'"),
+        # The dispatcher's work: queued jobs not handed to the broker yet, per queue and
+        # tenant in the order they run (priority, then submit order).
+        Index(
+            "ix_jobs_undispatched",
+            "queue",
+            "tenant_id",
+            text("priority DESC"),
+            "created_at",
+            "id",
+            postgresql_where="state = 'queued' AND published_at IS NULL",
+        ),
+        # Jobs handed to the broker and not claimed yet: the queues' in-flight work.
+        Index(
+            "ix_jobs_in_flight",
+            "queue",
+            "limit_key",
+            postgresql_where="state = 'queued' AND published_at IS NOT NULL",
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -182,6 +201,10 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     worker: Mapped[str | None] = mapped_column(String(200))
+    # The tenant's limit the job counts against (flow control), and why it has not started
+    # yet when something holds it back (`conveyor.ledger.states.Waiting`).
+    limit_key: Mapped[str | None] = mapped_column(String(100))
+    waiting_for: Mapped[str | None] = mapped_column(String(20))
     # Grows by one with every ledger write that changes the job's client view: it versions
     # the job's live view in Redis (conveyor.live.store), so an older one never wins.
     version: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
@@ -351,3 +374,94 @@ class Webhook(Base):
     secret: Mapped[str] = mapped_column(String(100))
     enabled: Mapped[bool] = mapped_column(default=True, server_default="true")
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Limit(Base):
+    """How many jobs of one key may run at once, and how often they may start.
+
+    A tenant's limit is named by the key its jobs give (`limit_key`); a job type's limit,
+    declared in code, applies to its jobs of every tenant and has no tenant. `running`
+    counts the jobs that hold a slot now (the ledger takes and frees them in the same
+    statements that move jobs into and out of `running`); `starts` keeps the latest start
+    times the rate allows, oldest first.
+    """
+
+    __tablename__ = "limits"
+    __table_args__ = (
+        Index(
+            "uq_limits_tenant_key",
+            "tenant_id",
+            "key",
+            unique=True,
+            postgresql_where="tenant_id IS NOT NULL",
+        ),
+        Index("uq_limits_global_key", "key", unique=True, postgresql_where="tenant_id IS NULL"),
+        CheckConstraint("max_running IS NULL OR max_running >= 1", name="max_running"),
+        CheckConstraint("per_second IS NULL OR per_second > 0", name="per_second"),
+        CheckConstraint("running >= 0", name="running"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE")
+    )
+    key: Mapped[str] = mapped_column(String(100))
+    max_running: Mapped[int | None]
+    per_second: Mapped[float | None]
+    running: Mapped[int] = mapped_column(default=0, server_default="0")
+    starts: Mapped[list[datetime]] = mapped_column(
+        ARRAY(DateTime(timezone=True)), default=list, server_default="{}"
+    )
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class QueuePause(Base):
+    """A queue whose jobs do not start: one tenant's, or every tenant's (no tenant)."""
+
+    __tablename__ = "queue_pauses"
+    __table_args__ = (
+        Index(
+            "uq_queue_pauses_tenant_queue",
+            "tenant_id",
+            "queue",
+            unique=True,
+            postgresql_where="tenant_id IS NOT NULL",
+        ),
+        Index(
+            "uq_queue_pauses_global_queue",
+            "queue",
+            unique=True,
+            postgresql_where="tenant_id IS NULL",
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE")
+    )
+    queue: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class UniqueKey(Base):
+    """Which job holds a tenant's unique key for a job type, and until when at least.
+
+    The ledger releases the key in the statement that finishes its job (and takes it
+    back if a person retries that job), so a submit decides on this row alone.
+    """
+
+    __tablename__ = "unique_keys"
+    __table_args__ = (Index("ix_unique_keys_job_id", "job_id"),)
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    type: Mapped[str] = mapped_column(String(200), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # No foreign key: the job may be pruned; a missing job holds nothing.
+    job_id: Mapped[uuid.UUID]
+    # The key stays taken until then even once its job has finished (`unique_for_seconds`).
+    held_until: Mapped[datetime | None]
+    # When the holding job finished; NULL while it has not.
+    released_at: Mapped[datetime | None]

@@ -63,6 +63,18 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class TypeLimit:
+    """A limit a job type declares in code: it holds its jobs of every tenant together.
+
+    For a shared resource (an API key of the platform's own, a licence seat count):
+    at most `max_running` at once, starts spaced to `per_second` (a rate window).
+    """
+
+    max_running: int | None = None
+    per_second: float | None = None
+
+
+@dataclass(frozen=True)
 class JobType:
     """A registered job type: its function, models and execution policy."""
 
@@ -80,6 +92,8 @@ class JobType:
     cancellable: bool = True
     # Platform-only (webhook deliveries): submitted by Conveyor itself, never by a client.
     internal: bool = False
+    # Holds this type's jobs of every tenant to one limit (a shared resource).
+    limit: TypeLimit | None = None
 
     def queues(self, default_queue: str) -> tuple[str, ...]:
         """Return the queues this type may run on, its own first."""
@@ -120,6 +134,7 @@ class JobRegistry:
         time_limit: float | None = None,
         cancellable: bool = True,
         internal: bool = False,
+        limit: TypeLimit | None = None,
     ) -> Callable[[JobFunction], JobFunction]:
         """Register the decorated function as job type `name` (`internal`: platform-only)."""
 
@@ -139,6 +154,7 @@ class JobRegistry:
                 time_limit=time_limit,
                 cancellable=cancellable,
                 internal=internal,
+                limit=limit,
             )
             return func
 

@@ -34,6 +34,8 @@ class Permission(StrEnum):
     SEE_QUEUES = "see_queues"
     SEE_AUDIT = "see_audit"
     MANAGE_WEBHOOKS = "manage_webhooks"
+    MANAGE_LIMITS = "manage_limits"
+    PAUSE_QUEUES = "pause_queues"
 
 
 PERMISSIONS: dict[Role, frozenset[Permission]] = {
@@ -48,6 +50,8 @@ PERMISSIONS: dict[Role, frozenset[Permission]] = {
             Permission.MANAGE_KEYS,
             Permission.MANAGE_WEBHOOKS,
             Permission.SEE_QUEUES,
+            Permission.MANAGE_LIMITS,
+            Permission.PAUSE_QUEUES,
         }
     ),
     Role.MEMBER: frozenset({Permission.SUBMIT, Permission.READ}),

@@ -19,7 +19,14 @@ from sqlalchemy.orm import Session
 
 from conveyor.errors import Conflict, NotFound, ValidationFailed
 from conveyor.ledger.states import UNFINISHED, JobState
-from conveyor.ledger.submit import JobRequest, Submitted, check_request, submit_jobs
+from conveyor.ledger.submit import (
+    Gate,
+    JobRequest,
+    LimitKey,
+    Submitted,
+    check_request,
+    submit_jobs,
+)
 from conveyor.ledger.work import UnitOfWork
 from conveyor.models import Job, Schedule
 from conveyor.quota import count_unfinished
@@ -38,6 +45,7 @@ class ScheduleOptions(BaseModel):
     queue: str | None = Field(default=None, min_length=1, max_length=100)
     max_attempts: int | None = Field(default=None, ge=1, le=100)
     ttl_seconds: float | None = Field(default=None, gt=0)
+    limit_key: LimitKey | None = None
 
 
 class Timing(BaseModel):
@@ -256,6 +264,7 @@ def fire(
     default_queue: str,
     now: datetime,
     occurrence: datetime | None,
+    gate: Gate | None = None,
 ) -> Submitted | None:
     """Submit the schedule's job through the normal submit path.
 
@@ -272,6 +281,7 @@ def fire(
                 now=now,
                 schedule_id=schedule.id,
                 schedule_occurrence=occurrence,
+                gate=gate,
             )
     except IntegrityError:
         return None
@@ -289,6 +299,7 @@ def fire_due_schedules(
     max_unfinished: int = 0,
     skipped: Counter[str] | None = None,
     batch_size: int = 100,
+    gate: Gate | None = None,
 ) -> list[Submitted]:
     """Fire every due occurrence once (per the misfire and overlap policies); return the jobs.
 
@@ -325,7 +336,7 @@ def fire_due_schedules(
                 )
                 if skipped is not None:
                     skipped["quota"] += 1
-            elif job := _fire_valid(unit, registry, schedule, default_queue, now, occurrence):
+            elif job := _fire_valid(unit, registry, schedule, default_queue, now, occurrence, gate):
                 fired.append(job)
                 room.take(schedule.tenant_id)
         schedule.next_run_at = next_occurrence(schedule, now)
@@ -340,11 +351,18 @@ def _fire_valid(
     default_queue: str,
     now: datetime,
     occurrence: datetime,
+    gate: Gate | None,
 ) -> Submitted | None:
     """Fire an occurrence, or log why a schedule no longer makes a valid job."""
     try:
         return fire(
-            unit, registry, schedule, default_queue=default_queue, now=now, occurrence=occurrence
+            unit,
+            registry,
+            schedule,
+            default_queue=default_queue,
+            now=now,
+            occurrence=occurrence,
+            gate=gate,
         )
     except ValidationFailed:
         # The job type or its model changed since the schedule was written.

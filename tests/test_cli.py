@@ -91,3 +91,31 @@ def test_cli_submit_wait_prints_the_result(worker: Any, api: Client) -> None:
     assert '"message": "nope"' in failed.output
     empty = runner.invoke(main, ["schedules", "list"], obj={"client": api})
     assert json.loads(empty.stdout) == []
+
+
+def test_cli_sets_limits_and_pauses_queues(
+    api: Client, settings: Settings, cli_env: None, sessions: Any
+) -> None:
+    runner = CliRunner()
+
+    def run(*argv: str) -> Any:
+        result = runner.invoke(main, list(argv), obj={"client": api})
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout) if result.stdout.strip() else None
+
+    limit = run("limits", "set", "stripe", "--max-running", "5", "--per-second", "10")
+    assert (limit["key"], limit["max_running"], limit["per_second"]) == ("stripe", 5, 10.0)
+    assert run("limits", "get", "stripe")["running"] == 0
+    assert [item["key"] for item in run("limits", "list")] == ["stripe"]
+    run("limits", "delete", "stripe")
+    assert run("limits", "list") == []
+    queue = settings.default_queue
+    assert run("queues", "pause", queue) == {"queue": queue, "paused": True}
+    assert run("queues", "resume", queue) == {"queue": queue, "paused": False}
+    # For the whole deployment: straight in the database, as operators do.
+    run("queues", "pause", queue, "--all-tenants")
+    shown = {q["name"]: q["paused"] for q in run("queues", "list")["queues"]}
+    assert shown[queue] is True
+    run("queues", "resume", queue, "--all-tenants")
+    shown = {q["name"]: q["paused"] for q in run("queues", "list")["queues"]}
+    assert shown.get(queue, False) is False

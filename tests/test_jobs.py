@@ -12,6 +12,7 @@ from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.errors import NotFound, UnknownJobType, ValidationFailed
+from conveyor.ledger.dispatch import dispatch, waiting_queues
 from conveyor.ledger.publishing import stamp_published
 from conveyor.ledger.reads import job_row
 from conveyor.ledger.states import JobState
@@ -20,13 +21,12 @@ from conveyor.ledger.upkeep import (
     beat_heartbeats,
     promote_due,
     reap_stale,
-    republish_unpublished,
     stale_queued,
 )
 from conveyor.ledger.work import UnitOfWork, Work
 from conveyor.models import Job, JobEvent
 from conveyor.registry import RetryPolicy, load_job_types
-from tests.factories import job_factory, tenant_factory
+from tests.factories import QUEUE, job_factory, tenant_factory
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 REGISTRY = load_job_types(["conveyor.jobtypes.system"])
@@ -193,25 +193,26 @@ def test_retry_delay_is_bounded_by_exponential_ceiling() -> None:
         assert max(delays) > ceiling / 2  # jitter spreads over the range
 
 
-def test_promoter_takes_back_only_unpublished_queued_jobs(
+def test_the_dispatcher_publishes_queued_jobs_not_published_yet(
     db_session: Session, unit: UnitOfWork
 ) -> None:
     published = job_factory(db_session)
-    lost = job_factory(db_session)
+    waiting = job_factory(db_session)  # as after a failed publish, or held back at submit
     stamp_published(unit, [published.id], NOW)
-    db_session.execute(
-        Job.__table__.update()
-        .where(Job.id.in_([published.id, lost.id]))
-        .values(created_at=NOW - timedelta(minutes=1))
-    )
-    assert republish_unpublished(unit, NOW) == 1
-    assert [m.job_id for m in unit.messages] == [lost.id]
-    assert job_row(db_session, lost.id, lost.tenant_id)["published_at"] == NOW
-    assert republish_unpublished(unit, NOW) == 0
+    assert waiting_queues(unit) == [QUEUE]
+
+    def one_pass() -> int:
+        passed = dispatch(unit, NOW, depths={QUEUE: 0}, in_flight=10, per_tenant=10, after={})
+        return passed.published
+
+    assert one_pass() == 1
+    assert [m.job_id for m in unit.messages] == [waiting.id]
+    assert job_row(db_session, waiting.id, waiting.tenant_id)["published_at"] == NOW
+    assert one_pass() == 0
     # Published long ago and still unclaimed: the reconciler checks the broker for them.
     later = NOW + timedelta(seconds=301)
     stale = stale_queued(unit, later, older_than=300)
-    assert {row["id"] for row in stale} == {published.id, lost.id}
+    assert {row["id"] for row in stale} == {published.id, waiting.id}
     assert stale_queued(unit, NOW, older_than=300) == []
 
 

@@ -89,7 +89,7 @@ def test_the_housekeeping_loop_promotes_on_its_own(
 
 
 def test_the_housekeeping_loop_survives_a_database_outage(settings: Settings) -> None:
-    from worker.housekeeping import Leadership
+    from worker.leadership import Leadership
 
     broken = settings.model_copy(
         update={"database_url": SecretStr("postgresql://nobody@/nowhere?host=/nonexistent")}

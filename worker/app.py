@@ -20,6 +20,7 @@ from redis import Redis
 
 from conveyor.broker import REQUEST_ID_HEADER, CeleryPublisher, create_celery
 from conveyor.db import create_db_engine
+from conveyor.ledger.gate import SubmitGate
 from conveyor.ledger.work import Work
 from conveyor.live.store import LiveStore
 from conveyor.logs import bind_context, clear_context, configure_logging
@@ -43,12 +44,14 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     live = LiveStore(
         Redis.from_url(settings.result_backend, socket_timeout=5), settings.result_expires
     )
+    # Workers queue nothing themselves; beat's housekeeping (this app too) publishes.
+    work = Work(engine, live, CeleryPublisher(app))
     services = WorkerServices(
         settings=settings,
         engine=engine,
-        # Workers queue nothing themselves; beat's housekeeping (this app too) publishes.
-        work=Work(engine, live, CeleryPublisher(app)),
+        work=work,
         registry=load_job_types(settings.job_modules),
+        gate=SubmitGate(live.redis, work.reading),
     )
     app.conveyor = services
     app.conf.task_queues = [Queue(name) for name in consumed_queues(settings, services)]

@@ -21,9 +21,7 @@ from typing import Any
 
 from celery import Celery
 from redis import Redis
-from sqlalchemy import Connection, func, select
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.exc import SQLAlchemyError
 
 from conveyor.broker import broker_task_ids
 from conveyor.ledger.upkeep import (
@@ -31,7 +29,6 @@ from conveyor.ledger.upkeep import (
     promote_due,
     reap_stale,
     redrive,
-    republish_unpublished,
     stale_queued,
     stop_overdue,
 )
@@ -39,48 +36,12 @@ from conveyor.metrics import JOBS_FINISHED, JOBS_REDRIVEN, SCHEDULE_FIRES_SKIPPE
 from conveyor.queues import broker_depths
 from conveyor.retention import prune
 from conveyor.schedules import fire_due_schedules
+from worker.dispatcher import Dispatcher
+from worker.leadership import Leadership
 from worker.runner import WorkerServices, utcnow
 
 logger = logging.getLogger(__name__)
-# pg_advisory_lock key: "conveyor" in ASCII, so it is unlikely to clash with another app's.
-LEADER_LOCK_KEY = 0x636F6E766579
 TICK = 0.1
-
-
-class Leadership:
-    """Holds the advisory lock that makes one beat the housekeeping leader."""
-
-    def __init__(self, services: WorkerServices) -> None:
-        self._engine = services.engine
-        self._conn: Connection | None = None
-
-    def hold(self) -> bool:
-        """Keep or take the lead; `False` while another beat holds it."""
-        try:
-            if self._conn is not None:
-                self._conn.execute(select(1))  # still alive, and so is our lock
-                return True
-            conn = self._engine.connect()
-            if conn.execute(select(func.pg_try_advisory_lock(LEADER_LOCK_KEY))).scalar():
-                conn.commit()
-                self._conn = conn
-                logger.info("this beat leads housekeeping")
-                return True
-            conn.close()
-        except SQLAlchemyError:
-            logger.warning("lost the database; leadership dropped", exc_info=True)
-            self.release()
-        return False
-
-    def release(self) -> None:
-        """Give up the lead (closing the connection releases the lock)."""
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            try:
-                conn.invalidate()  # never back to the pool while it may hold the lock
-                conn.close()
-            except SQLAlchemyError:
-                pass
 
 
 @dataclass
@@ -89,6 +50,7 @@ class Housekeeper:
 
     services: WorkerServices
     app: Celery
+    dispatcher: Dispatcher
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _redis: Redis | None = None
@@ -97,29 +59,26 @@ class Housekeeper:
     @classmethod
     def for_app(cls, app: Celery) -> Housekeeper:
         """Build a housekeeper publishing through the worker app."""
-        return cls(app.conveyor, app)
+        return cls(app.conveyor, app, Dispatcher.for_app(app))
 
     def _count(self, name: str, n: int) -> int:
         self.stats[name] = self.stats.get(name, 0) + n
         return n
 
     def promote(self) -> int:
-        """Expire late jobs, then queue due and unpublished ones; return how many were queued."""
+        """Expire late jobs, then queue due ones for the dispatcher; return how many were queued."""
         with self.services.work.begin() as unit:
             expired = expire_due(unit, utcnow())
             promoted = promote_due(unit, utcnow())
-            republished = republish_unpublished(unit, utcnow())
         self._count("expired", expired)
         JOBS_REDRIVEN.labels("promoted").inc(promoted)
-        JOBS_REDRIVEN.labels("republished").inc(republished)
-        if expired or promoted or republished:
-            logger.info(
-                "queued %d due and %d unpublished jobs, expired %d late ones",
-                promoted,
-                republished,
-                expired,
-            )
-        return self._count("promoted", promoted + republished)
+        if expired or promoted:
+            logger.info("queued %d due jobs, expired %d late ones", promoted, expired)
+        return self._count("promoted", promoted)
+
+    def dispatch(self) -> int:
+        """Make one dispatcher pass (its thread does this on its own); return how many it sent."""
+        return self._count("dispatched", self.dispatcher.run_once().published)
 
     def fire_schedules(self) -> int:
         """Fire due schedule occurrences (none for tenants at their job quota); return how many."""
@@ -134,6 +93,7 @@ class Housekeeper:
                 misfire_grace=settings.misfire_grace_seconds,
                 max_unfinished=settings.tenant_max_unfinished_jobs,
                 skipped=skipped,
+                gate=self.services.gate,
             )
         for reason, count in skipped.items():
             SCHEDULE_FIRES_SKIPPED.labels(reason).inc(count)
@@ -235,9 +195,10 @@ class Housekeeper:
             )
 
     def run_once(self) -> tuple[int, int]:
-        """Run every task once; return how many jobs were promoted and reaped."""
+        """Run every task once (and a dispatcher pass); return how many were promoted and reaped."""
         self.fire_schedules()
         promoted = self.promote()
+        self.dispatch()
         reaped = self.reap()
         self.reconcile()
         return promoted, reaped
@@ -253,7 +214,8 @@ class Housekeeper:
         ]
 
     def start(self) -> None:
-        """Run each task on its interval on a daemon thread, while this beat leads."""
+        """Run each task on its interval on a daemon thread while this beat leads; dispatch too."""
+        self.dispatcher.start()
         self._thread = threading.Thread(
             target=self._loop, name="conveyor-housekeeping", daemon=True
         )
@@ -262,6 +224,7 @@ class Housekeeper:
     def stop(self, timeout: float = 30.0) -> None:
         """End the loop after its current task, wait for it, and give up the lead."""
         self._stop.set()
+        self.dispatcher.stop(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
 

@@ -22,6 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from conveyor.errors import JobCancelled, PermanentError, ValidationFailed
+from conveyor.ledger.gate import SubmitGate
 from conveyor.ledger.transitions import (
     ClaimedJob,
     claim,
@@ -111,6 +112,8 @@ class WorkerServices:
     engine: Engine
     work: Work
     registry: JobRegistry
+    # Whether a job submitted here (a schedule's) may go straight to the broker.
+    gate: SubmitGate
     name: str = field(default_factory=socket.gethostname)
     heartbeats: Heartbeats = field(init=False)
 

@@ -34,6 +34,16 @@ NOT_STARTED = frozenset({JobState.SCHEDULED, JobState.QUEUED, JobState.RETRYING}
 UNFINISHED = NOT_STARTED | {JobState.RUNNING}
 
 
+class Waiting(StrEnum):
+    """Why a job that could otherwise run has not started (its view's `waiting_for`)."""
+
+    SCHEDULE = "schedule"  # its run time, or its retry's backoff, has not come
+    PAUSE = "pause"  # its queue is paused, for its tenant or for everyone
+    LIMIT = "limit"  # a limit it counts against has no room (running or rate)
+    FAIR_SHARE = "fair_share"  # its queue is busy: the dispatcher hands out work by turns
+    DEPENDENCIES = "dependencies"  # jobs it depends on have not succeeded yet
+
+
 class Move(StrEnum):
     """A named transition; the ledger has one guarded statement per move."""
 

@@ -7,6 +7,7 @@ view noted on the unit of work, and its message too when it is queued (written w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -14,14 +15,16 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy import String, TextClause, bindparam, select, text
+from sqlalchemy import String, TextClause, bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from conveyor.errors import Conflict, ValidationFailed
-from conveyor.ledger.states import JobState
+from conveyor.ledger.flow import claim_unique_key, wake_dispatcher
+from conveyor.ledger.reads import job_row
+from conveyor.ledger.states import JobState, Waiting
 from conveyor.ledger.transitions import queue_messages
 from conveyor.ledger.views import job_view
 from conveyor.ledger.work import UnitOfWork
@@ -35,6 +38,9 @@ RUN_AT_HORIZON = timedelta(days=366)
 MAX_METADATA_BYTES = 4096
 MAX_BATCH = 1000
 Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/=-]+$")]
+# A limit's name; no colon, which the job types' own limits use (`type:<name>`).
+LimitKey = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.=/-]+$")]
+UNIQUE_HORIZON = timedelta(days=30)
 
 
 class JobRequest(BaseModel):
@@ -65,6 +71,17 @@ class JobRequest(BaseModel):
     tags: list[Tag] = Field(default_factory=list, max_length=10)
     metadata: dict[str, Any] = Field(default_factory=dict)
     callback_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://\S+$")
+    limit_key: LimitKey | None = Field(
+        default=None, description="Count against the tenant's limit of this name (flow control)."
+    )
+    unique_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="While a job of this type with this key is unfinished (or was submitted "
+        "within `unique_for_seconds`), a submit answers 200 with it instead of a new job.",
+    )
+    unique_for_seconds: float | None = Field(default=None, gt=0, le=UNIQUE_HORIZON.total_seconds())
 
     @field_validator("metadata")
     @classmethod
@@ -79,6 +96,8 @@ class JobRequest(BaseModel):
             raise ValueError("give run_at or delay_seconds, not both")
         if self.expires_at is not None and self.ttl_seconds is not None:
             raise ValueError("give expires_at or ttl_seconds, not both")
+        if self.unique_for_seconds is not None and self.unique_key is None:
+            raise ValueError("unique_for_seconds goes with a unique_key")
         now = datetime.now(UTC)
         if self.run_at is not None and not now - RUN_AT_SKEW <= self.run_at <= now + RUN_AT_HORIZON:
             raise ValueError("run_at must be from now up to a year ahead")
@@ -153,6 +172,8 @@ def _job_row(
         "scheduled_for": run_at if delayed else None,
         "expires_at": expires_at,
         "created_at": now,
+        "limit_key": request.limit_key,
+        "waiting_for": Waiting.SCHEDULE if delayed else None,
     }
 
 
@@ -174,13 +195,22 @@ def check_request(
 
 @dataclass(frozen=True, slots=True)
 class Submitted:
-    """A job just inserted: where it goes, and its client view (JSON-ready)."""
+    """A job a submit answers with: just inserted, or the one holding its unique key."""
 
     id: uuid.UUID
     type: str
     queue: str
     state: JobState
     view: dict[str, Any]
+    # False when the job already existed (the request's unique key was taken).
+    created: bool = True
+
+
+class Gate(Protocol):
+    """Says whether a job may go straight to the broker, or why it waits for the dispatcher."""
+
+    def holds(self, tenant_id: uuid.UUID, queue: str) -> Waiting | None:
+        """Return why a job of the tenant in `queue` waits, or None to publish it at once."""
 
 
 def submit_jobs(
@@ -195,17 +225,22 @@ def submit_jobs(
     schedule_occurrence: datetime | None = None,
     ids: Sequence[uuid.UUID] | None = None,
     allow_internal: bool = False,
+    gate: Gate | None = None,
 ) -> list[Submitted]:
     """Validate every request, then insert all the jobs and their first events, or none.
 
     Internal job types are refused (`UnknownJobType`) unless `allow_internal`, which only
     the platform itself may pass (the ledger inserts webhook deliveries on its own).
 
-    Scheduled jobs wait for the promoter. Queued ones are published by the unit of work
-    right after its commit: they are written with `published_at` set already (the publish
-    is due now), so a publish that succeeds costs no further statement, and one that fails
-    clears it again for the promoter. Should the process die between the commit and the
-    publish, the reconciler re-drives the job (DESIGN.md, "The ledger").
+    A request whose unique key a live job holds gets that job (`created=False`). Scheduled
+    jobs wait for the promoter. A queued job goes straight to the broker unless something
+    may hold it back: a limit it counts against (its `limit_key`, its type's), or what
+    `gate` says (a paused or busy queue); then it waits for the dispatcher, `waiting_for`
+    saying why. One published at once is written with `published_at` set already (its
+    publish is due now): the unit of work publishes it right after the commit, at no
+    further statement, and a publish that fails clears it again for the dispatcher.
+    Should the process die between the commit and the publish, the reconciler re-drives
+    the job (DESIGN.md, "The ledger").
     """
     if len(requests) > MAX_BATCH:
         raise _fail(None, "jobs", f"at most {MAX_BATCH} jobs in one batch")
@@ -226,24 +261,91 @@ def submit_jobs(
         )
         for n, request in enumerate(requests)
     ]
-    for row in rows:
-        row["published_at"] = now if row["state"] == JobState.QUEUED else None
-    # One statement for any number of jobs and their first events: the rows travel as one
-    # JSON document that PostgreSQL unpacks (jsonb_populate_recordset). SQLAlchemy's
-    # per-row, per-column parameter processing of a multi-row insert cost a quarter of a
-    # millisecond a job.
-    document = json.dumps([_ledger_values(row) for row in rows], separators=(",", ":"))
-    versions = {
-        job_id: version
-        for job_id, version in unit.session.execute(_insert_statement(), {"rows": document})
-    }
-    submitted = []
-    for row in rows:
-        view = job_view(row)
-        submitted.append(Submitted(row["id"], row["type"], row["queue"], row["state"], view))
-        unit.show([LiveView.of(row["id"], versions[row["id"]], tenant_id, view)])
-    queue_messages(unit, rows)
-    return submitted
+    holders = _unique_holders(unit, requests, rows, tenant_id, now)
+    new = [row for row in rows if row["id"] not in holders]
+    for row in new:
+        if row["state"] == JobState.QUEUED:
+            row["waiting_for"] = _held(registry, row, gate)
+        row["published_at"] = (
+            now if row["state"] == JobState.QUEUED and row["waiting_for"] is None else None
+        )
+    views: dict[uuid.UUID, Submitted] = {}
+    if new:
+        # One statement for any number of jobs and their first events: the rows travel as
+        # one JSON document that PostgreSQL unpacks (jsonb_populate_recordset). SQLAlchemy's
+        # per-row, per-column parameter processing of a multi-row insert cost a quarter of
+        # a millisecond a job.
+        document = json.dumps([_ledger_values(row) for row in new], separators=(",", ":"))
+        versions = {
+            job_id: version
+            for job_id, version in unit.session.execute(_insert_statement(), {"rows": document})
+        }
+        for row in new:
+            view = job_view(row)
+            views[row["id"]] = Submitted(row["id"], row["type"], row["queue"], row["state"], view)
+            unit.show([LiveView.of(row["id"], versions[row["id"]], tenant_id, view)])
+        queue_messages(unit, [row for row in new if row["published_at"] is not None])
+        if any(row["published_at"] is None and row["state"] == JobState.QUEUED for row in new):
+            wake_dispatcher(unit)
+    return [_answer(unit, row, holders, views, tenant_id) for row in rows]
+
+
+def _held(registry: JobRegistry, row: dict[str, Any], gate: Gate | None) -> Waiting | None:
+    """Return why a queued job must wait for the dispatcher, or None to publish it at once."""
+    if row["limit_key"] is not None or registry.get(row["type"]).limit is not None:
+        return Waiting.LIMIT
+    return gate.holds(row["tenant_id"], row["queue"]) if gate is not None else None
+
+
+def _unique_holders(
+    unit: UnitOfWork,
+    requests: Sequence[JobRequest],
+    rows: Sequence[dict[str, Any]],
+    tenant_id: uuid.UUID,
+    now: datetime,
+) -> dict[uuid.UUID, uuid.UUID]:
+    """Take the unique keys the requests ask for; return, per new job, the job holding its key."""
+    holders = {}
+    for request, row in zip(requests, rows, strict=True):
+        if request.unique_key is None:
+            continue
+        window = request.unique_for_seconds
+        holder = claim_unique_key(
+            unit,
+            tenant_id,
+            row["type"],
+            request.unique_key,
+            row["id"],
+            held_until=now + timedelta(seconds=window) if window else None,
+            now=now,
+        )
+        if holder is not None:
+            holders[row["id"]] = holder
+    return holders
+
+
+def _answer(
+    unit: UnitOfWork,
+    row: dict[str, Any],
+    holders: dict[uuid.UUID, uuid.UUID],
+    views: dict[uuid.UUID, Submitted],
+    tenant_id: uuid.UUID,
+) -> Submitted:
+    """Return what a submit answers for one request: its new job, or the one holding its key."""
+    holder = holders.get(row["id"])
+    if holder is None:
+        return views[row["id"]]
+    if holder in views:  # an earlier request of the same batch took the key
+        return dataclasses.replace(views[holder], created=False)
+    existing = job_row(unit.session, holder, tenant_id)
+    return Submitted(
+        existing["id"],
+        existing["type"],
+        existing["queue"],
+        existing["state"],
+        job_view(existing),
+        False,
+    )
 
 
 def _ledger_values(row: dict[str, Any]) -> dict[str, Any]:
@@ -278,6 +380,8 @@ _COLUMNS = (
     "expires_at",
     "created_at",
     "published_at",
+    "limit_key",
+    "waiting_for",
 )
 
 
@@ -343,3 +447,14 @@ def claim_idempotency_key(
         )
     existing_job: uuid.UUID = existing.job_id
     return existing_job
+
+
+def point_idempotency_key(
+    unit: UnitOfWork, tenant_id: uuid.UUID, key: str, job_id: uuid.UUID
+) -> None:
+    """Make an Idempotency-Key just claimed name another job (the one its unique key found)."""
+    unit.session.execute(
+        update(IdempotencyKey)
+        .where(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key)
+        .values(job_id=job_id)
+    )

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Integer, Select, bindparam, cast, func, or_, select, update
+from sqlalchemy import Integer, Select, bindparam, cast, func, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 
 from conveyor.broker import Message
 from conveyor.errors import Conflict
 from conveyor.ledger.reads import JobFilter, job_row
-from conveyor.ledger.statements import NOW, ROW, param, transition
+from conveyor.ledger.statements import NOW, ROW, claim_statement, param, transition
 from conveyor.ledger.states import NOT_STARTED, JobState, Move
 from conveyor.ledger.views import JobRow, job_view
 from conveyor.ledger.work import UnitOfWork
@@ -92,31 +92,24 @@ class ClaimedJob:
 
 
 @functools.cache
-def _claim_statement() -> Select[Any]:
-    return transition(
-        Move.CLAIM,
-        where=[_JOB, or_(Job.expires_at.is_(None), Job.expires_at > NOW)],
-        values={
-            "attempt": Job.attempt + 1,
-            "started_at": NOW,
-            "heartbeat_at": NOW,
-            "worker": param("worker"),
-            "cancel_requested_at": None,
-        },
-    )
+def _claim_statement() -> Any:
+    return claim_statement()
 
 
 def claim(unit: UnitOfWork, job_id: uuid.UUID, worker: str, now: datetime) -> ClaimedJob | None:
     """Take a queued, unexpired job for one attempt; `None` means there is nothing to run.
 
-    That covers a duplicate or redelivered message, a cancelled job, and an expired one
-    (the housekeeper marks those `expired`).
+    That covers a duplicate or redelivered message, a cancelled job, an expired one (the
+    housekeeper marks those `expired`), and a job a pause or a limit holds back: that one
+    goes back to waiting for the dispatcher, spending no attempt.
     """
     params = {"p_id": job_id, "p_now": now, "p_worker": worker, "p_detail": {"worker": worker}}
     row = unit.session.execute(_claim_statement(), params).mappings().one_or_none()
     if row is None:
         return None
     show(unit, [row])
+    if row["from_state"] is None:  # sent back to wait
+        return None
     return ClaimedJob.of(row)
 
 

@@ -2,8 +2,9 @@
 
 Each batch is picked with `FOR UPDATE SKIP LOCKED`, so two housekeepers (two beats for a
 moment) never block each other or move a job twice, and each move is the guarded statement
-of `conveyor.ledger.statements`. Queued jobs are stamped `published_at` and noted on the
-unit of work, which publishes them once committed.
+of `conveyor.ledger.statements`. Promoted jobs wait for the dispatcher; jobs the reconciler
+re-drives are stamped `published_at` and noted on the unit of work, which publishes them
+once committed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from sqlalchemy import Select, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import RowMapping
 
+from conveyor.ledger.flow import wake_dispatcher
 from conveyor.ledger.publishing import stamp_published
 from conveyor.ledger.statements import NOW, ROW, transition
 from conveyor.ledger.states import JobState, Move
@@ -49,48 +51,21 @@ def _promote_statement() -> Select[Any]:
     return transition(
         Move.PROMOTE,
         where=[Job.scheduled_for <= NOW, _unexpired()],
-        values={"published_at": NOW},
+        values={"published_at": None},
         pick=lambda chosen: _batch(chosen.order_by(_DUE, Job.id)),
     )
 
 
 def promote_due(unit: UnitOfWork, now: datetime, *, batch_size: int = 500) -> int:
-    """Queue scheduled and retrying jobs whose time has come; return how many."""
+    """Queue scheduled and retrying jobs whose time has come; return how many.
+
+    The dispatcher publishes them (it is woken once this commits).
+    """
     params = {"p_now": now, "p_limit": batch_size, "p_detail": None}
     rows = unit.session.execute(_promote_statement(), params).mappings().all()
-    queue_messages(unit, rows)
     show(unit, rows)
-    return len(rows)
-
-
-@functools.cache
-def _unpublished_statement() -> Any:
-    # Queued jobs whose publish failed (the broker was down at submit, or a publish after
-    # a commit failed) are published again once they have been queued this long.
-    since = bindparam("p_since", type_=Job.created_at.type)
-    return (
-        select(Job.id, Job.type, Job.queue, Job.priority, Job.state)
-        .where(
-            Job.state == JobState.QUEUED, Job.published_at.is_(None), since >= _DUE, _unexpired()
-        )
-        .order_by(_DUE, Job.id)
-        .limit(_LIMIT)
-        .with_for_update(skip_locked=True)
-    )
-
-
-def republish_unpublished(
-    unit: UnitOfWork, now: datetime, *, after: float = 10.0, batch_size: int = 500
-) -> int:
-    """Publish again queued jobs left unpublished for `after` seconds; return how many.
-
-    Their publish failed: the broker was down at submit, or a publish after a commit
-    failed and cleared the stamp.
-    """
-    params = {"p_now": now, "p_since": now - timedelta(seconds=after), "p_limit": batch_size}
-    rows = unit.session.execute(_unpublished_statement(), params).mappings().all()
-    stamp_published(unit, [row["id"] for row in rows], now)
-    queue_messages(unit, rows)
+    if rows:
+        wake_dispatcher(unit)
     return len(rows)
 
 

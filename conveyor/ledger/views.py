@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from conveyor.ledger.states import JobState
+from conveyor.ledger.states import JobState, Waiting
 
 # A job's columns by name, as a statement returned them (a RowMapping) or as a submit
 # built them (a dict).
@@ -32,6 +32,7 @@ class JobOut(BaseModel):
                 "id": "0f6b1c1e-3c4d-4e5f-8a9b-0c1d2e3f4a5b",
                 "type": "system.sleep",
                 "state": "running",
+                "waiting_for": None,
                 "queue": "default",
                 "priority": 5,
                 "attempts": 1,
@@ -56,6 +57,8 @@ class JobOut(BaseModel):
     id: uuid.UUID
     type: str
     state: JobState
+    # Why a job that has not started waits (`conveyor.ledger.states.Waiting`), else null.
+    waiting_for: Waiting | None
     queue: str
     priority: int
     attempts: int
@@ -102,6 +105,7 @@ def job_view(row: JobRow, progress: dict[str, Any] | None = None) -> dict[str, A
         "id": str(row["id"]),
         "type": row["type"],
         "state": state.value,
+        "waiting_for": row.get("waiting_for"),
         "queue": row["queue"],
         "priority": row["priority"],
         "attempts": row["attempt"],
