@@ -22,6 +22,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.limits import OUTAGE_SECONDS, _Outage, endpoint_group, ip_key
+from api.rate_windows import counter_key, parse_limits
 from bench.roundtrips import watch_redis
 from conveyor import quota as quota_module
 from conveyor.auth import authenticate_api_key
@@ -40,10 +41,16 @@ NOOP = {"type": "system.noop", "payload": {}}
 RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
 
 
+def counters_of(redis_client: Redis, app: Flask, scope: str) -> list[bytes]:
+    """Return the Redis keys of `scope`'s counters in `app`'s namespace."""
+    prefix = app.extensions["conveyor"].settings.rate_limit_prefix
+    # `<prefix>:<who>:<scope>:<amount>/<seconds>` (api.rate_windows.counter_key)
+    return list(redis_client.scan_iter(f"{prefix}:*:{scope}:*"))
+
+
 def window_ttl(redis_client: Redis, app: Flask, scope: str) -> int:
     """Return the seconds Redis keeps the one counter of `scope` in `app`'s namespace."""
-    prefix = app.extensions["conveyor"].settings.rate_limit_prefix
-    (key,) = list(redis_client.scan_iter(f"LIMITS:LIMITER/{prefix}/*/{scope}/*"))
+    (key,) = counters_of(redis_client, app, scope)
     ttl: int = redis_client.ttl(key)
     return ttl
 
@@ -190,10 +197,32 @@ def test_client_ip_trusts_only_the_configured_proxies(
         assert ip_key() == f"ip:{counted}"
 
 
+def test_counters_are_keyed_by_prefix_who_scope_and_window(
+    make_app: Callable[..., Flask], identity: Identity, redis_client: Redis
+) -> None:
+    prefix = f"rl-{uuid.uuid4().hex}"
+    app = make_app(
+        rate_limit_prefix=prefix,
+        rate_limit_read_ip="3/minute",
+        rate_limit_read_principal="5/minute;100/hour",
+    )
+    assert app.test_client().get("/v1/jobs", headers=bearer(identity.token)).status_code == 200
+    key = f"key:{identity.api_key.id}"
+    expected = {
+        f"{prefix}:ip:127.0.0.1:ip-read:3/60",
+        f"{prefix}:{key}:principal-read:5/60",
+        f"{prefix}:{key}:principal-read:100/3600",
+    }
+    found = {k.decode() for k in redis_client.scan_iter(f"{prefix}:*")}
+    assert found == expected
+    assert all(int(redis_client.get(k) or 0) == 1 for k in expected)
+    (hourly,) = parse_limits("100/hour")
+    assert counter_key(prefix, key, "principal-read", hourly) in expected
+
+
 def counter_value(redis_client: Redis, app: Flask, scope: str) -> int:
     """Return the one counter of `scope` in `app`'s namespace (0 when it was never hit)."""
-    prefix = app.extensions["conveyor"].settings.rate_limit_prefix
-    keys = list(redis_client.scan_iter(f"LIMITS:LIMITER/{prefix}/*/{scope}/*"))
+    keys = counters_of(redis_client, app, scope)
     assert len(keys) <= 1
     return int(redis_client.get(keys[0]) or 0) if keys else 0
 
