@@ -11,6 +11,7 @@ from typing import Any
 from flask import Response, jsonify, request, url_for
 from werkzeug.wrappers import Response as ResponseBase
 
+from api.admission import admitting
 from api.auth import current_principal, requires
 from api.job_views import shown
 from api.limits import prefetched_snapshot
@@ -92,6 +93,7 @@ def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
         if original is not None:
             view = job_view(job_row(unit.session, original, principal.tenant_id))
         else:
+            # A replay (above) adds no job: only a new one is held to the tenant's quota.
             (submitted,) = submit_jobs(
                 unit,
                 svc.registry,
@@ -100,6 +102,7 @@ def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
                 default_queue=svc.settings.default_queue,
                 now=now,
                 ids=[job_id],
+                admit=admitting(unit, principal.tenant_id),
             )
             view = submitted.view
     location = {"Location": url_for("jobs.show", job_id=view["id"])}
@@ -125,6 +128,7 @@ def create_batch(body: JobBatch) -> tuple[Response, int]:
             tenant_id=principal.tenant_id,
             default_queue=svc.settings.default_queue,
             now=datetime.now(UTC),
+            admit=admitting(unit, principal.tenant_id),
         )
     for (job_type, queue), count in Counter((job.type, job.queue) for job in jobs).items():
         JOBS_SUBMITTED.labels(job_type, queue).inc(count)

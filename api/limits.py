@@ -1,11 +1,9 @@
-"""Limits and admission control, counted in Redis and shared by every API instance.
+"""Rate limits, counted in Redis and shared by every API instance.
 
 - Every endpoint group (`endpoint_group`) has a rate limit per client IP, counted before
   anything else, and one per verified principal (API key or user), counted once the caller
   is authenticated, so nobody can pick a bucket with a made-up token.
 - Sign-in and sign-up are limited per client IP and per email instead.
-- Submitting jobs (and triggering a schedule) is refused while the tenant's unfinished jobs
-  are at their quota.
 
 The counters are fixed windows (api/rate_windows.py) whose increment also answers its count
 and expiry, so the `X-RateLimit-*` headers and a 429's `Retry-After` cost no Redis round
@@ -26,7 +24,6 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
 
 from flask import Blueprint, Flask, Response, g, request
 from limits import RateLimitItem
@@ -39,10 +36,7 @@ from api.services import services
 from conveyor.auth import Principal
 from conveyor.errors import RateLimited, Unauthorized
 from conveyor.identity import normalise_email
-from conveyor.ledger.submit import MAX_BATCH
 from conveyor.live.store import Prefetched, queue_read
-from conveyor.quota import TenantQuota
-from conveyor.roles import PERMISSIONS, Permission
 from conveyor.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -54,14 +48,6 @@ WRITE_GROUPS = {"jobs": "submit", "files": "submit", "job_control": "control"}
 # Endpoints whose blueprint and method do not tell their group.
 ENDPOINT_GROUPS = {"schedules.trigger": "control"}
 READ_METHODS = frozenset({"GET", "HEAD"})
-# The routes that add jobs against the tenant's quota, with the permission each needs (a
-# caller without it gets the view's 403, not a 429).
-SUBMIT_RULES = {
-    "/v1/jobs": Permission.SUBMIT,
-    "/v1/jobs/batch": Permission.SUBMIT,
-    "/v1/schedules/<schedule_id>/trigger": Permission.MANAGE_SCHEDULES,
-}
-BATCH_RULE = "/v1/jobs/batch"
 # After Redis fails, rate limiting stays off this long before trying Redis again.
 OUTAGE_SECONDS = 5.0
 HEADER_LIMIT = "X-RateLimit-Limit"
@@ -254,25 +240,6 @@ def _add_headers(outage: _Outage) -> Callable[[Response], Response]:
     return add_headers
 
 
-def _submitted_jobs() -> int:
-    """Return how many jobs this submit adds (0 when the view will refuse the body anyway)."""
-    if request.url_rule is None or request.url_rule.rule != BATCH_RULE:
-        return 1
-    try:
-        body = request.get_json(silent=True)
-    except RecursionError:
-        return 0
-    jobs = body.get("jobs") if isinstance(body, dict) else None
-    return len(jobs) if isinstance(jobs, list) and len(jobs) <= MAX_BATCH else 0
-
-
-def _may_submit(principal: Principal) -> bool:
-    """Return whether the caller holds the permission this submit route needs."""
-    rule = request.url_rule.rule if request.url_rule is not None else ""
-    needed = SUBMIT_RULES.get(rule, Permission.SUBMIT)
-    return needed in PERMISSIONS[principal.role]
-
-
 def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
     """Limit every endpoint group per IP and per principal, `throttled` per IP and email."""
     ip_limits: Mapping[str, tuple[RateLimitItem, ...]] = {
@@ -291,11 +258,6 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
     limits = _Limits(RateWindows(redis), outage, settings.rate_limit_prefix)
     # On the snapshots' Redis, the poll's counters carry its snapshot read (else two trips).
     prefetch_polls = settings.redis_url.get_secret_value() == settings.result_backend
-    quota = TenantQuota(
-        settings.tenant_max_unfinished_jobs,
-        refresh=settings.tenant_quota_refresh_seconds,
-        drain_window=settings.tenant_drain_window_seconds,
-    )
 
     def counting() -> bool:
         return settings.rate_limits_enabled and not outage.active()
@@ -322,12 +284,6 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
                 admit_signin()
             return
         by_ip, by_principal = ip_limits[group], principal_limits[group]
-        submits = (
-            quota.limit > 0
-            and request.method == "POST"
-            and request.url_rule is not None
-            and request.url_rule.rule in SUBMIT_RULES
-        )
         principal = None
         if counting():
             counters = limits.counters(by_ip, ip_key(), f"ip-{group}")
@@ -343,7 +299,7 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
                 polled = _polled_job() if prefetch_polls else None
             if counters:
                 limits.count(counters, shown, polled)
-        if principal is None and ((settings.rate_limits_enabled and by_principal) or submits):
+        if principal is None and settings.rate_limits_enabled and by_principal:
             principal = _verified_principal()
             if principal is None:
                 return
@@ -351,10 +307,6 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
                 limits.count(
                     limits.counters(by_principal, principal_key(principal), f"principal-{group}")
                 )
-        if principal is not None and submits and _may_submit(principal):
-            quota.admit(
-                services().work.reading, principal.tenant_id, _submitted_jobs(), datetime.now(UTC)
-            )
 
     if settings.rate_limit_headers:
         app.after_request(_add_headers(outage))

@@ -1,15 +1,13 @@
-"""Rate limits per endpoint group (per IP and per principal) and the tenant's job quota."""
+"""Rate limits per endpoint group (per IP and per principal)."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import AbstractContextManager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -18,24 +16,17 @@ from limits.storage import RedisStorage
 from pydantic import SecretStr
 from redis import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.limits import OUTAGE_SECONDS, _Outage, endpoint_group, ip_key
 from api.rate_windows import counter_key, parse_limits
 from bench.roundtrips import watch_redis
-from conveyor import quota as quota_module
 from conveyor.auth import authenticate_api_key
 from conveyor.bootstrap import Identity
-from conveyor.errors import QuotaExceeded, ValidationFailed
-from conveyor.ledger.states import JobState
-from conveyor.models import Job
-from conveyor.quota import DRAIN_SAMPLE, DrainRate, TenantQuota
 from conveyor.settings import Settings
 from tests.conftest import bearer
 from tests.factories import job_factory, other_tenant
 from tests.test_api import assert_problem, job_count, published
-from tests.test_identity import login, register
 
 NOOP = {"type": "system.noop", "payload": {}}
 RATE_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
@@ -484,152 +475,3 @@ def test_an_outage_warns_once_and_ends_by_itself(caplog: pytest.LogCaptureFixtur
         assert not outage.active()
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert "ConnectionError: refused" in caplog.records[0].getMessage()
-
-
-def finish_jobs(
-    sessions: sessionmaker[Session], tenant_id: uuid.UUID, count: int, ago: timedelta
-) -> None:
-    """Record `count` of the tenant's jobs as finished `ago`."""
-    with sessions.begin() as session:
-        ids = [job_factory(session, tenant_id).id for _ in range(count)]
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(ids))
-            .values(state=JobState.SUCCEEDED, finished_at=datetime.now(UTC) - ago)
-        )
-
-
-def test_quota_refuses_submits_with_retry_after_from_the_drain_rate(
-    make_app: Callable[..., Flask],
-    identity: Identity,
-    sessions: sessionmaker[Session],
-    redis_client: Redis,
-    settings: Settings,
-) -> None:
-    # 30 jobs finished in the 300 s window: the tenant drains 0.1 jobs a second.
-    finish_jobs(sessions, identity.tenant.id, 30, ago=timedelta(seconds=60))
-    finish_jobs(sessions, identity.tenant.id, 50, ago=timedelta(seconds=900))  # too long ago
-    app = make_app(
-        tenant_max_unfinished_jobs=3,
-        tenant_quota_refresh_seconds=0,
-        tenant_drain_window_seconds=300,
-    )
-    client = app.test_client()
-    auth = bearer(identity.token)
-    assert client.post("/v1/jobs/batch", json={"jobs": [NOOP] * 2}, headers=auth).status_code == 202
-    assert client.post("/v1/jobs", json=NOOP, headers=auth).status_code == 202
-    jobs, messages = job_count(sessions), published(redis_client, settings)
-
-    refused = client.post("/v1/jobs", json=NOOP, headers=auth)
-    body = assert_problem(refused, 429)
-    assert body["type"].endswith("/quota-exceeded")
-    assert refused.headers["Retry-After"] == str(math.ceil(1 / (30 / 300)))  # 10 s
-    batch = client.post("/v1/jobs/batch", json={"jobs": [NOOP] * 2}, headers=auth)
-    assert_problem(batch, 429)
-    assert batch.headers["Retry-After"] == "20"
-    assert (job_count(sessions), published(redis_client, settings)) == (jobs, messages)
-    # A batch larger than the whole quota could never fit: no point in retrying.
-    too_big = client.post("/v1/jobs/batch", json={"jobs": [NOOP] * 4}, headers=auth)
-    assert_problem(too_big, 422)
-
-    # A finished job makes room for one more.
-    with sessions.begin() as session:
-        session.execute(
-            update(Job)
-            .where(Job.id == (client.get("/v1/jobs?limit=1", headers=auth).json["items"][0]["id"]))
-            .values(state=JobState.SUCCEEDED, finished_at=datetime.now(UTC))
-        )
-    assert client.post("/v1/jobs", json=NOOP, headers=auth).status_code == 202
-
-
-def test_quota_with_nothing_drained_suggests_a_minute(
-    make_app: Callable[..., Flask], identity: Identity
-) -> None:
-    client = make_app(tenant_max_unfinished_jobs=1).test_client()
-    auth = bearer(identity.token)
-    assert client.post("/v1/jobs", json=NOOP, headers=auth).status_code == 202
-    refused = client.post("/v1/jobs", json=NOOP, headers=auth)
-    assert_problem(refused, 429)
-    assert refused.headers["Retry-After"] == "60"
-
-
-def test_quota_leaves_other_tenants_viewers_and_reads_alone(
-    make_app: Callable[..., Flask], identity: Identity, role_tokens: dict[str, str]
-) -> None:
-    client = make_app(tenant_max_unfinished_jobs=1).test_client()
-    auth = bearer(identity.token)
-    assert client.post("/v1/jobs", json=NOOP, headers=auth).status_code == 202
-    assert_problem(client.post("/v1/jobs", json=NOOP, headers=auth), 429)
-    # A viewer may not submit at all: that, not the quota, is its answer.
-    assert_problem(client.post("/v1/jobs", json=NOOP, headers=bearer(role_tokens["viewer"])), 403)
-    assert client.get("/v1/jobs", headers=auth).status_code == 200
-    assert register(client, "owner@other.example.com").status_code == 201
-    theirs = bearer(login(client, "owner@other.example.com").get_json()["access_token"])
-    assert client.post("/v1/jobs", json=NOOP, headers=theirs).status_code == 202
-
-
-class CountingSessions:
-    """A session factory that counts how often it is used."""
-
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self.sessions = sessions
-        self.opened = 0
-
-    def __call__(self) -> AbstractContextManager[Session]:
-        self.opened += 1
-        return self.sessions()
-
-
-def test_quota_counts_a_tenant_once_per_refresh(
-    identity: Identity, sessions: sessionmaker[Session]
-) -> None:
-    clock = [0.0]
-    quota = TenantQuota(3, refresh=1.0, drain_window=300, clock=lambda: clock[0])
-    counting = CountingSessions(sessions)
-    tenant, now = identity.tenant.id, datetime.now(UTC)
-    quota.admit(counting, tenant, 1, now)
-    quota.admit(counting, tenant, 2, now)
-    assert counting.opened == 1  # counted once; the second admit adds to that count
-    with pytest.raises(QuotaExceeded):
-        quota.admit(counting, tenant, 1, now)
-    assert counting.opened == 2  # no recount within the refresh, only the drain rate
-    clock[0] = 1.0
-    quota.admit(counting, tenant, 3, now)  # nothing was written: a fresh count finds room
-    assert counting.opened == 3
-    with pytest.raises(ValidationFailed):
-        quota.admit(counting, tenant, 4, now)
-    TenantQuota(0, refresh=1.0, drain_window=300).admit(counting, tenant, 10**6, now)
-    assert counting.opened == 3
-
-
-def test_a_busy_tenants_drain_rate_comes_from_its_latest_finishes(
-    identity: Identity, sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(quota_module, "DRAIN_SAMPLE", 4)
-    now = datetime.now(UTC)
-    for seconds in (2, 4, 6, 8, 10, 200):
-        finish_jobs(sessions, identity.tenant.id, 1, ago=timedelta(seconds=seconds))
-    with sessions() as session:
-        # The latest 4 finished within 8 s, far less than the 300 s window: 0.5 jobs/s.
-        busy = quota_module.drain_rate(session, identity.tenant.id, now, 300)
-        assert busy.finished == 4
-        assert busy.seconds == pytest.approx(8, abs=0.5)
-        monkeypatch.setattr(quota_module, "DRAIN_SAMPLE", 1000)
-        assert quota_module.drain_rate(session, identity.tenant.id, now, 300) == DrainRate(6, 300)
-
-
-@pytest.mark.parametrize(
-    ("rate", "excess", "wait"),
-    [
-        (DrainRate(30, 300.0), 1, 10),
-        (DrainRate(30, 300.0), 7, 70),
-        (DrainRate(3, 300.0), 1, 100),
-        (DrainRate(DRAIN_SAMPLE, 0.5), 1, 1),  # fast drains still wait a second
-        (DrainRate(1, 300.0), 1000, 3600),  # and slow ones at most an hour
-        (DrainRate(0, 300.0), 5, 60),  # nothing drained: try again in a minute
-    ],
-)
-def test_retry_after_is_the_excess_over_the_drain_rate(
-    rate: DrainRate, excess: int, wait: int
-) -> None:
-    assert rate.retry_after(excess) == wait
