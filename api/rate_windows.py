@@ -5,7 +5,7 @@ when the caller is already known, its principal's). One Lua script increments th
 order and stops at the first one over its limit, so a refused IP spends nothing of the
 principal's budget, and it answers each counter's count and expiry, so the
 `X-RateLimit-*` headers and a 429's `Retry-After` cost no Redis read of their own. Other
-commands may ride in the same round trip (`hit_along`: the status poll's snapshot read).
+commands may ride in the same round trip (`hit_along`).
 
 Each counter is a fixed window: increment, start the expiry with the window's first hit,
 refuse above the limit. Its key is Conveyor's own (`counter_key`); `limits` only parses the
@@ -18,12 +18,14 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from limits import RateLimitItem, parse_many
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError
+
+T = TypeVar("T")
 
 # KEYS are the counters in order; ARGV holds each one's expiry and amount in turn.
 _HIT = b"""
@@ -109,27 +111,33 @@ class RateWindows:
         keys, args = self._script_input(counters)
         return self._windows(counters, self._hit(keys=keys, args=args))
 
+    @property
+    def redis(self) -> Redis:
+        """Return the Redis client the counters live in."""
+        return self._redis
+
     def hit_along(
-        self, counters: Sequence[Counter], queue: Callable[[Pipeline], None]
-    ) -> tuple[list[Window], list[Any]]:
+        self, counters: Sequence[Counter], queue: Callable[[Pipeline], T]
+    ) -> tuple[list[Window], T, list[Any]]:
         """Count as `hit` does, sending the commands `queue` adds in the same round trip.
 
-        Returns the windows and the replies to `queue`'s commands, a failed command's
-        error in its place. Raises redis-py's `RedisError` when Redis cannot count.
+        Returns the windows, what `queue` returned, and the replies to its commands, a
+        failed command's error in its place. Raises redis-py's `RedisError` when Redis
+        cannot count.
         """
         keys, args = self._script_input(counters)
         # EVALSHA by hand: a redis-py Script in a pipeline costs a SCRIPT EXISTS round trip.
         with self._redis.pipeline(transaction=False) as pipe:
             pipe.evalsha(self._hit.sha, len(keys), *keys, *args)
-            queue(pipe)
+            queued = queue(pipe)
             counted, *replies = pipe.execute(raise_on_error=False)
         if isinstance(counted, NoScriptError):
             # Redis restarted or flushed its scripts, so nothing was counted: `hit` loads
             # the script and counts; the other replies stand.
-            return self.hit(counters), replies
+            return self.hit(counters), queued, replies
         if isinstance(counted, RedisError):
             raise counted
-        return self._windows(counters, counted), replies
+        return self._windows(counters, counted), queued, replies
 
     @staticmethod
     def _script_input(counters: Sequence[Counter]) -> tuple[list[str], list[int]]:
