@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity, create_tenant_identity
 from conveyor.broker import CeleryPublisher, create_celery
+from conveyor.celery_internals import reset_worker_shutdown_flag
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.embedded import create_database, drop_database, embedded_services
 from conveyor.ledger.work import UnitOfWork, Work
@@ -406,7 +407,6 @@ def in_process_worker(app: Any) -> Iterator[Any]:
     """Run `app`'s Celery worker in a thread of this process (thread pool) for the block."""
     import celery.contrib.testing.tasks  # noqa: F401 - registers the ping task start_worker needs
     from celery.contrib.testing.worker import start_worker
-    from celery.worker import state
 
     try:
         with start_worker(
@@ -417,10 +417,10 @@ def in_process_worker(app: Any) -> Iterator[Any]:
             running.timer.call_repeatedly(0.5, lambda: None)
             yield running
     finally:
-        # start_worker stops its worker with this process-wide flag, and leaves it set when
+        # start_worker stops its worker with a process-wide flag, and leaves it set when
         # the worker thread outstays shutdown_timeout: every later in-process worker would
         # then stop before it is ready, and hang its test at start instead of this one failing.
-        state.should_terminate = None
+        reset_worker_shutdown_flag()
 
 
 @pytest.fixture(scope="module")

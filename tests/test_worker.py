@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
 from conveyor.broker import CeleryPublisher, Message, broker_task_ids, queue_depth, queue_lists
+from conveyor.celery_internals import UNACKED_INDEX_KEY
 from conveyor.errors import ConveyorError, JobFailed
 from conveyor.ledger.transitions import claim
 from conveyor.ledger.work import UnitOfWork, Work
@@ -221,28 +222,27 @@ def test_the_reconciler_redrives_a_job_whose_consumer_died_before_claiming(
     queue = f"rc-{uuid.uuid4().hex[:8]}"
     app = create_celery_app(settings.model_copy(update={"default_queue": queue}))
     housekeeper = Housekeeper.for_app(app)
-    tag = f"tag-{uuid.uuid4().hex}"
     try:
         with sessions.begin() as session:
             job = job_factory(session, identity.tenant.id)
             job.queue = queue
         CeleryPublisher(app).publish([Message.of(job)])
-        # A consumer took the message (kombu moves it to its unacked hash) and never claimed.
-        (raw,) = redis_client.lrange(f"{queue}:9", 0, -1)
-        redis_client.delete(f"{queue}:9")
-        redis_client.hset("unacked", tag, json.dumps([json.loads(raw), queue, queue]))
-        redis_client.zadd("unacked_index", {tag: time.time()})
         with sessions.begin() as session:
             session.get_one(Job, job.id).published_at = datetime.now(UTC) - timedelta(hours=1)
-        # Taken just now: its consumer may be about to claim it.
-        assert housekeeper.reconcile() == 0
-        redis_client.zadd("unacked_index", {tag: time.time() - settings.reconcile_after - 1})
-        assert housekeeper.reconcile() == 1
-        assert queue_depth(redis_client, queue) == 1
+        # A consumer takes the message (kombu moves it to its unacked hash) and never claims.
+        with app.connection_for_read() as conn:
+            taken = conn.default_channel.basic_get(queue, no_ack=False)
+            assert taken is not None
+            # Taken just now: its consumer may be about to claim it.
+            assert housekeeper.reconcile() == 0
+            # Taken long ago, by a consumer that died since.
+            old = time.time() - settings.reconcile_after - 1
+            redis_client.zadd(UNACKED_INDEX_KEY, {taken.delivery_tag: old})
+            assert housekeeper.reconcile() == 1
+            assert queue_depth(redis_client, queue) == 1
+            taken.ack()  # not back to the queue when this connection closes
     finally:
-        redis_client.hdel("unacked", tag)
-        redis_client.zrem("unacked_index", tag)
-        redis_client.delete(queue, *(f"{queue}:{n}" for n in range(1, 10)))
+        redis_client.delete(*queue_lists(queue))
         app.conveyor.engine.dispose()
 
 

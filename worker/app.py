@@ -102,8 +102,7 @@ def _bind_job_context(task_id: str | None = None, task: Task | None = None, **_:
     clear_context()
     if task is None:
         return
-    # Celery exposes a message's custom headers as attributes of the task's request.
-    request_id = getattr(task.request, REQUEST_ID_HEADER, None)
+    request_id = (task.request.headers or {}).get(REQUEST_ID_HEADER)
     bind_context(job_id=task_id, job_type=task.name, request_id=request_id)
 
 
