@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 from flask import Flask
 from flask_openapi3.blueprint import APIBlueprint
 
@@ -22,6 +20,7 @@ from api import (
     limits,
     metrics,
     openapi,
+    plugins,
     queues,
     requests,
     schedules,
@@ -40,7 +39,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app = openapi.create_openapi(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["conveyor"] = services or Services.from_settings(settings)
+    services = services or Services.from_settings(settings)
+    app.extensions["conveyor"] = services
     requests.init_app(app)
     hygiene.init_app(app, settings)
     metrics.init_app(app)
@@ -65,9 +65,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         audit.bp,
         webhooks.bp,
     )
-    # Business domains add their routes by configuration, so the API never imports them.
-    domains = tuple(importlib.import_module(module).bp for module in settings.api_modules)
-    for blueprint in (*blueprints, *domains):
+    # Installed business domains add their routes (conveyor.plugins); the API names none.
+    for blueprint in (*blueprints, *plugins.domain_blueprints(services)):
         # Each blueprint's operations go into the OpenAPI document as it is registered.
         assert isinstance(blueprint, APIBlueprint), f"{blueprint.name}: use an APIBlueprint"
         app.register_api(blueprint)

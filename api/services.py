@@ -15,7 +15,8 @@ from conveyor.broker import CeleryPublisher, create_celery
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.ledger.work import Work
 from conveyor.live.store import LiveStore
-from conveyor.registry import JobRegistry, load_job_types
+from conveyor.plugins import job_registry
+from conveyor.registry import JobRegistry
 from conveyor.settings import Settings
 
 
@@ -54,7 +55,7 @@ class Services:
             sessions=create_session_factory(engine),
             redis=redis,
             publisher=publisher,
-            registry=load_job_types(settings.job_modules),
+            registry=job_registry(settings),
             key_cache=PrincipalCache(settings.api_key_cache_seconds),
         )
 
