@@ -29,6 +29,7 @@ from api import (
 )
 from api.services import Services
 from conveyor.logs import configure_logging
+from conveyor.plugins import load_domains
 from conveyor.settings import Settings
 
 
@@ -39,7 +40,9 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app = openapi.create_openapi(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    services = services or Services.from_settings(settings)
+    # Installed business domains bring job types and routes (conveyor.plugins).
+    domains = load_domains()
+    services = services or Services.from_settings(settings, domains)
     app.extensions["conveyor"] = services
     requests.init_app(app)
     hygiene.init_app(app, settings)
@@ -65,8 +68,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         audit.bp,
         webhooks.bp,
     )
-    # Installed business domains add their routes (conveyor.plugins); the API names none.
-    for blueprint in (*blueprints, *plugins.domain_blueprints(services)):
+    for blueprint in (*blueprints, *plugins.domain_blueprints(services, domains)):
         # Each blueprint's operations go into the OpenAPI document as it is registered.
         assert isinstance(blueprint, APIBlueprint), f"{blueprint.name}: use an APIBlueprint"
         app.register_api(blueprint)

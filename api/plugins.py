@@ -6,7 +6,7 @@ its blueprints document and secure themselves as the API's own do.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from flask_openapi3.blueprint import APIBlueprint
@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import auth, openapi
 from api.services import Services
 from conveyor.auth import Principal
-from conveyor.plugins import V, Web, load_domains
+from conveyor.plugins import Domain, V, Web
 from conveyor.roles import Permission
 
 
@@ -58,8 +58,8 @@ class ApiWeb:
         return auth.current_principal()
 
 
-def domain_blueprints(services: Services) -> tuple[APIBlueprint, ...]:
-    """Build every installed domain's routes on this app's services."""
+def domain_blueprints(services: Services, domains: Iterable[Domain]) -> tuple[APIBlueprint, ...]:
+    """Build the domains' routes on this app's services."""
     web: Web = ApiWeb(services)
-    built = (domain.blueprint(web) for domain in load_domains())
+    built = (domain.blueprint(web) for domain in domains)
     return tuple(blueprint for blueprint in built if blueprint is not None)
