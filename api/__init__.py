@@ -6,6 +6,7 @@ from flask import Flask
 from flask_openapi3.blueprint import APIBlueprint
 
 from api import (
+    admission,
     audit,
     auth,
     errors,
@@ -17,11 +18,11 @@ from api import (
     job_types,
     jobs,
     keys,
-    limits,
     metrics,
     openapi,
     plugins,
     queues,
+    rate_limits,
     requests,
     schedules,
     users,
@@ -49,10 +50,12 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     metrics.init_app(app)
     errors.init_app(app)
     # Request hooks run in this order: limits per IP (and per principal), then the caller's
-    # permission, then the body's syntax; flask-openapi3 validates the input last.
-    limits.init_app(app, settings, identity.signin)
+    # permission, then the body's syntax; flask-openapi3 validates the input last, and the
+    # views that add jobs hold them to the tenant's quota once they are valid (admission).
+    rate_limits.init_app(app, settings, identity.signin)
     auth.init_app(app, settings)
     requests.init_body_checks(app)
+    admission.init_app(app, settings)
     blueprints = (
         health.bp,
         identity.signin,

@@ -6,7 +6,7 @@ import logging
 import math
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -256,8 +256,9 @@ def fire(
     default_queue: str,
     now: datetime,
     occurrence: datetime | None,
+    admit: Callable[[int], None] | None = None,
 ) -> Submitted | None:
-    """Submit the schedule's job through the normal submit path.
+    """Submit the schedule's job through the normal submit path (`admit` as `submit_jobs`).
 
     `None` means this occurrence already has its job: another beat fired it.
     """
@@ -272,6 +273,7 @@ def fire(
                 now=now,
                 schedule_id=schedule.id,
                 schedule_occurrence=occurrence,
+                admit=admit,
             )
     except IntegrityError:
         return None

@@ -168,7 +168,7 @@ class Settings(BaseSettings):
     trusted_proxies: int = Field(default=0, ge=0, le=10)
     # Namespace of rate-limit counters in Redis; shared by every API instance.
     rate_limit_prefix: str = "conveyor-rl"
-    # Rate limits per endpoint group (api/limits.py), each counted per verified principal
+    # Rate limits per endpoint group (api/rate_limits.py), each counted per verified principal
     # (API key or user) and per client IP; `limits` strings, empty for none. Generous
     # defaults: they stop a runaway client, not a busy one.
     rate_limits_enabled: bool = True

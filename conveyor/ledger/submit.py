@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
@@ -195,11 +195,14 @@ def submit_jobs(
     schedule_occurrence: datetime | None = None,
     ids: Sequence[uuid.UUID] | None = None,
     allow_internal: bool = False,
+    admit: Callable[[int], None] | None = None,
 ) -> list[Submitted]:
     """Validate every request, then insert all the jobs and their first events, or none.
 
     Internal job types are refused (`UnknownJobType`) unless `allow_internal`, which only
     the platform itself may pass (the ledger inserts webhook deliveries on its own).
+    `admit` gets the number of jobs once all are valid, before anything is written, and
+    may refuse them by raising (the API holds them to the tenant's quota there).
 
     Scheduled jobs wait for the promoter. Queued ones are published by the unit of work
     right after its commit: they are written with `published_at` set already (the publish
@@ -226,6 +229,8 @@ def submit_jobs(
         )
         for n, request in enumerate(requests)
     ]
+    if admit is not None:
+        admit(len(rows))
     for row in rows:
         row["published_at"] = now if row["state"] == JobState.QUEUED else None
     # One statement for any number of jobs and their first events: the rows travel as one
