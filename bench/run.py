@@ -554,7 +554,7 @@ def _bench(
     )
     log(f"migrating; servers {pg_url.split('?')[0]} and {redis_url}")
     subprocess.run(
-        [BIN / "alembic", "upgrade", "head"],
+        [BIN / "conveyor", "migrate"],
         env=env,
         cwd=ROOT,
         check=True,

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from alembic import command
 from alembic.config import Config
 from kombu.exceptions import ChannelError
 from pydantic import SecretStr
@@ -32,6 +31,8 @@ from conveyor.db import create_db_engine, create_session_factory
 from conveyor.embedded import create_database, drop_database, embedded_services
 from conveyor.ledger.work import UnitOfWork, Work
 from conveyor.live.store import LiveStore
+from conveyor.migrations import alembic_config as conveyor_alembic_config
+from conveyor.migrations import upgrade
 from conveyor.models import JobEvent
 from conveyor.settings import Settings
 
@@ -99,9 +100,9 @@ def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
 
 
 def alembic_config(url: str) -> Config:
-    """Return an Alembic config aimed at `url`, leaving pytest's logging alone."""
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    """Return Conveyor's Alembic config (every domain's revisions) aimed at `url`, leaving
+    pytest's logging alone."""
+    config = conveyor_alembic_config(ROOT / "alembic.ini", url=url)
     config.attributes["configure_logger"] = False
     return config
 
@@ -194,7 +195,7 @@ def base_settings(server_urls: tuple[str, str], make_database: Callable[[], str]
         auth_rate_limit_email="10000/minute",
         rate_limit_prefix=f"rl-{uuid.uuid4().hex[:8]}",
     )
-    command.upgrade(alembic_config(settings.sqlalchemy_url), "head")
+    upgrade(alembic_config(settings.sqlalchemy_url))
     return settings
 
 

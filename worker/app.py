@@ -24,7 +24,8 @@ from conveyor.ledger.work import Work
 from conveyor.live.store import LiveStore
 from conveyor.logs import bind_context, clear_context, configure_logging
 from conveyor.metrics import serve_metrics
-from conveyor.registry import JobType, load_job_types
+from conveyor.plugins import job_registry
+from conveyor.registry import JobType
 from conveyor.settings import Settings
 from worker.consumer import install as install_loop_bound_consumer
 from worker.housekeeping import Housekeeper
@@ -48,7 +49,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         engine=engine,
         # Workers queue nothing themselves; beat's housekeeping (this app too) publishes.
         work=Work(engine, live, CeleryPublisher(app)),
-        registry=load_job_types(settings.job_modules),
+        registry=job_registry(settings),
     )
     app.conveyor = services
     app.conf.task_queues = [Queue(name) for name in consumed_queues(settings, services)]
