@@ -8,6 +8,7 @@ RUN uv sync --frozen --no-default-groups --no-install-project
 COPY conveyor ./conveyor
 COPY api ./api
 COPY worker ./worker
+COPY domains ./domains
 RUN uv sync --frozen --no-default-groups --no-editable
 
 FROM python:3.11-slim AS runtime

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
-
 from flask import Flask
 from flask_openapi3.blueprint import APIBlueprint
 
 from api import (
+    admission,
     audit,
     auth,
     errors,
@@ -20,10 +19,11 @@ from api import (
     job_types,
     jobs,
     keys,
-    limits,
     metrics,
     openapi,
+    plugins,
     queues,
+    rate_limits,
     requests,
     schedules,
     users,
@@ -31,6 +31,7 @@ from api import (
 )
 from api.services import Services
 from conveyor.logs import configure_logging
+from conveyor.plugins import load_domains
 from conveyor.settings import Settings
 
 
@@ -41,16 +42,21 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app = openapi.create_openapi(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions["conveyor"] = services or Services.from_settings(settings)
+    # Installed business domains bring job types and routes (conveyor.plugins).
+    domains = load_domains()
+    services = services or Services.from_settings(settings, domains)
+    app.extensions["conveyor"] = services
     requests.init_app(app)
     hygiene.init_app(app, settings)
     metrics.init_app(app)
     errors.init_app(app)
     # Request hooks run in this order: limits per IP (and per principal), then the caller's
-    # permission, then the body's syntax; flask-openapi3 validates the input last.
-    limits.init_app(app, settings, identity.signin)
+    # permission, then the body's syntax; flask-openapi3 validates the input last, and the
+    # views that add jobs hold them to the tenant's quota once they are valid (admission).
+    rate_limits.init_app(app, settings, identity.signin)
     auth.init_app(app, settings)
     requests.init_body_checks(app)
+    admission.init_app(app, settings)
     blueprints = (
         health.bp,
         identity.signin,
@@ -68,9 +74,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         audit.bp,
         webhooks.bp,
     )
-    # Business domains add their routes by configuration, so the API never imports them.
-    domains = tuple(importlib.import_module(module).bp for module in settings.api_modules)
-    for blueprint in (*blueprints, *domains):
+    for blueprint in (*blueprints, *plugins.domain_blueprints(services, domains)):
         # Each blueprint's operations go into the OpenAPI document as it is registered.
         assert isinstance(blueprint, APIBlueprint), f"{blueprint.name}: use an APIBlueprint"
         app.register_api(blueprint)

@@ -16,7 +16,7 @@ from conveyor.identity import check_credentials, get_user, register_tenant
 from conveyor.tokens import active_user_for_token, revoke_family, use_refresh_token
 
 AUTH_TAG = tag("auth")
-# Sign-in and sign-up are rate limited as a whole blueprint (api/limits.py).
+# Sign-in and sign-up are rate limited as a whole blueprint (api/rate_limits.py).
 signin = APIBlueprint(
     "signin",
     __name__,

@@ -1,19 +1,28 @@
-"""`/v1/jobs`: submit jobs (one, or a batch), list them, read one and its history."""
+"""`/v1/jobs`: submit jobs (one, or a batch), list them, read one and its history.
+
+The status poll (`show`) reads its job's live view in the rate limiter's round trip when
+the two share a Redis (`api.rate_limits.ride_along`): a poll from a cached API key then
+costs one Redis round trip and no database one.
+"""
 
 from __future__ import annotations
 
 import logging
 import uuid
 from collections import Counter
+from collections.abc import Sequence
+from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import Response, jsonify, request, url_for
+from flask.blueprints import BlueprintSetupState
+from redis.client import Pipeline
 from werkzeug.wrappers import Response as ResponseBase
 
+from api.admission import admitting
 from api.auth import current_principal, requires
 from api.job_views import shown
-from api.limits import prefetched_snapshot
 from api.openapi import (
     JSON_BODY,
     LOCATION,
@@ -21,6 +30,7 @@ from api.openapi import (
     responses,
     secured_blueprint,
 )
+from api.rate_limits import Receiver, ride_along
 from api.requests import parse_id
 from api.schemas import EventList, EventOut, JobBatch, JobList, JobListQuery, JobPage, JobPath
 from api.services import services
@@ -33,6 +43,7 @@ from conveyor.ledger.submit import (
     submit_jobs,
 )
 from conveyor.ledger.views import JobOut, job_view
+from conveyor.live.store import Prefetched, queue_read
 from conveyor.logs import bind_context
 from conveyor.metrics import JOBS_SUBMITTED
 from conveyor.roles import Permission
@@ -40,6 +51,9 @@ from conveyor.roles import Permission
 logger = logging.getLogger(__name__)
 bp = secured_blueprint("jobs", __name__, "jobs", "/v1/jobs")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+# The polled job's live view as the rate limiter's round trip read it, for this request's
+# `show` (set only once the request is admitted; forgotten when the request ends).
+_polled: ContextVar[Prefetched | None] = ContextVar("polled_live_view", default=None)
 
 
 def _idempotency_key() -> str | None:
@@ -101,6 +115,7 @@ def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
         if original is not None:
             view = job_view(job_row(unit.session, original, principal.tenant_id))
         else:
+            # A replay (above) adds no job: only a new one is held to the tenant's quota.
             (submitted,) = submit_jobs(
                 unit,
                 svc.registry,
@@ -110,6 +125,7 @@ def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
                 gate=svc.gate,
                 now=now,
                 ids=[job_id],
+                admit=admitting(unit, principal.tenant_id),
             )
             view = submitted.view
             if not submitted.created and key is not None:
@@ -139,6 +155,7 @@ def create_batch(body: JobBatch) -> tuple[Response, int]:
             default_queue=svc.settings.default_queue,
             gate=svc.gate,
             now=datetime.now(UTC),
+            admit=admitting(unit, principal.tenant_id),
         )
     created = [job for job in jobs if job.created]
     for (job_type, queue), count in Counter((job.type, job.queue) for job in created).items():
@@ -181,12 +198,48 @@ def show(path: JobPath) -> ResponseBase:
             session,
             parse_id(path.job_id, "job"),
             principal.tenant_id,
-            prefetched_snapshot(),
+            _take_polled(),
         )
     bind_context(job_id=view["id"], job_type=view["type"])
     response = jsonify(shown(view))
     response.add_etag()
     return response.make_conditional(request)
+
+
+def _read_with_the_counters(pipe: Pipeline) -> Receiver | None:
+    """Queue the polled job's live-view read on the rate limiter's pipeline."""
+    try:
+        job_id = uuid.UUID(str((request.view_args or {}).get("job_id")))
+    except ValueError:
+        return None  # the view answers 404
+    queue_read(pipe, job_id)
+
+    def receive(replies: Sequence[Any]) -> None:
+        _polled.set(Prefetched(job_id, replies))
+
+    return receive
+
+
+def _take_polled() -> Prefetched | None:
+    """Return the live view read with this poll's counters, if it was, and forget it."""
+    prefetched = _polled.get()
+    _polled.set(None)
+    return prefetched
+
+
+def _poll_with_the_counters(state: BlueprintSetupState) -> None:
+    live = state.app.extensions["conveyor"].live
+    ride_along(state.app, f"{state.name}.show", live.redis, _read_with_the_counters)
+
+
+bp.record_once(_poll_with_the_counters)
+
+
+@bp.teardown_request
+def _forget_polled(_: BaseException | None) -> None:
+    # A poll the limiter admitted but a later check refused (its view never ran) must leave
+    # nothing for the next request this thread serves.
+    _polled.set(None)
 
 
 @bp.get("/<job_id>/events", responses=responses({200: EventList}, 404))

@@ -5,12 +5,11 @@ when the caller is already known, its principal's). One Lua script increments th
 order and stops at the first one over its limit, so a refused IP spends nothing of the
 principal's budget, and it answers each counter's count and expiry, so the
 `X-RateLimit-*` headers and a 429's `Retry-After` cost no Redis read of their own. Other
-commands may ride in the same round trip (`hit_along`: the status poll's snapshot read).
+commands may ride in the same round trip (`hit_along`).
 
-The counting is `limits`' fixed window (what Flask-Limiter counted with before): increment,
-start the expiry with the window's first hit, refuse above the limit. Keys are the ones
-Flask-Limiter built (`LIMITS:LIMITER/<prefix>/<who>/<scope>/<amount>/<multiples>/<unit>`),
-so counters carry over across a deploy.
+Each counter is a fixed window: increment, start the expiry with the window's first hit,
+refuse above the limit. Its key is Conveyor's own (`counter_key`); `limits` only parses the
+limit strings of the settings (`100/second;5000/hour`) and names a limit in a 429's detail.
 """
 
 from __future__ import annotations
@@ -19,15 +18,14 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from limits import RateLimitItem, parse_many
 from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError
 
-# What Flask-Limiter's Redis storage put before every key.
-KEY_PREFIX = "LIMITS:"
+T = TypeVar("T")
 
 # KEYS are the counters in order; ARGV holds each one's expiry and amount in turn.
 _HIT = b"""
@@ -49,9 +47,21 @@ return out
 
 def parse_limits(text: str) -> tuple[RateLimitItem, ...]:
     """Parse `100/second;5000/hour` (or "" for none), shortest window first."""
-    # Stable by window length, the order Flask-Limiter evaluated a group's limits in.
+    # Stable by each window's unit (second, minute, …): the shortest is counted first.
     items = parse_many(text) if text.strip() else []
     return tuple(sorted(items, key=lambda item: item.GRANULARITY.seconds))
+
+
+def counter_key(prefix: str, who: str, scope: str, item: RateLimitItem) -> str:
+    """Return the Redis key that counts `who` against `item` in `scope`.
+
+    The key is `<prefix>:<who>:<scope>:<amount>/<seconds>`, for example
+    `conveyor-rl:ip:192.0.2.7:ip-read:240000/60`: `prefix` is `CONVEYOR_RATE_LIMIT_PREFIX`,
+    `who` what is counted (`ip:…`, `key:…`, `user:…`, `email:…`), `scope` the endpoint
+    group as counted (`ip-read`, `principal-read`) or the sign-in route, and the window the
+    limit's amount per its length in seconds, so a changed limit starts a counter of its own.
+    """
+    return f"{prefix}:{who}:{scope}:{item.amount}/{item.get_expiry()}"
 
 
 @dataclass(frozen=True)
@@ -65,8 +75,8 @@ class Counter:
 
     @classmethod
     def of(cls, item: RateLimitItem, prefix: str, who: str, scope: str) -> Counter:
-        """Return the counter of `item` for `who` in `scope`, keyed as Flask-Limiter keyed it."""
-        return cls(KEY_PREFIX + item.key_for(prefix, who, scope), item, who)
+        """Return the counter of `item` for `who` in `scope`, under `counter_key`."""
+        return cls(counter_key(prefix, who, scope, item), item, who)
 
 
 @dataclass(frozen=True)
@@ -101,27 +111,33 @@ class RateWindows:
         keys, args = self._script_input(counters)
         return self._windows(counters, self._hit(keys=keys, args=args))
 
+    @property
+    def redis(self) -> Redis:
+        """Return the Redis client the counters live in."""
+        return self._redis
+
     def hit_along(
-        self, counters: Sequence[Counter], queue: Callable[[Pipeline], None]
-    ) -> tuple[list[Window], list[Any]]:
+        self, counters: Sequence[Counter], queue: Callable[[Pipeline], T]
+    ) -> tuple[list[Window], T, list[Any]]:
         """Count as `hit` does, sending the commands `queue` adds in the same round trip.
 
-        Returns the windows and the replies to `queue`'s commands, a failed command's
-        error in its place. Raises redis-py's `RedisError` when Redis cannot count.
+        Returns the windows, what `queue` returned, and the replies to its commands, a
+        failed command's error in its place. Raises redis-py's `RedisError` when Redis
+        cannot count.
         """
         keys, args = self._script_input(counters)
         # EVALSHA by hand: a redis-py Script in a pipeline costs a SCRIPT EXISTS round trip.
         with self._redis.pipeline(transaction=False) as pipe:
             pipe.evalsha(self._hit.sha, len(keys), *keys, *args)
-            queue(pipe)
+            queued = queue(pipe)
             counted, *replies = pipe.execute(raise_on_error=False)
         if isinstance(counted, NoScriptError):
             # Redis restarted or flushed its scripts, so nothing was counted: `hit` loads
             # the script and counts; the other replies stand.
-            return self.hit(counters), replies
+            return self.hit(counters), queued, replies
         if isinstance(counted, RedisError):
             raise counted
-        return self._windows(counters, counted), replies
+        return self._windows(counters, counted), queued, replies
 
     @staticmethod
     def _script_input(counters: Sequence[Counter]) -> tuple[list[str], list[int]]:
@@ -136,7 +152,7 @@ class RateWindows:
         windows = []
         for counter, count, ttl in zip(counters, replies[::2], replies[1::2], strict=False):
             amount = counter.item.amount
-            # As `limits` reads a window back: the expiry as a time, never a negative TTL.
+            # The expiry as a time, never a negative TTL (a key without one reads as -1).
             windows.append(
                 Window(counter, max(0, amount - int(count)), now + max(int(ttl), 0), count > amount)
             )

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from flask import Response, jsonify, url_for
 from pydantic import BaseModel
 
+from api.admission import admitting
 from api.auth import current_principal, requires
 from api.job_views import shown
 from api.openapi import (
@@ -205,6 +206,7 @@ def trigger(path: SchedulePath) -> tuple[Response, int]:
             now=datetime.now(UTC),
             occurrence=None,
             gate=svc.gate,
+            admit=admitting(unit, principal.tenant_id),
         )
         if job is None:  # only occurrences have a unique key; a trigger has none
             raise Conflict("the schedule fired no job")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flask import current_app, has_request_context
@@ -16,7 +17,8 @@ from conveyor.db import create_db_engine, create_session_factory
 from conveyor.ledger.gate import SubmitGate
 from conveyor.ledger.work import Work
 from conveyor.live.store import LiveStore
-from conveyor.registry import JobRegistry, load_job_types
+from conveyor.plugins import Domain, job_registry
+from conveyor.registry import JobRegistry
 from conveyor.settings import Settings
 
 
@@ -44,8 +46,8 @@ class Services:
         return self.work.live
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Services:
-        """Wire every service from settings; nothing connects until first use."""
+    def from_settings(cls, settings: Settings, domains: Iterable[Domain] | None = None) -> Services:
+        """Wire every service from settings (and the installed domains); nothing connects yet."""
         engine = create_db_engine(settings)
         celery = create_celery(settings, name="conveyor-api")
         redis = Redis.from_url(settings.result_backend, socket_timeout=2, socket_connect_timeout=2)
@@ -58,7 +60,7 @@ class Services:
             sessions=create_session_factory(engine),
             redis=redis,
             publisher=publisher,
-            registry=load_job_types(settings.job_modules),
+            registry=job_registry(settings, domains),
             key_cache=PrincipalCache(settings.api_key_cache_seconds),
             gate=SubmitGate(redis, work.reading),
         )

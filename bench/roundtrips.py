@@ -131,7 +131,7 @@ def _count(root: Path) -> dict[str, dict[str, Any]]:
             "CONVEYOR_SECRET_KEY": secret,
         }
         subprocess.run(
-            [BIN / "alembic", "upgrade", "head"],
+            [BIN / "conveyor", "migrate"],
             env=env,
             cwd=ROOT,
             check=True,

@@ -46,7 +46,8 @@ from bench.processes import (
     wait_http,
     wait_worker_ready,
 )
-from conveyor.broker import queue_depth
+from conveyor.broker import queue_depth, queue_lists
+from conveyor.celery_internals import UNACKED_INDEX_KEY, UNACKED_KEY
 from conveyor.cli import create_tenant
 from conveyor.embedded import create_database, free_port
 from conveyor.roles import Role
@@ -159,8 +160,7 @@ def load(stack: Stack, method: str, paths: list[str], body: Any, seconds: float)
 
 def drain_queue(r: redis.Redis, queue: str) -> None:
     """Empty a queue (all its priority lists) and kombu's unacked set."""
-    names = [queue, *(f"{queue}:{n}" for n in range(1, 10))]
-    r.delete(*names, "unacked", "unacked_index")
+    r.delete(*queue_lists(queue), UNACKED_KEY, UNACKED_INDEX_KEY)
 
 
 def measure_drain(stack: Stack, r: redis.Redis, n: int, timeout: float) -> float:
@@ -172,7 +172,7 @@ def measure_drain(stack: Stack, r: redis.Redis, n: int, timeout: float) -> float
     stack.worker = start(stack.worker_cmd, stack.env, logfile)
     try:
         while time.monotonic() < deadline:
-            left = queue_depth(r, stack.queue) + r.hlen("unacked")
+            left = queue_depth(r, stack.queue) + r.hlen(UNACKED_KEY)
             now = time.monotonic()
             if start_t is None and left < pending:
                 start_t = now
@@ -554,7 +554,7 @@ def _bench(
     )
     log(f"migrating; servers {pg_url.split('?')[0]} and {redis_url}")
     subprocess.run(
-        [BIN / "alembic", "upgrade", "head"],
+        [BIN / "conveyor", "migrate"],
         env=env,
         cwd=ROOT,
         check=True,

@@ -1,4 +1,5 @@
 """Conveyor's core: settings, data, the job lifecycle and registry, auth primitives.
 
-Nothing here imports `api` or `worker`; both depend on this package.
+Nothing here imports `api`, `worker` or a domain (it finds domains through entry points,
+`conveyor.plugins`); they all depend on this package.
 """

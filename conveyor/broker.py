@@ -7,31 +7,30 @@ import json
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from amqp.exceptions import AMQPError, MessageNacked
 from celery import Celery
-from celery.events.dispatcher import EventDispatcher
-from celery.events.event import Event
-from celery.utils.nodenames import anon_nodename
-from celery.utils.time import utcoffset
-from kombu import Producer
 from kombu.exceptions import KombuError
 from redis import Redis
 from redis.exceptions import RedisError
 
+from conveyor.celery_internals import (
+    UNACKED_KEY,
+    TaskSentEvents,
+    create_task_message,
+    discard_connection,
+    send_task_message,
+    sender_identity,
+    unacked_messages,
+)
 from conveyor.errors import PublishFailed
 from conveyor.settings import Settings
 
 PRIORITY_LEVELS = range(10)
 PRIORITY_SEPARATOR = ":"
-# Where kombu's Redis transport keeps delivered, not yet acknowledged messages, and the
-# sorted set of their delivery times.
-UNACKED_KEY = "unacked"
 # Broker commands buffered per round trip when publishing many jobs at once.
 PUBLISH_BATCH = 500
-UNACKED_INDEX_KEY = "unacked_index"
 # Seconds an AMQP publish waits for RabbitMQ's confirm before it counts as failed.
 CONFIRM_TIMEOUT = 5.0
 
@@ -158,7 +157,11 @@ REQUEST_ID_HEADER = "conveyor_request_id"
 
 
 def queue_lists(queue: str) -> list[str]:
-    """Return the Redis lists kombu keeps for a queue, one per priority level."""
+    """Return the Redis lists kombu keeps for a queue, one per priority level.
+
+    Named as Celery's routing guide documents ("Redis Message Priorities"): the queue's own
+    name for level 0, then the separator and the level.
+    """
     return [f"{queue}{PRIORITY_SEPARATOR}{n}" if n else queue for n in PRIORITY_LEVELS]
 
 
@@ -194,14 +197,9 @@ def broker_task_ids(
     for name, size in zip(names, sizes, strict=False):
         if size:
             raw.extend(redis.lrange(name, 0, -1))
-    if delivered_since is None:
-        entries = redis.hvals(UNACKED_KEY)
-    else:
-        tags = cast("list[bytes]", redis.zrangebyscore(UNACKED_INDEX_KEY, delivered_since, "+inf"))
-        entries = [e for e in (redis.hmget(UNACKED_KEY, tags) if tags else []) if e is not None]
-    # An unacked entry is [message, exchange, routing key].
-    unacked = [json.loads(entry)[0] for entry in entries]
+    unacked = unacked_messages(redis, delivered_since=delivered_since)
     messages = [json.loads(body) for body in raw] + unacked
+    # Task protocol 2 carries the task id in the message headers.
     return {str(m.get("headers", {}).get("id")) for m in messages}
 
 
@@ -220,6 +218,7 @@ class CeleryPublisher:
         # fails with PublishFailed (the job stays unpublished, the promoter retries it).
         self._options = {} if self._redis else {"confirm_timeout": CONFIRM_TIMEOUT}
         self._sent_events = bool(app.conf.task_send_sent_event)
+        self._events = TaskSentEvents(app)
 
     @property
     def app(self) -> Celery:
@@ -244,10 +243,8 @@ class CeleryPublisher:
         batch = list(messages)
         if not batch:
             return
-        amqp = self._app.amqp
         # What send_task would work out per message, worked out once per call.
-        origin = anon_nodename()
-        reply_to = self._app.thread_oid
+        origin, reply_to = sender_identity(self._app)
         events: list[dict[str, Any]] = []
         # Queues declared by this call. Celery declares a message's queue with every
         # message, and kombu binds a copy of the queue and its exchange each time just to
@@ -260,24 +257,20 @@ class CeleryPublisher:
                 with producer.batch(PUBLISH_BATCH):
                     for message in batch:
                         job_id = str(message.job_id)
-                        task_message = amqp.create_task_message(
+                        task_message, sent_event = create_task_message(
+                            self._app,
                             job_id,
                             message.task_name,
                             [job_id],
-                            {},
-                            reply_to=reply_to,
                             origin=origin,
-                            ignore_result=True,
-                            # saferepr of a one-string list, without its cost.
-                            argsrepr=repr([job_id]),
-                            kwargsrepr="{}",
-                            create_sent_event=self._sent_events,
+                            reply_to=reply_to,
+                            sent_event=self._sent_events,
                         )
-                        amqp.send_task_message(
+                        send_task_message(
+                            self._app,
                             producer,
                             message.task_name,
-                            # The sent event goes out with the others, below.
-                            task_message._replace(sent_event=None),
+                            task_message,
                             queue=message.queue,
                             priority=self._broker_priority(message.priority),
                             headers=_headers(message),
@@ -286,53 +279,21 @@ class CeleryPublisher:
                             **self._options,
                         )
                         declared.add(message.queue)
-                        if task_message.sent_event is not None:
+                        if sent_event is not None:
                             events.append(
                                 {
-                                    **task_message.sent_event,
+                                    **sent_event,
                                     "queue": message.queue,
                                     "exchange": "",
                                     "routing_key": message.queue,
                                 }
                             )
-                    self._send_events(producer, events)
+                    self._events.publish(producer, events)
             except (KombuError, RedisError, AMQPError, MessageNacked, OSError) as exc:
                 # A pipeline that failed midway leaves its connection unusable, and the pool
                 # would hand it out again: drop it, so the next publish connects afresh.
                 with contextlib.suppress(Exception):
-                    producer.connection.collect()
+                    discard_connection(producer.connection)
                 # Kombu, redis-py and sockets each have their own errors, and a failed
                 # batch says "delivery is uncertain": callers see one exception for all.
                 raise PublishFailed(f"the broker did not take the messages: {exc}") from exc
-
-    def _send_events(self, producer: Producer, fields: list[dict[str, Any]]) -> None:
-        """Publish `task-sent` events as one list body, which Celery's event receivers accept."""
-        if not fields:
-            return
-        dispatcher = self._dispatcher
-        events = [
-            Event(
-                "task-sent",
-                hostname=dispatcher.hostname,
-                utcoffset=utcoffset(),
-                pid=dispatcher.pid,
-                clock=self._app.clock.forward(),
-                **event,
-            )
-            for event in fields
-        ]
-        producer.publish(
-            events,
-            routing_key="task.multi",
-            exchange=dispatcher.exchange.name,
-            declare=[dispatcher.exchange],
-            serializer=dispatcher.serializer,
-            headers=dispatcher.headers,
-            delivery_mode=dispatcher.delivery_mode,
-        )
-
-    @cached_property
-    def _dispatcher(self) -> EventDispatcher:
-        # Disabled: it only lends its exchange and settings; events go through our producer.
-        dispatcher: EventDispatcher = self._app.events.Dispatcher(enabled=False)
-        return dispatcher

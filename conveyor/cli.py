@@ -1,7 +1,8 @@
-"""The `conveyor` command: the API from the shell, and tenant creation for operators.
+"""The `conveyor` command: the API from the shell, tenant creation and migrations for operators.
 
 `submit`, `status`, `list`, `cancel`, `retry`, `schedules list` and `keys create` go through
-the HTTP API (`conveyor.client`); `create-tenant` writes straight to the database.
+the HTTP API (`conveyor.client`); `create-tenant` writes straight to the database;
+`migrate` and `alembic` run Alembic with the core's and every domain's revisions.
 """
 
 from __future__ import annotations
@@ -271,6 +272,48 @@ def create_tenant_command(name: str, email: str, password: str | None, key_role:
     except ConveyorError as exc:
         raise click.ClickException(exc.detail) from exc
     _print(created)
+
+
+# Where Alembic's own command line looks for its config: ALEMBIC_CONFIG, else alembic.ini.
+# (Alembic is imported by the commands that use it: the API commands start faster.)
+_CONFIG_OPTION = click.option(
+    "--config",
+    "config_file",
+    envvar="ALEMBIC_CONFIG",
+    default="alembic.ini",
+    show_default=True,
+    type=click.Path(exists=True, dir_okay=False),
+)
+
+
+@main.command()
+@click.argument("revision", default="heads")
+@_CONFIG_OPTION
+def migrate(revision: str, config_file: str) -> None:
+    """Upgrade the database: the core's revisions and every installed domain's."""
+    from conveyor import migrations
+
+    migrations.upgrade(migrations.alembic_config(config_file), revision)
+
+
+@main.command(
+    name="alembic", context_settings={"ignore_unknown_options": True, "help_option_names": []}
+)
+@click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
+@_CONFIG_OPTION
+def alembic_command(arguments: tuple[str, ...], config_file: str) -> None:
+    """Run any Alembic command (history, downgrade, revision …) with every domain's revisions."""
+    from alembic.config import CommandLine
+
+    from conveyor import migrations
+
+    alembic = CommandLine(prog="conveyor alembic")
+    options = alembic.parser.parse_args(arguments)
+    if not hasattr(options, "cmd"):
+        alembic.parser.error("too few arguments")
+    config = migrations.alembic_config(config_file)
+    config.cmd_opts = options
+    alembic.run_cmd(config, options)
 
 
 def run() -> None:

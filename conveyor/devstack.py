@@ -200,7 +200,7 @@ def run(root: Path) -> int:
             logger.info("embedded Redis at %s", env["CONVEYOR_REDIS_URL"])
         # Every process gets this data directory's secret, unless one was given.
         env["CONVEYOR_SECRET_KEY"] = env.get("CONVEYOR_SECRET_KEY") or ensure_secret_key(root)
-        subprocess.run([bin_dir / "alembic", "upgrade", "head"], env=env, check=True)
+        subprocess.run([bin_dir / "conveyor", "migrate"], env=env, check=True)
         settings = Settings(
             database_url=env["CONVEYOR_DATABASE_URL"],
             redis_url=env["CONVEYOR_REDIS_URL"],

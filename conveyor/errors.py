@@ -1,4 +1,10 @@
-"""One exception tree; `api.errors` maps it to problem+json in one place."""
+"""One exception tree: what went wrong, never how HTTP says it.
+
+Each error carries what happened (`detail`, field `errors`, facts such as `retry_after`);
+`api.errors` alone decides its status, title and problem type. A job's `error.type` shows
+clients the class name of the error that ended its attempt, so the names here are part of
+the API: `WorkerLost`, `TimeLimitExceeded`, `DatabaseError`, `PermanentError`, …
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,7 @@ from typing import Any
 
 
 class ConveyorError(Exception):
-    """Raised for every failure Conveyor itself reports; the base of the tree."""
-
-    status = 500
-    title = "Internal error"
-    slug = "internal"
+    """Raised when Conveyor itself reports a failure; the base of the tree."""
 
     def __init__(self, detail: str, *, errors: list[dict[str, Any]] | None = None) -> None:
         super().__init__(detail)
@@ -18,118 +20,51 @@ class ConveyorError(Exception):
         self.errors = errors or []
 
 
-class ValidationFailed(ConveyorError):
-    """Raised when a request or payload does not match its model."""
-
-    status = 422
-    title = "Validation failed"
-    slug = "validation"
-
-
-class UnknownJobType(ValidationFailed):
-    """Raised when a job names a type that is not registered."""
-
-    title = "Unknown job type"
-    slug = "unknown-job-type"
-
-
-class NotFound(ConveyorError):
-    """Raised when an object does not exist or belongs to another tenant."""
-
-    status = 404
-    title = "Not found"
-    slug = "not-found"
-
-
-class Unauthorized(ConveyorError):
-    """Raised when a request carries no valid credentials."""
-
-    status = 401
-    title = "Unauthorized"
-    slug = "unauthorized"
-
-
-class ServiceUnavailable(ConveyorError):
-    """Raised when a dependency (database, broker) cannot be reached."""
-
-    status = 503
-    title = "Service unavailable"
-    slug = "unavailable"
-
-
-class PublishFailed(ConveyorError):
-    """Raised when the broker did not take (or may not have taken) a batch of messages."""
-
-    status = 503
-    title = "Broker unavailable"
-    slug = "broker-unavailable"
-
-
-class JobFailed(ConveyorError):
-    """Raised by a job to fail its attempt with a clear message (retried if attempts remain)."""
-
-    title = "Job failed"
-    slug = "job-failed"
-
-
-class PermanentError(JobFailed):
-    """Raised by a job whose failure no retry can fix: it fails at once."""
-
-
-class JobCancelled(ConveyorError):
-    """Raised inside a running job when someone asked it to stop."""
-
-    status = 409
-    title = "Job cancelled"
-    slug = "job-cancelled"
+# What a request can run into.
 
 
 class MalformedRequest(ConveyorError):
     """Raised when a request body is not valid JSON."""
 
-    status = 400
-    title = "Malformed request"
-    slug = "malformed-request"
-
-
-class StorageQuotaExceeded(ConveyorError):
-    """Raised when an upload would take the tenant's stored files past its storage quota."""
-
-    status = 413
-    title = "Storage quota exceeded"
-    slug = "storage-quota-exceeded"
-
 
 class UnsupportedMediaType(ConveyorError):
     """Raised when a JSON endpoint receives another content type."""
 
-    status = 415
-    title = "Unsupported media type"
-    slug = "unsupported-media-type"
+
+class ValidationFailed(ConveyorError):
+    """Raised when a request or payload does not match its model."""
+
+
+class UnknownJobType(ValidationFailed):
+    """Raised when a job names a type that is not registered."""
+
+
+class UnstorableData(ValidationFailed):
+    """Raised when a request holds a value the database cannot store (a NUL character, say)."""
+
+
+class Unauthorized(ConveyorError):
+    """Raised when a request carries no valid credentials."""
 
 
 class Forbidden(ConveyorError):
     """Raised when the caller's role does not allow the action (within its own tenant)."""
 
-    status = 403
-    title = "Forbidden"
-    slug = "forbidden"
+
+class NotFound(ConveyorError):
+    """Raised when an object does not exist or belongs to another tenant."""
 
 
 class Conflict(ConveyorError):
     """Raised when a request conflicts with the current state (a taken email, a job's state)."""
 
-    status = 409
-    title = "Conflict"
-    slug = "conflict"
+
+class StorageQuotaExceeded(ConveyorError):
+    """Raised when an upload would take the tenant's stored files past its storage quota."""
 
 
 class RateLimited(ConveyorError):
     """Raised when a caller sent more requests than its rate limit allows; retry later."""
-
-    status = 429
-    title = "Too many requests"
-    slug = "rate-limited"
 
     def __init__(
         self,
@@ -139,12 +74,71 @@ class RateLimited(ConveyorError):
         errors: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(detail, errors=errors)
-        # Whole seconds until a retry can succeed; sent as the `Retry-After` header.
+        # Whole seconds until a retry can succeed.
         self.retry_after = retry_after
 
 
 class QuotaExceeded(RateLimited):
     """Raised when a tenant's unfinished jobs would exceed its quota; retry when they drain."""
 
-    title = "Quota exceeded"
-    slug = "quota-exceeded"
+
+class ServiceUnavailable(ConveyorError):
+    """Raised when a dependency (database, broker) cannot be reached."""
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        retry_after: int | None = None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(detail, errors=errors)
+        # Whole seconds after which a retry may succeed, when there is a sensible guess.
+        self.retry_after = retry_after
+
+
+class PublishFailed(ServiceUnavailable):
+    """Raised when the broker did not take (or may not have taken) a batch of messages."""
+
+
+# What ends a job's attempt; the class name becomes the job's `error.type`.
+
+
+class JobFailed(ConveyorError):
+    """Raised when a job's attempt fails with a clear message (retried if attempts remain)."""
+
+
+class PermanentError(JobFailed):
+    """Raised when a job fails in a way no retry can fix: it fails at once."""
+
+
+class ResultTooLarge(PermanentError):
+    """Raised when a job returns more JSON than `max_result_bytes`."""
+
+
+class ResultTooDeep(PermanentError):
+    """Raised when a job returns JSON nested deeper than `MAX_JSON_DEPTH` levels."""
+
+
+class WorkerLost(JobFailed):
+    """Raised when a job's worker stopped mid-job (killed, out of memory); the reaper fails it."""
+
+
+class TimeLimitExceeded(JobFailed):
+    """Raised when a job ran past its hard time limit and the process running it was killed."""
+
+
+class SoftTimeLimitExceeded(JobFailed):
+    """Raised when a job ran past its soft time limit and did not handle Celery's warning."""
+
+
+class DatabaseError(JobFailed):
+    """Raised when a job hits a database error, standing in for it without its SQL or hosts."""
+
+
+class JobCancelled(ConveyorError):
+    """Raised when someone asked a running job to stop, inside that job's code."""
+
+
+class LostOwnership(ConveyorError):
+    """Raised when a job's attempt no longer owns its row, to roll back the attempt's writes."""

@@ -42,7 +42,7 @@ def prepare_multiprocess_dir(role: str) -> Path:
     values = sys.modules.get("prometheus_client.values")
     if values is not None:
         # Imported already: the `celery` command loads Flower's CLI plugin, which imports
-        # prometheus_client before `-A worker.main` runs. Metrics built from here on (ours)
+        # prometheus_client before the app named by `-A` loads. Metrics built from here on (ours)
         # read the class anew; the mode is only fixed by the first import by default.
         values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
     return path

@@ -7,7 +7,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -104,14 +103,13 @@ class TenantQuota:
         self._tallies: dict[uuid.UUID, _Tally] = {}
         self._lock = threading.Lock()
 
-    def admit(
-        self,
-        sessions: Callable[[], AbstractContextManager[Session]],
-        tenant_id: uuid.UUID,
-        adding: int,
-        now: datetime,
-    ) -> None:
-        """Count `adding` new jobs against the tenant's quota, or raise `QuotaExceeded`."""
+    def admit(self, session: Session, tenant_id: uuid.UUID, adding: int, now: datetime) -> None:
+        """Count `adding` new jobs against the tenant's quota, or raise `QuotaExceeded`.
+
+        `session` is read only when the tally is due for a count or a refusal needs its
+        `Retry-After`; the submit's own transaction serves, so the check needs no connection
+        of its own.
+        """
         if self.limit <= 0 or adding <= 0:
             return
         if adding > self.limit:
@@ -128,8 +126,7 @@ class TenantQuota:
                 return
         if tally is None:
             # Past the quota by at most a batch is enough to size the Retry-After.
-            with sessions() as session:
-                unfinished = count_unfinished(session, tenant_id, self.limit + MAX_BATCH)
+            unfinished = count_unfinished(session, tenant_id, self.limit + MAX_BATCH)
             tally = _Tally(self._clock(), unfinished)
             with self._lock:
                 if len(self._tallies) >= self._max:
@@ -139,8 +136,7 @@ class TenantQuota:
                     tally.unfinished += adding
                     return
         excess = tally.unfinished + adding - self.limit
-        with sessions() as session:
-            rate = drain_rate(session, tenant_id, now, self._window)
+        rate = drain_rate(session, tenant_id, now, self._window)
         raise QuotaExceeded(
             f"the tenant has {tally.unfinished} unfinished jobs and its quota is {self.limit}; "
             f"{excess} more must finish first",

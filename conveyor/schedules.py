@@ -6,7 +6,7 @@ import logging
 import math
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -265,8 +265,9 @@ def fire(
     now: datetime,
     occurrence: datetime | None,
     gate: Gate | None = None,
+    admit: Callable[[int], None] | None = None,
 ) -> Submitted | None:
-    """Submit the schedule's job through the normal submit path.
+    """Submit the schedule's job through the normal submit path (`admit` as `submit_jobs`).
 
     `None` means this occurrence already has its job: another beat fired it.
     """
@@ -282,6 +283,7 @@ def fire(
                 schedule_id=schedule.id,
                 schedule_occurrence=occurrence,
                 gate=gate,
+                admit=admit,
             )
     except IntegrityError:
         return None

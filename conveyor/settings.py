@@ -101,8 +101,6 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1024)
     # Most bytes one tenant's uploads may take together; 0: no quota.
     tenant_max_upload_bytes: int = Field(default=1024**3, ge=0)
-    # Modules that add API routes: each has a Flask blueprint `bp` (business domains).
-    api_modules: list[str] = ["worker.orders.api"]
     # Seconds the result backend keeps a job's live state; the ledger keeps the rest.
     result_expires: int = Field(default=24 * 3600, ge=60)
     # A message not acknowledged within this many seconds is redelivered by Redis;
@@ -152,12 +150,9 @@ class Settings(BaseSettings):
     # Queues a worker consumes first, in order; other queues come after, by name.
     queue_order: list[str] = ["critical", "default", "low"]
     default_queue: str = "default"
-    job_modules: list[str] = [
-        "conveyor.jobtypes.system",
-        "conveyor.jobtypes.http",
-        "conveyor.jobtypes.webhooks",
-        "worker.orders.jobs",
-    ]
+    # Extra modules that register job types, loaded after the platform's and every installed
+    # domain's (conveyor.plugins), which always load.
+    job_modules: list[str] = []
     # Hosts (names or addresses) outbound requests may reach even when they resolve to an
     # address that is not globally routable; everything else must be public.
     outbound_allow_hosts: list[str] = []
@@ -178,7 +173,7 @@ class Settings(BaseSettings):
     trusted_proxies: int = Field(default=0, ge=0, le=10)
     # Namespace of rate-limit counters in Redis; shared by every API instance.
     rate_limit_prefix: str = "conveyor-rl"
-    # Rate limits per endpoint group (api/limits.py), each counted per verified principal
+    # Rate limits per endpoint group (api/rate_limits.py), each counted per verified principal
     # (API key or user) and per client IP; `limits` strings, empty for none. Generous
     # defaults: they stop a runaway client, not a busy one.
     rate_limits_enabled: bool = True

@@ -1,18 +1,30 @@
-"""Alembic environment: the URL comes from Conveyor's settings unless a caller sets one."""
+"""Alembic environment: the URL comes from Conveyor's settings unless a caller sets one.
+
+The config comes from `conveyor.migrations.alembic_config` (`conveyor migrate`, `conveyor
+alembic …`), which adds every installed domain's revisions; the domains' models join the
+metadata here, for autogenerate.
+"""
 
 from __future__ import annotations
 
 from logging.config import fileConfig
 
 from alembic import context
+from alembic.util import CommandError
 from sqlalchemy import create_engine, pool
 
-# The sample business domain's tables (worker/orders); drop this line with the domain.
-import worker.orders.models  # noqa: F401
+from conveyor.migrations import DOMAINS_ATTRIBUTE
 from conveyor.models import Base
+from conveyor.plugins import load_models
 from conveyor.settings import Settings
 
 config = context.config
+if DOMAINS_ATTRIBUTE not in config.attributes:
+    raise CommandError(
+        "run migrations with `conveyor migrate` (or `conveyor alembic …`): plain `alembic` "
+        "knows only the core's revisions, not the domains' (conveyor/migrations.py)"
+    )
+load_models(config.attributes[DOMAINS_ATTRIBUTE])
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
@@ -25,7 +37,7 @@ def database_url() -> str:
 
 
 def run_migrations_offline() -> None:
-    """Emit SQL without a connection (`alembic upgrade --sql`)."""
+    """Emit SQL without a connection (`conveyor alembic upgrade heads --sql`)."""
     context.configure(url=database_url(), target_metadata=target_metadata, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from alembic import command
 from alembic.config import Config
 from kombu.exceptions import ChannelError
 from pydantic import SecretStr
@@ -27,10 +26,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity, create_tenant_identity
 from conveyor.broker import CeleryPublisher, create_celery
+from conveyor.celery_internals import reset_worker_shutdown_flag
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.embedded import create_database, drop_database, embedded_services
 from conveyor.ledger.work import UnitOfWork, Work
 from conveyor.live.store import LiveStore
+from conveyor.migrations import alembic_config as conveyor_alembic_config
+from conveyor.migrations import upgrade
 from conveyor.models import JobEvent
 from conveyor.settings import Settings
 
@@ -98,9 +100,9 @@ def server_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
 
 
 def alembic_config(url: str) -> Config:
-    """Return an Alembic config aimed at `url`, leaving pytest's logging alone."""
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    """Return Conveyor's Alembic config (every domain's revisions) aimed at `url`, leaving
+    pytest's logging alone."""
+    config = conveyor_alembic_config(ROOT / "alembic.ini", url=url)
     config.attributes["configure_logger"] = False
     return config
 
@@ -193,7 +195,7 @@ def base_settings(server_urls: tuple[str, str], make_database: Callable[[], str]
         auth_rate_limit_email="10000/minute",
         rate_limit_prefix=f"rl-{uuid.uuid4().hex[:8]}",
     )
-    command.upgrade(alembic_config(settings.sqlalchemy_url), "head")
+    upgrade(alembic_config(settings.sqlalchemy_url))
     return settings
 
 
@@ -406,7 +408,6 @@ def in_process_worker(app: Any) -> Iterator[Any]:
     """Run `app`'s Celery worker in a thread of this process (thread pool) for the block."""
     import celery.contrib.testing.tasks  # noqa: F401 - registers the ping task start_worker needs
     from celery.contrib.testing.worker import start_worker
-    from celery.worker import state
 
     try:
         with start_worker(
@@ -417,10 +418,10 @@ def in_process_worker(app: Any) -> Iterator[Any]:
             running.timer.call_repeatedly(0.5, lambda: None)
             yield running
     finally:
-        # start_worker stops its worker with this process-wide flag, and leaves it set when
+        # start_worker stops its worker with a process-wide flag, and leaves it set when
         # the worker thread outstays shutdown_timeout: every later in-process worker would
         # then stop before it is ready, and hang its test at start instead of this one failing.
-        state.should_terminate = None
+        reset_worker_shutdown_flag()
 
 
 @pytest.fixture(scope="module")

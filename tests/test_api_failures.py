@@ -62,6 +62,11 @@ def test_database_down_is_a_503_with_retry_after(broken_app: Any) -> None:
     )
     body = assert_problem(response, 503)
     assert response.headers["Retry-After"] == "5"
+    assert (body["type"], body["title"]) == (
+        "https://conveyor.dev/problems/unavailable",
+        "Service unavailable",
+    )
+    assert body["detail"] == "the database is unavailable; try again"
     assert "nowhere" not in str(body)
 
 
@@ -102,7 +107,11 @@ def test_a_nul_character_is_a_422_and_writes_nothing(
     client: Any, auth: dict[str, str], sessions: sessionmaker[Session]
 ) -> None:
     body = {"type": "system.fail", "payload": {"message": "a\u0000b"}}
-    assert_problem(client.post("/v1/jobs", json=body, headers=auth), 422)
+    problem = assert_problem(client.post("/v1/jobs", json=body, headers=auth), 422)
+    assert (problem["type"], problem["title"]) == (
+        "https://conveyor.dev/problems/unstorable-data",
+        "Unstorable data",
+    )
     with sessions() as session:
         assert session.query(Job).count() == 0
 

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
 from conveyor.broker import CeleryPublisher, Message, create_celery, queue_lists
+from conveyor.celery_internals import worker_task_channel
 from conveyor.errors import PublishFailed
 from conveyor.models import JobEvent
 from conveyor.settings import Settings
@@ -149,7 +150,7 @@ def test_on_rabbitmq_a_job_outliving_its_channel_runs_once(
         # 406 PRECONDITION_FAILED and requeues its deliveries. An ack of an unknown tag earns
         # the same close at once (one frame written from this thread: py-amqp serializes
         # writes; only reading the connection belongs to the worker's event loop).
-        running.consumer.task_consumer.channel.basic_ack(999_999)
+        worker_task_channel(running).basic_ack(999_999)
         body = wait_for(lambda: finished(client, auth, job_id), timeout=30)
         assert (body["state"], body["attempts"]) == ("succeeded", 1)
         # The worker reconnected and serves the next job; the requeued one was skipped.

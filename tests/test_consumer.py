@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
 
-import pytest
-from celery.worker.consumer import Consumer
 from kombu.asynchronous import Hub
 from kombu.utils.imports import symbol_by_name
 
@@ -21,26 +18,18 @@ def test_the_worker_app_runs_the_loop_bound_consumer(base_settings: Settings) ->
         assert symbol_by_name(app.conf.worker_consumer) is LoopBoundConsumer
     finally:
         app.conveyor.engine.dispose()
-    # The method it overrides is Celery's, private: an upgrade that renames it fails here.
-    assert callable(Consumer._restore_prefetch_count_after_connection_restart)
 
 
-def test_a_pool_thread_hands_the_prefetch_restore_to_the_event_loop(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Celery's restore sends basic.qos and waits for the reply: record where it runs instead.
+def test_a_pool_thread_hands_the_prefetch_restore_to_the_event_loop() -> None:
+    # Celery's restore step sends basic.qos and waits for the reply: record where it runs.
     ran_in: list[int] = []
-
-    def restore(consumer: Consumer, p: Any, *args: Any) -> None:
-        ran_in.append(threading.get_ident())
-
-    monkeypatch.setattr(Consumer, "_restore_prefetch_count_after_connection_restart", restore)
     consumer = LoopBoundConsumer.__new__(LoopBoundConsumer)  # no app, connection or pool
     consumer.hub = Hub()
     try:
         # What a thread pool does when a job received after a reconnect is acknowledged.
         pool_thread = threading.Thread(
-            target=consumer._restore_prefetch_count_after_connection_restart, args=(None,)
+            target=consumer.schedule_prefetch_restore,
+            args=(lambda: ran_in.append(threading.get_ident()),),
         )
         pool_thread.start()
         pool_thread.join()
@@ -51,14 +40,9 @@ def test_a_pool_thread_hands_the_prefetch_restore_to_the_event_loop(
         consumer.hub.close()
 
 
-def test_without_an_event_loop_the_restore_runs_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    ran: list[Any] = []
-    monkeypatch.setattr(
-        Consumer,
-        "_restore_prefetch_count_after_connection_restart",
-        lambda consumer, p, *args: ran.append(p),
-    )
+def test_without_an_event_loop_the_restore_runs_at_once() -> None:
+    ran: list[str] = []
     consumer = LoopBoundConsumer.__new__(LoopBoundConsumer)
     consumer.hub = None  # the solo pool without an event loop, gevent, eventlet
-    consumer._restore_prefetch_count_after_connection_restart("promise")
-    assert ran == ["promise"]
+    consumer.schedule_prefetch_restore(lambda: ran.append("restored"))
+    assert ran == ["restored"]

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
 from conveyor.broker import CeleryPublisher, Message, create_celery
+from conveyor.celery_internals import UNACKED_KEY
 from conveyor.models import Job, JobEvent
 from conveyor.settings import Settings
 from tests.conftest import wait_for, waiting
@@ -86,7 +87,7 @@ def test_the_same_message_delivered_three_times_runs_once(
     # Every delivery consumed (and on Redis, where it can be seen, acknowledged too).
     wait_for(
         lambda: (
-            waiting(settings) == 0 and (settings.amqp_broker or not redis_client.hlen("unacked"))
+            waiting(settings) == 0 and (settings.amqp_broker or not redis_client.hlen(UNACKED_KEY))
         )
     )
     body = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()

@@ -14,10 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
 from conveyor.settings import Settings
+from domains.orders.models import Order
 from tests.conftest import wait_for
 from tests.test_api import assert_problem
 from tests.test_e2e import finished
-from worker.orders.models import Order
 
 pytestmark = pytest.mark.e2e
 

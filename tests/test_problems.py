@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 
 from api import create_app
 from api.openapi import Problem
+from conveyor import errors
 from conveyor.broker import queue_depth
 from conveyor.models import Job
 from conveyor.settings import Settings
@@ -154,3 +155,50 @@ def test_hostile_bodies_are_4xx_problems_that_write_nothing(
     problem_of(response, status)
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+# Each of the tree's errors as a client reads it: the contract `api.errors` must keep.
+DOCUMENTED = {
+    "MalformedRequest": (400, "Malformed request", "malformed-request"),
+    "Unauthorized": (401, "Unauthorized", "unauthorized"),
+    "Forbidden": (403, "Forbidden", "forbidden"),
+    "NotFound": (404, "Not found", "not-found"),
+    "Conflict": (409, "Conflict", "conflict"),
+    "StorageQuotaExceeded": (413, "Storage quota exceeded", "storage-quota-exceeded"),
+    "UnsupportedMediaType": (415, "Unsupported media type", "unsupported-media-type"),
+    "ValidationFailed": (422, "Validation failed", "validation"),
+    "UnknownJobType": (422, "Unknown job type", "unknown-job-type"),
+    "UnstorableData": (422, "Unstorable data", "unstorable-data"),
+    "RateLimited": (429, "Too many requests", "rate-limited"),
+    "QuotaExceeded": (429, "Quota exceeded", "quota-exceeded"),
+    "ServiceUnavailable": (503, "Service unavailable", "unavailable"),
+    "PublishFailed": (503, "Broker unavailable", "broker-unavailable"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+def test_each_error_of_the_tree_answers_its_documented_problem(app: Any, name: str) -> None:
+    cls = getattr(errors, name)
+    field_errors = [{"field": "x", "message": "wrong"}]
+    kwargs: dict[str, Any] = {"errors": field_errors}
+    if issubclass(cls, errors.RateLimited):
+        kwargs["retry_after"] = 7
+
+    def fail() -> None:
+        raise cls("what happened", **kwargs)
+
+    app.add_url_rule("/fail", view_func=fail)
+    response = app.test_client().get("/fail", headers={"X-Request-ID": REQUEST_ID})
+    status, title, slug = DOCUMENTED[name]
+    assert response.status_code == status
+    assert response.mimetype == "application/problem+json"
+    assert response.get_json() == {
+        "type": f"https://conveyor.dev/problems/{slug}",
+        "title": title,
+        "status": status,
+        "detail": "what happened",
+        "errors": field_errors,
+        "request_id": REQUEST_ID,
+    }
+    assert response.headers.get("Retry-After") == ("7" if status == 429 else None)
+    assert response.headers.get("WWW-Authenticate") == ("Bearer" if status == 401 else None)

@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
 from conveyor.broker import CeleryPublisher, Message, broker_task_ids, queue_depth, queue_lists
+from conveyor.celery_internals import UNACKED_INDEX_KEY
+from conveyor.errors import ConveyorError, JobFailed
 from conveyor.ledger.transitions import claim
 from conveyor.ledger.work import UnitOfWork, Work
 from conveyor.models import Job
@@ -52,10 +54,27 @@ def test_database_errors_reach_clients_without_sql() -> None:
     raw = IntegrityError("INSERT INTO secrets VALUES (%(x)s)", {"x": "pw"}, Exception("dup"))
     public = public_error(raw)
     assert type(public).__name__ == "DatabaseError"
+    assert isinstance(public, ConveyorError)
     assert "INSERT" not in str(public)
     assert "IntegrityError" in str(public)
     plain = ValueError("bad amount")
     assert public_error(plain) is plain
+
+
+def test_celerys_time_limits_reach_clients_as_the_trees_errors_of_the_same_name() -> None:
+    from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
+    hard = public_error(TimeLimitExceeded(1800))
+    soft = public_error(SoftTimeLimitExceeded())
+    assert isinstance(hard, JobFailed)
+    assert isinstance(soft, JobFailed)
+    # `error.type` shows clients the class name: it stays what it was.
+    assert (type(hard).__name__, type(soft).__name__) == (
+        "TimeLimitExceeded",
+        "SoftTimeLimitExceeded",
+    )
+    assert str(hard) == "the job ran past its hard time limit of 1800s and was killed"
+    assert str(soft) == "the job ran past its soft time limit"
 
 
 @pytest.mark.brokers
@@ -117,7 +136,8 @@ def test_a_default_limit_beyond_the_visibility_timeout_is_refused(
 
 
 def test_a_result_over_the_cap_fails_the_job_clearly() -> None:
-    from worker.runner import ResultTooLarge, _as_result
+    from conveyor.errors import ResultTooLarge
+    from worker.runner import _as_result
 
     assert _as_result({"ok": True}, limit=1024) == {"ok": True}
     with pytest.raises(ResultTooLarge, match="the limit is 1024"):
@@ -152,6 +172,9 @@ def test_a_hard_time_limit_fails_the_attempt_at_once(
     with sessions() as session:
         retried = session.get_one(Job, job.id)
         assert (retried.state, retried.error_type) == ("retrying", "TimeLimitExceeded")
+        assert retried.error_message == (
+            "the job ran past its hard time limit of 1800s and was killed"
+        )
     # Any other failure of the task wrapper, or an unknown job, leaves the ledger alone.
     task.on_failure(RuntimeError("x"), str(job.id), (), {}, None)
     task.on_failure(TimeLimitExceeded(1), str(uuid.uuid4()), (), {}, None)
@@ -199,28 +222,27 @@ def test_the_reconciler_redrives_a_job_whose_consumer_died_before_claiming(
     queue = f"rc-{uuid.uuid4().hex[:8]}"
     app = create_celery_app(settings.model_copy(update={"default_queue": queue}))
     housekeeper = Housekeeper.for_app(app)
-    tag = f"tag-{uuid.uuid4().hex}"
     try:
         with sessions.begin() as session:
             job = job_factory(session, identity.tenant.id)
             job.queue = queue
         CeleryPublisher(app).publish([Message.of(job)])
-        # A consumer took the message (kombu moves it to its unacked hash) and never claimed.
-        (raw,) = redis_client.lrange(f"{queue}:9", 0, -1)
-        redis_client.delete(f"{queue}:9")
-        redis_client.hset("unacked", tag, json.dumps([json.loads(raw), queue, queue]))
-        redis_client.zadd("unacked_index", {tag: time.time()})
         with sessions.begin() as session:
             session.get_one(Job, job.id).published_at = datetime.now(UTC) - timedelta(hours=1)
-        # Taken just now: its consumer may be about to claim it.
-        assert housekeeper.reconcile() == 0
-        redis_client.zadd("unacked_index", {tag: time.time() - settings.reconcile_after - 1})
-        assert housekeeper.reconcile() == 1
-        assert queue_depth(redis_client, queue) == 1
+        # A consumer takes the message (kombu moves it to its unacked hash) and never claims.
+        with app.connection_for_read() as conn:
+            taken = conn.default_channel.basic_get(queue, no_ack=False)
+            assert taken is not None
+            # Taken just now: its consumer may be about to claim it.
+            assert housekeeper.reconcile() == 0
+            # Taken long ago, by a consumer that died since.
+            old = time.time() - settings.reconcile_after - 1
+            redis_client.zadd(UNACKED_INDEX_KEY, {taken.delivery_tag: old})
+            assert housekeeper.reconcile() == 1
+            assert queue_depth(redis_client, queue) == 1
+            taken.ack()  # not back to the queue when this connection closes
     finally:
-        redis_client.hdel("unacked", tag)
-        redis_client.zrem("unacked_index", tag)
-        redis_client.delete(queue, *(f"{queue}:{n}" for n in range(1, 10)))
+        redis_client.delete(*queue_lists(queue))
         app.conveyor.engine.dispose()
 
 

@@ -25,7 +25,8 @@ from conveyor.ledger.work import Work
 from conveyor.live.store import LiveStore
 from conveyor.logs import bind_context, clear_context, configure_logging
 from conveyor.metrics import serve_metrics
-from conveyor.registry import JobType, load_job_types
+from conveyor.plugins import job_registry
+from conveyor.registry import JobType
 from conveyor.settings import Settings
 from worker.consumer import install as install_loop_bound_consumer
 from worker.housekeeping import Housekeeper
@@ -50,7 +51,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         settings=settings,
         engine=engine,
         work=work,
-        registry=load_job_types(settings.job_modules),
+        registry=job_registry(settings),
         gate=SubmitGate(live.redis, work.reading),
     )
     app.conveyor = services
@@ -105,8 +106,7 @@ def _bind_job_context(task_id: str | None = None, task: Task | None = None, **_:
     clear_context()
     if task is None:
         return
-    # Celery exposes a message's custom headers as attributes of the task's request.
-    request_id = getattr(task.request, REQUEST_ID_HEADER, None)
+    request_id = (task.request.headers or {}).get(REQUEST_ID_HEADER)
     bind_context(job_id=task_id, job_type=task.name, request_id=request_id)
 
 

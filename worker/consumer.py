@@ -14,22 +14,24 @@ the event loop whatever the pool, as Celery already does for the acknowledgement
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 from celery import Celery
 from celery.worker.consumer import Consumer
 
+from conveyor.celery_internals import PrefetchRestoreHook
 
-class LoopBoundConsumer(Consumer):
+
+class LoopBoundConsumer(PrefetchRestoreHook, Consumer):
     """A Celery consumer that changes its prefetch count only from its event loop."""
 
-    def _restore_prefetch_count_after_connection_restart(self, p: Any, *args: Any) -> None:
-        restore = super()._restore_prefetch_count_after_connection_restart
+    def schedule_prefetch_restore(self, restore: Callable[[], None]) -> None:
+        """Run the step in the event loop's thread, or at once where one thread reads."""
         if self.hub is None:  # no event loop (solo, gevent, eventlet): one thread reads
-            restore(p, *args)
+            restore()
             return
         # Thread-safe: it wakes the loop if called from another thread.
-        self.hub.call_soon(restore, p, *args)
+        self.hub.call_soon(restore)
 
 
 def install(app: Celery) -> None:

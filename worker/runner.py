@@ -16,12 +16,24 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded as CelerySoftTimeLimitExceeded
+from celery.exceptions import TimeLimitExceeded as CeleryTimeLimitExceeded
 from pydantic import BaseModel
 from redis.exceptions import RedisError
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from conveyor.errors import JobCancelled, PermanentError, ValidationFailed
+from conveyor.errors import (
+    DatabaseError,
+    JobCancelled,
+    LostOwnership,
+    PermanentError,
+    ResultTooDeep,
+    ResultTooLarge,
+    SoftTimeLimitExceeded,
+    TimeLimitExceeded,
+    ValidationFailed,
+)
 from conveyor.ledger.gate import SubmitGate
 from conveyor.ledger.transitions import (
     ClaimedJob,
@@ -127,10 +139,6 @@ class WorkerServices:
         return self.work.live
 
 
-class LostOwnership(Exception):
-    """Raised to roll back a job's writes when its attempt no longer owns the row."""
-
-
 @dataclass
 class ProgressWriter:
     """Stores a job's progress for the API to show, throttled."""
@@ -149,14 +157,6 @@ class ProgressWriter:
             self.live.set_progress(self.job_id, progress_document(current, total, message))
         except RedisError:  # progress is best effort; the job itself must not fail for it
             logger.warning("could not store progress of job %s", self.job_id, exc_info=True)
-
-
-class ResultTooLarge(PermanentError):
-    """Raised when a job returns more JSON than `max_result_bytes`."""
-
-
-class ResultTooDeep(PermanentError):
-    """Raised when a job returns JSON nested deeper than `MAX_JSON_DEPTH` levels."""
 
 
 def _as_result(value: BaseModel | dict[str, Any] | None, limit: int) -> dict[str, Any] | None:
@@ -227,14 +227,19 @@ def run_job(services: WorkerServices, raw_job_id: str) -> str:
     return "succeeded"
 
 
-class DatabaseError(Exception):
-    """Stands in for a database exception whose text (SQL, parameters, hosts) stays private."""
-
-
 def public_error(exc: Exception) -> Exception:
-    """Return the error as clients may see it: database errors lose their SQL and hosts."""
+    """Return the error as clients may see it: database errors lose their SQL and hosts.
+
+    A job's own exceptions pass as they are; Celery's time limits become the tree's errors
+    of the same name, with a message that says what happened.
+    """
     if isinstance(exc, SQLAlchemyError):
         return DatabaseError(f"a database error occurred ({type(exc).__name__}); see the logs")
+    if isinstance(exc, CeleryTimeLimitExceeded):
+        limit = f" of {exc.args[0]}s" if exc.args else ""
+        return TimeLimitExceeded(f"the job ran past its hard time limit{limit} and was killed")
+    if isinstance(exc, CelerySoftTimeLimitExceeded):
+        return SoftTimeLimitExceeded("the job ran past its soft time limit")
     return exc
 
 
@@ -271,5 +276,5 @@ def fail_timed_out(services: WorkerServices, raw_job_id: str, error: Exception) 
         if attempt is None:
             return
         policy = services.registry.get(attempt.type).retry
-        outcome = fail(unit, attempt, error, utcnow(), policy=policy)
+        outcome = fail(unit, attempt, public_error(error), utcnow(), policy=policy)
     logger.warning("job %s hit its hard time limit: now %s", raw_job_id, outcome)

@@ -6,36 +6,20 @@ the entry is only flagged cancelled; kombu's timer keeps it in its heap until it
 comes, `time_limit` seconds later (celery/celery#1129, #5200: still so in Celery/kombu
 5.7). About 0.5 kB a job: at 30 jobs/s and the default 30 minutes that is 27 MB held
 for nothing, at 1,000 jobs/s close to a gigabyte, and it looks like a leak for the
-first half hour. This bootstep drops the cancelled entries every few seconds instead.
+first half hour. This bootstep drops the cancelled entries every few seconds instead
+(`conveyor.celery_internals.purge_cancelled`: kombu's heap is private).
 """
 
 from __future__ import annotations
 
-import heapq
 from typing import Any
 
 from celery import Celery, bootsteps
-from kombu.asynchronous.timer import Timer
+
+from conveyor.celery_internals import purge_cancelled
 
 # Seconds between two sweeps: between them at most `rate * interval` entries wait.
 PURGE_INTERVAL = 10.0
-
-
-def purge_cancelled(timer: Timer) -> int:
-    """Remove the cancelled entries from `timer`'s heap; return how many went.
-
-    A cancelled entry never runs (the timer skips it when it comes due), so dropping it
-    early changes nothing but memory. The list is rebuilt in place: the event loop holds
-    a reference to it.
-    """
-    # Kombu offers no way to drop cancelled entries: its heap is reached directly.
-    queue: list[Any] = timer._queue
-    live = [event for event in queue if not event.entry.canceled]
-    removed = len(queue) - len(live)
-    if removed:
-        heapq.heapify(live)
-        queue[:] = live
-    return removed
 
 
 class PurgeCancelledTimers(bootsteps.Step):

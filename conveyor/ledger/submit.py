@@ -12,7 +12,7 @@ import functools
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Protocol
@@ -226,11 +226,14 @@ def submit_jobs(
     ids: Sequence[uuid.UUID] | None = None,
     allow_internal: bool = False,
     gate: Gate | None = None,
+    admit: Callable[[int], None] | None = None,
 ) -> list[Submitted]:
     """Validate every request, then insert all the jobs and their first events, or none.
 
     Internal job types are refused (`UnknownJobType`) unless `allow_internal`, which only
     the platform itself may pass (the ledger inserts webhook deliveries on its own).
+    `admit` gets the number of jobs once all are valid, before anything is written, and
+    may refuse them by raising (the API holds them to the tenant's quota there).
 
     A request whose unique key a live job holds gets that job (`created=False`). Scheduled
     jobs wait for the promoter. A queued job goes straight to the broker unless something
@@ -263,6 +266,8 @@ def submit_jobs(
     ]
     holders = _unique_holders(unit, requests, rows, tenant_id, now)
     new = [row for row in rows if row["id"] not in holders]
+    if admit is not None and new:
+        admit(len(new))
     for row in new:
         if row["state"] == JobState.QUEUED:
             row["waiting_for"] = _held(registry, row, gate)

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Select, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import RowMapping
 
+from conveyor.errors import WorkerLost
 from conveyor.ledger.flow import wake_dispatcher
 from conveyor.ledger.publishing import stamp_published
 from conveyor.ledger.statements import NOW, ROW, transition
@@ -32,10 +33,6 @@ from conveyor.registry import JobRegistry
 LOST_WORKER_GRACE = 2
 _LIMIT: Any = bindparam("p_limit")
 _DUE = func.coalesce(Job.scheduled_for, Job.created_at)
-
-
-class WorkerLost(Exception):
-    """Stands for a worker that stopped mid-job: killed, out of memory, or past its limit."""
 
 
 def _unexpired() -> Any:

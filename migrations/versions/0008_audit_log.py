@@ -1,7 +1,7 @@
 """audit log
 
 Revision ID: 0008
-Revises: 0007
+Revises: 0006
 Create Date: 2026-11-26 09:01:17.648766
 """
 
@@ -14,7 +14,7 @@ from alembic import op
 from sqlalchemy.dialects import postgresql
 
 revision: str = "0008"
-down_revision: str | None = "0007"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

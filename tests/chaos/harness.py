@@ -28,11 +28,11 @@ from typing import Any
 
 import psutil
 import psycopg
-from alembic import command
 
 from conveyor.bootstrap import create_tenant_identity
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.embedded import EmbeddedPostgres, EmbeddedRedis, create_database, free_port
+from conveyor.migrations import upgrade
 from conveyor.settings import Settings
 from tests.chaos.jobtypes import SCHEMA
 from tests.conftest import alembic_config, wait_for
@@ -139,7 +139,7 @@ class Cluster:
         self.start_redis()
         secret = secrets.token_urlsafe(32)
         settings = Settings(env="test", database_url=self.database_url, secret_key=secret)
-        command.upgrade(alembic_config(settings.sqlalchemy_url), "head")
+        upgrade(alembic_config(settings.sqlalchemy_url))
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             conn.execute(SCHEMA)  # type: ignore[arg-type]
         engine = create_db_engine(settings)
@@ -155,7 +155,8 @@ class Cluster:
                 self.token = identity.token
         finally:
             engine.dispose()
-        modules = ["conveyor.jobtypes.system", "tests.chaos.jobtypes"]
+        # Extra job types, added to the platform's and the installed domains'.
+        modules = ["tests.chaos.jobtypes"]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
         self.env.update(
             PYTHONPATH=str(ROOT),

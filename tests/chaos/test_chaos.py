@@ -342,6 +342,8 @@ def broker_options(cluster: Cluster) -> dict[str, object]:
 def test_redelivery_past_the_visibility_timeout_never_runs_a_job_twice(cluster: Cluster) -> None:
     from kombu import Connection
 
+    from conveyor.celery_internals import restore_overdue_unacked
+
     first = cluster.start_worker("w1", concurrency=1)
     # Long enough to outlast the second worker's start on a loaded 2-core machine (8 s did
     # not: w2 was ready only after the job had finished, leaving nothing to redeliver).
@@ -356,7 +358,7 @@ def test_redelivery_past_the_visibility_timeout_never_runs_a_job_twice(cluster: 
     url = cluster.env["CONVEYOR_REDIS_URL"]
     options = {**broker_options(cluster), "visibility_timeout": 0}
     with Connection(url, transport_options=options) as conn:
-        conn.default_channel.qos.restore_visible(num=100, interval=1)
+        restore_overdue_unacked(conn)
     wait_for(
         lambda: "is not queued; skipping this delivery" in cluster.procs[-1].log.read_text(),
         timeout=60,

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from domains.orders.rows import safe_cell
 from tests.test_orders import csv_bytes, run, upload
-from worker.orders.rows import safe_cell
 
 pytestmark = pytest.mark.e2e
 

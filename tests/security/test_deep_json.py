@@ -16,11 +16,11 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.errors import PermanentError
+from conveyor.errors import PermanentError, ResultTooDeep
 from conveyor.models import Job, Schedule
 from conveyor.nesting import MAX_JSON_DEPTH, render_path, too_deep
 from tests.test_api import assert_problem
-from worker.runner import ResultTooDeep, _as_result
+from worker.runner import _as_result
 
 
 def arrays(levels: int) -> str:

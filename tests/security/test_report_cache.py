@@ -11,8 +11,8 @@ from redis import Redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.bootstrap import Identity
-from worker.orders import reports
-from worker.orders.models import DailyRevenue
+from domains.orders import reports
+from domains.orders.models import DailyRevenue
 
 DAY = date(2026, 3, 1)
 

@@ -1,13 +1,11 @@
-"""Schedules cannot push a tenant past its quota of unfinished jobs, by beat or by trigger."""
+"""Beat fires nothing past a tenant's quota of unfinished jobs (triggers: test_admission.py)."""
 
 from __future__ import annotations
 
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -22,9 +20,8 @@ from conveyor.ledger.work import UnitOfWork
 from conveyor.models import Job
 from conveyor.schedules import fire_due_schedules
 from conveyor.settings import Settings
-from tests.conftest import bearer
 from tests.factories import job_factory, tenant_factory
-from tests.test_api import assert_problem, job_count
+from tests.test_api import job_count
 from tests.test_schedules import REGISTRY as JOB_TYPES
 from tests.test_schedules import make
 
@@ -127,43 +124,3 @@ def test_the_housekeeper_applies_the_quota_from_settings_and_counts_skips(
     with sessions() as session:
         schedule = session.get_one(schedules_module.Schedule, schedule_id)
         assert schedule.next_run_at > datetime.now(UTC) - timedelta(seconds=1)
-
-
-def test_a_trigger_is_held_to_the_quota_like_a_submit(
-    make_app: Callable[..., Any],
-    identity: Identity,
-    role_tokens: dict[str, str],
-    sessions: sessionmaker[Session],
-    settings: Settings,
-) -> None:
-    client = make_app(tenant_max_unfinished_jobs=1, tenant_quota_refresh_seconds=0).test_client()
-    auth = bearer(identity.token)
-    body = {
-        "name": "hourly",
-        "job_type": "system.noop",
-        "cron": "0 * * * *",
-        "options": {"queue": settings.default_queue},
-    }
-    created = client.post("/v1/schedules", json=body, headers=auth)
-    assert created.status_code == 201
-    trigger = f"/v1/schedules/{created.get_json()['id']}/trigger"
-    with sessions.begin() as session:
-        blocking = job_factory(session, identity.tenant.id).id
-
-    refused = assert_problem(client.post(trigger, headers=auth), 429)
-    assert refused["type"].endswith("/quota-exceeded")
-    operator = client.post(trigger, headers=bearer(role_tokens["operator"]))
-    assert_problem(operator, 429)
-    assert "Retry-After" in operator.headers
-    # A member may not trigger at all: that, not the quota, is its answer.
-    assert_problem(client.post(trigger, headers=bearer(role_tokens["member"])), 403)
-    assert job_count(sessions) == 1
-
-    with sessions.begin() as session:
-        session.execute(
-            update(Job)
-            .where(Job.id == blocking)
-            .values(state=JobState.SUCCEEDED, finished_at=datetime.now(UTC))
-        )
-    assert client.post(trigger, headers=auth).status_code == 202
-    assert job_count(sessions) == 2

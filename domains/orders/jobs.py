@@ -16,9 +16,9 @@ from sqlalchemy import select, text
 from conveyor.errors import NotFound, PermanentError
 from conveyor.files import ArtifactWriter, get_upload, read_upload
 from conveyor.registry import JobContext, RetryPolicy, job_type
-from worker.orders import reports
-from worker.orders.models import Order
-from worker.orders.rows import HEADER, OrderRow, RowError, parse_row, safe_cell
+from domains.orders import reports
+from domains.orders.models import Order
+from domains.orders.rows import HEADER, OrderRow, RowError, parse_row, safe_cell
 
 BATCH = 10_000
 MAX_REJECTED_SHOWN = 100

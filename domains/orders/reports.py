@@ -17,7 +17,7 @@ from redis import Redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from worker.orders.models import DailyRevenue
+from domains.orders.models import DailyRevenue
 
 CACHE_SECONDS = 3600
 MAX_CACHED_RANGES = 64

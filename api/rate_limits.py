@@ -1,36 +1,34 @@
-"""Limits and admission control, counted in Redis and shared by every API instance.
+"""Rate limits, counted in Redis and shared by every API instance.
 
 - Every endpoint group (`endpoint_group`) has a rate limit per client IP, counted before
   anything else, and one per verified principal (API key or user), counted once the caller
   is authenticated, so nobody can pick a bucket with a made-up token.
 - Sign-in and sign-up are limited per client IP and per email instead.
-- Submitting jobs (and triggering a schedule) is refused while the tenant's unfinished jobs
-  are at their quota.
 
 The counters are fixed windows (api/rate_windows.py) whose increment also answers its count
 and expiry, so the `X-RateLimit-*` headers and a 429's `Retry-After` cost no Redis round
 trip of their own. A caller the API-key cache already vouches for is counted per IP and per
 principal in one round trip; anyone else per IP first, then, once verified, per principal.
-When the counters share the snapshots' Redis, that round trip also reads the status poll's
-job snapshot, and an admitted poll's view uses it (`prefetched_snapshot`) instead of
-reading again; a refused one never gets it.
+An endpoint may send commands of its own in that one round trip (`ride_along`); their
+replies reach it only when the request is admitted.
 When Redis is unreachable, rate limiting steps aside for a few seconds (fail open) with one
 warning, and responses carry no rate-limit headers rather than made-up ones.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from typing import Any
 
 from flask import Blueprint, Flask, Response, g, request
+from flask.sansio.app import App
 from limits import RateLimitItem
 from redis import Redis
+from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from api.auth import authenticate, cached_principal
@@ -39,13 +37,10 @@ from api.services import services
 from conveyor.auth import Principal
 from conveyor.errors import RateLimited, Unauthorized
 from conveyor.identity import normalise_email
-from conveyor.ledger.submit import MAX_BATCH
-from conveyor.live.store import Prefetched, queue_read
-from conveyor.quota import TenantQuota
-from conveyor.roles import PERMISSIONS, Permission
 from conveyor.settings import Settings
 
 logger = logging.getLogger(__name__)
+EXTENSION = "conveyor.rate_limits"
 GROUPS = ("submit", "read", "control", "admin")
 # Probes and metrics are never limited; sign-in and sign-up have limits of their own.
 UNGROUPED = frozenset({"health", "metrics", "signin", "docs"})
@@ -54,14 +49,6 @@ WRITE_GROUPS = {"jobs": "submit", "files": "submit", "job_control": "control"}
 # Endpoints whose blueprint and method do not tell their group.
 ENDPOINT_GROUPS = {"schedules.trigger": "control"}
 READ_METHODS = frozenset({"GET", "HEAD"})
-# The routes that add jobs against the tenant's quota, with the permission each needs (a
-# caller without it gets the view's 403, not a 429).
-SUBMIT_RULES = {
-    "/v1/jobs": Permission.SUBMIT,
-    "/v1/jobs/batch": Permission.SUBMIT,
-    "/v1/schedules/<schedule_id>/trigger": Permission.MANAGE_SCHEDULES,
-}
-BATCH_RULE = "/v1/jobs/batch"
 # After Redis fails, rate limiting stays off this long before trying Redis again.
 OUTAGE_SECONDS = 5.0
 HEADER_LIMIT = "X-RateLimit-Limit"
@@ -71,10 +58,12 @@ HEADER_RESET = "X-RateLimit-Reset"
 _COUNTED_BY = {"ip": "client IP", "key": "API key", "user": "user", "email": "email address"}
 # The window the headers describe, as this request's hits left it.
 _SHOWN = "rate_limit_window"
-# The status poll, whose job snapshot is read with its counters when they share a Redis.
-POLL_ENDPOINT = "jobs.show"
-# The poll's snapshot as the counters' round trip read it, for the view.
-_PREFETCHED = "prefetched_snapshot"
+
+# Takes the replies to a passenger's commands once the request is admitted.
+Receiver = Callable[[Sequence[Any]], None]
+# Queues an endpoint's commands on the counters' pipeline and returns their receiver, or
+# None when this request has nothing to send (the pipeline then carries only the counters).
+Passenger = Callable[[Pipeline], Receiver | None]
 
 
 def endpoint_group(blueprint: str | None, endpoint: str | None, method: str) -> str | None:
@@ -101,7 +90,7 @@ def client_ip(trusted_proxies: int) -> str:
     Each trusted proxy appends the address it received from to `X-Forwarded-For`, so the
     last `trusted_proxies` entries are theirs to vouch for and anything before is hearsay.
     """
-    # As Flask-Limiter's get_remote_address: a peer without an address is the loopback.
+    # A peer without an address (a test client, a Unix socket) is the loopback.
     peer = request.remote_addr or "127.0.0.1"
     if trusted_proxies <= 0:
         return peer
@@ -125,22 +114,6 @@ def email_key() -> str:
     return f"email:{normalise_email(email)}" if isinstance(email, str) else ip_key()
 
 
-def prefetched_snapshot() -> Prefetched | None:
-    """Return the job snapshot read with this admitted poll's counters, if it was."""
-    reply: Prefetched | None = g.pop(_PREFETCHED, None)
-    return reply
-
-
-def _polled_job() -> uuid.UUID | None:
-    """Return the job this request polls, or None when it is no poll (or a malformed id)."""
-    if request.endpoint != POLL_ENDPOINT or not request.view_args:
-        return None
-    try:
-        return uuid.UUID(str(request.view_args.get("job_id")))
-    except ValueError:
-        return None  # the view answers 404
-
-
 def principal_key(principal: Principal) -> str:
     """Key a request by its verified principal: the API key, else the signed-in user."""
     if principal.api_key_id is not None:
@@ -156,6 +129,24 @@ def _verified_principal() -> Principal | None:
         return authenticate()
     except Unauthorized:
         return None  # the view answers 401 if it needs a caller
+
+
+def same_redis(one: Redis, other: Redis) -> bool:
+    """Return whether two clients reach the same Redis database, so one pipeline serves both."""
+
+    def where(client: Redis) -> tuple[Any, ...]:
+        pool = client.connection_pool
+        kwargs = pool.connection_kwargs
+        return (
+            pool.connection_class,
+            kwargs.get("host"),
+            kwargs.get("port"),
+            kwargs.get("path"),
+            kwargs.get("db", 0),
+            kwargs.get("username"),
+        )
+
+    return where(one) == where(other)
 
 
 class _Outage:
@@ -196,38 +187,39 @@ def breach_error(window: Window) -> RateLimited:
     )
 
 
+@dataclass
 class _Limits:
     """Counts a request's windows, notes the one its headers describe, refuses on a breach."""
 
-    def __init__(self, windows: RateWindows, outage: _Outage, prefix: str) -> None:
-        self._windows = windows
-        self._outage = outage
-        self._prefix = prefix
+    windows: RateWindows
+    outage: _Outage
+    prefix: str
+    # By endpoint: commands sent with the counters of a caller counted in one round trip.
+    passengers: dict[str, Passenger] = field(default_factory=dict)
 
     def counters(self, items: Sequence[RateLimitItem], who: str, scope: str) -> list[Counter]:
         """Return the counters of `items` for `who` in `scope`."""
-        prefix = self._prefix
-        return [Counter.of(item, prefix, who, scope) for item in items]
+        return [Counter.of(item, self.prefix, who, scope) for item in items]
 
     def count(
-        self, counters: Sequence[Counter], shown: int = 0, snapshot_of: uuid.UUID | None = None
+        self, counters: Sequence[Counter], shown: int = 0, passenger: Passenger | None = None
     ) -> None:
         """Count the request in one round trip; without a breach the headers show `shown`.
 
-        With `snapshot_of`, that round trip reads the job's snapshot too, handed to the view
-        only when the request is admitted. Raises `RateLimited` at the first breached window
-        (the later ones are not counted); when Redis fails, starts an outage and lets the
-        request through, without headers (the view then reads the snapshot itself).
+        With a `passenger`, its commands go in that round trip too, and their replies to its
+        receiver only when the request is admitted. Raises `RateLimited` at the first
+        breached window (the later ones are not counted); when Redis fails, starts an
+        outage and lets the request through without headers (and without replies).
         """
-        replies = None
+        receiver: Receiver | None = None
+        replies: list[Any] = []
         try:
-            if snapshot_of is None:
-                windows = self._windows.hit(counters)
+            if passenger is None:
+                windows = self.windows.hit(counters)
             else:
-                read = functools.partial(queue_read, job_id=snapshot_of)
-                windows, replies = self._windows.hit_along(counters, read)
+                windows, receiver, replies = self.windows.hit_along(counters, passenger)
         except RedisError as exc:
-            self._outage.report(exc)
+            self.outage.report(exc)
             g.pop(_SHOWN, None)
             return
         last = windows[-1]
@@ -235,8 +227,24 @@ class _Limits:
             setattr(g, _SHOWN, last)
             raise breach_error(last)
         setattr(g, _SHOWN, windows[shown])
-        if snapshot_of is not None and replies is not None:
-            setattr(g, _PREFETCHED, Prefetched(snapshot_of, replies))
+        if receiver is not None:
+            receiver(replies)
+
+
+def ride_along(app: App, endpoint: str, redis: Redis, passenger: Passenger) -> bool:
+    """Send `passenger`'s commands for `redis` in the round trip that counts `endpoint`.
+
+    They ride with a caller counted per IP and per principal at once (a cached API key),
+    and only when `redis` is the rate limiter's own database: elsewhere they would cost a
+    round trip of their own, so the endpoint reads for itself. Its receiver gets the
+    replies (a failed command's error in its place) once the request is admitted; never
+    for a refused request, nor when Redis failed. Returns whether the commands will ride.
+    """
+    limits: _Limits = app.extensions[EXTENSION]
+    if not same_redis(limits.windows.redis, redis):
+        return False
+    limits.passengers[endpoint] = passenger
+    return True
 
 
 def _add_headers(outage: _Outage) -> Callable[[Response], Response]:
@@ -252,25 +260,6 @@ def _add_headers(outage: _Outage) -> Callable[[Response], Response]:
         return response
 
     return add_headers
-
-
-def _submitted_jobs() -> int:
-    """Return how many jobs this submit adds (0 when the view will refuse the body anyway)."""
-    if request.url_rule is None or request.url_rule.rule != BATCH_RULE:
-        return 1
-    try:
-        body = request.get_json(silent=True)
-    except RecursionError:
-        return 0
-    jobs = body.get("jobs") if isinstance(body, dict) else None
-    return len(jobs) if isinstance(jobs, list) and len(jobs) <= MAX_BATCH else 0
-
-
-def _may_submit(principal: Principal) -> bool:
-    """Return whether the caller holds the permission this submit route needs."""
-    rule = request.url_rule.rule if request.url_rule is not None else ""
-    needed = SUBMIT_RULES.get(rule, Permission.SUBMIT)
-    return needed in PERMISSIONS[principal.role]
 
 
 def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
@@ -289,20 +278,13 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
         settings.redis_url.get_secret_value(), socket_connect_timeout=1, socket_timeout=1
     )
     limits = _Limits(RateWindows(redis), outage, settings.rate_limit_prefix)
-    # On the snapshots' Redis, the poll's counters carry its snapshot read (else two trips).
-    prefetch_polls = settings.redis_url.get_secret_value() == settings.result_backend
-    quota = TenantQuota(
-        settings.tenant_max_unfinished_jobs,
-        refresh=settings.tenant_quota_refresh_seconds,
-        drain_window=settings.tenant_drain_window_seconds,
-    )
+    app.extensions[EXTENSION] = limits
 
     def counting() -> bool:
         return settings.rate_limits_enabled and not outage.active()
 
     def admit_signin() -> None:
-        # Per route, by IP and by email, shortest window first: as Flask-Limiter counted a
-        # blueprint's limits.
+        # Per route, by IP and by email, shortest window first.
         scope = request.endpoint or ""
         counters = sorted(
             [
@@ -321,40 +303,29 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
             if request.blueprint == throttled.name and counting():
                 admit_signin()
             return
+        if not counting():
+            return
         by_ip, by_principal = ip_limits[group], principal_limits[group]
-        submits = (
-            quota.limit > 0
-            and request.method == "POST"
-            and request.url_rule is not None
-            and request.url_rule.rule in SUBMIT_RULES
-        )
-        principal = None
-        if counting():
-            counters = limits.counters(by_ip, ip_key(), f"ip-{group}")
-            # A caller known without a lookup is counted per IP and per principal at once;
-            # the IP's windows come first, so a refused IP spends none of the principal's.
-            principal = cached_principal() if by_principal else None
-            shown, polled = 0, None
-            if principal is not None:
-                shown = len(counters)
-                counters += limits.counters(
-                    by_principal, principal_key(principal), f"principal-{group}"
-                )
-                polled = _polled_job() if prefetch_polls else None
-            if counters:
-                limits.count(counters, shown, polled)
-        if principal is None and ((settings.rate_limits_enabled and by_principal) or submits):
+        counters = limits.counters(by_ip, ip_key(), f"ip-{group}")
+        # A caller known without a lookup is counted per IP and per principal at once; the
+        # IP's windows come first, so a refused IP spends none of the principal's.
+        principal = cached_principal() if by_principal else None
+        if principal is not None:
+            shown = len(counters)
+            counters += limits.counters(
+                by_principal, principal_key(principal), f"principal-{group}"
+            )
+            passenger = limits.passengers.get(request.endpoint or "")
+            limits.count(counters, shown, passenger)
+            return
+        if counters:
+            limits.count(counters)
+        if by_principal:
             principal = _verified_principal()
-            if principal is None:
-                return
-            if by_principal and counting():
+            if principal is not None and counting():
                 limits.count(
                     limits.counters(by_principal, principal_key(principal), f"principal-{group}")
                 )
-        if principal is not None and submits and _may_submit(principal):
-            quota.admit(
-                services().work.reading, principal.tenant_id, _submitted_jobs(), datetime.now(UTC)
-            )
 
     if settings.rate_limit_headers:
         app.after_request(_add_headers(outage))
