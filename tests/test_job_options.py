@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
 from conveyor.broker import queue_depth
+from conveyor.ledger.dispatch import dispatch
 from conveyor.ledger.transitions import claim
 from conveyor.ledger.upkeep import expire_due, promote_due, stop_overdue
 from conveyor.ledger.work import UnitOfWork, Work
@@ -75,6 +76,12 @@ def test_a_delayed_job_waits_unpublished_until_due(
         frozen.tick(timedelta(seconds=61))
         with work.begin() as unit:
             assert promote_due(unit, datetime.now(UTC)) == 1
+            assert unit.messages == []  # queued for the dispatcher, which publishes it
+            queue = settings.default_queue
+            passed = dispatch(
+                unit, datetime.now(UTC), depths={queue: 0}, in_flight=10, per_tenant=10, after={}
+            )
+            assert passed.published == 1
             assert [m.job_id for m in unit.messages] == [uuid.UUID(job["id"])]
         assert queue_depth(redis_client, settings.default_queue) == before + 1
 

@@ -137,7 +137,7 @@ def test_a_failed_publish_clears_published_at_and_the_promoter_publishes_the_job
     ids = [single.get_json()["id"], *(item["id"] for item in batch.get_json()["items"])]
     assert [ledger(sessions, i).published_at for i in ids] == [None] * 4
     age(sessions, ids, created_at=True)
-    assert housekeeper.promote() == 4
+    assert housekeeper.dispatch() == 4
     assert broker_task_ids(redis_client, [queue], limit=100) == set(ids)
     assert all(ledger(sessions, i).published_at is not None for i in ids)
 
@@ -161,7 +161,7 @@ def test_a_job_stamped_but_never_published_is_redriven_by_the_reconciler(
     assert response.status_code == 202
     job_id = response.get_json()["id"]
     assert ledger(sessions, job_id).published_at is not None
-    assert housekeeper.promote() == 0  # stamped: not the promoter's
+    assert housekeeper.dispatch() == 0  # stamped: not the dispatcher's
     assert housekeeper.reconcile() == 0  # not stale yet: its message may still be on its way
     age(sessions, [job_id], created_at=True, published_at=True)  # reconcile_after passed
     assert housekeeper.reconcile() == 1

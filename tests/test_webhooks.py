@@ -18,11 +18,12 @@ pytestmark = pytest.mark.e2e
 
 
 def drive(worker: Any, condition: Any, timeout: float = 30) -> Any:
-    """Run beat's promotion while waiting, so scheduled deliveries and retries go out."""
+    """Run beat's promotion and dispatch while waiting, so deliveries and retries go out."""
     housekeeper = Housekeeper.for_app(worker)
 
     def check() -> Any:
         housekeeper.promote()
+        housekeeper.dispatch()
         return condition()
 
     return wait_for(check, timeout=timeout, interval=0.2)

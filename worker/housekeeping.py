@@ -195,13 +195,13 @@ class Housekeeper:
             )
 
     def run_once(self) -> tuple[int, int]:
-        """Run every task once (and a dispatcher pass); return how many were promoted and reaped."""
+        """Run every task and a dispatch pass once; return the jobs sent out and those reaped."""
         self.fire_schedules()
-        promoted = self.promote()
-        self.dispatch()
+        self.promote()
+        dispatched = self.dispatch()
         reaped = self.reap()
         self.reconcile()
-        return promoted, reaped
+        return dispatched, reaped
 
     def _tasks(self) -> list[tuple[Callable[[], Any], float]]:
         settings = self.services.settings

@@ -153,7 +153,8 @@ def test_failing_jobs_deliveries_and_requests_log_no_secret(
         job = client.post("/v1/jobs", json=body, headers=auth).get_json()
 
         def delivery_failed_in_the_log() -> bool:
-            housekeeper.promote()  # publishes the delivery if the worker left it to beat
+            housekeeper.promote()  # queues the delivery the worker's finish left to beat,
+            housekeeper.dispatch()  # and publishes it
             return bool(Receiver.received) and "HTTP 500" in worker.log_path.read_text()
 
         wait_for(delivery_failed_in_the_log, timeout=60, interval=0.2)
