@@ -16,8 +16,8 @@ from prometheus_flask_exporter.multiprocess import GunicornPrometheusMetrics
 from api.queues import read_queues
 from api.services import services
 from conveyor.errors import Forbidden, Unauthorized
-from conveyor.metrics import QueueCollector, scrape_registry, token_matches, usable_accept
-from conveyor.metrics_dir import multiprocess_dir
+from conveyor.telemetry.metrics import QueueCollector, scrape_registry, token_matches, usable_accept
+from conveyor.telemetry.metrics_dir import multiprocess_dir
 
 bp = Blueprint("metrics", __name__)
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from api.auth import current_principal, requires
 from api.openapi import responses, secured_blueprint
 from api.services import Services, services
+from conveyor.auth.roles import Permission
 from conveyor.queues import (
     QueueStats,
     WorkerInfo,
@@ -23,7 +24,6 @@ from conveyor.queues import (
     queue_overview,
     tenant_workers,
 )
-from conveyor.roles import Permission
 
 bp = secured_blueprint("queues", __name__, "operations", "/v1/queues")
 

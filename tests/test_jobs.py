@@ -198,7 +198,7 @@ def test_promoter_takes_back_only_unpublished_queued_jobs(
 ) -> None:
     published = job_factory(db_session)
     lost = job_factory(db_session)
-    stamp_published(unit, [published.id], NOW)
+    stamp_published(db_session, [published.id], NOW)
     db_session.execute(
         Job.__table__.update()
         .where(Job.id.in_([published.id, lost.id]))

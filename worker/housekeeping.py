@@ -25,7 +25,7 @@ from sqlalchemy import Connection, func, select
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import SQLAlchemyError
 
-from conveyor.broker import broker_task_ids
+from conveyor.broker.inspect import broker_task_ids
 from conveyor.ledger.upkeep import (
     expire_due,
     promote_due,
@@ -35,10 +35,10 @@ from conveyor.ledger.upkeep import (
     stale_queued,
     stop_overdue,
 )
-from conveyor.metrics import JOBS_FINISHED, JOBS_REDRIVEN, SCHEDULE_FIRES_SKIPPED
 from conveyor.queues import broker_depths
 from conveyor.retention import prune
 from conveyor.schedules import fire_due_schedules
+from conveyor.telemetry.metrics import JOBS_FINISHED, JOBS_REDRIVEN, SCHEDULE_FIRES_SKIPPED
 from worker.runner import WorkerServices, utcnow
 
 logger = logging.getLogger(__name__)

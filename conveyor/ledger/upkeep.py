@@ -86,7 +86,7 @@ def republish_unpublished(
     """
     params = {"p_now": now, "p_since": now - timedelta(seconds=after), "p_limit": batch_size}
     rows = unit.session.execute(_unpublished_statement(), params).mappings().all()
-    stamp_published(unit, [row["id"] for row in rows], now)
+    stamp_published(unit.session, [row["id"] for row in rows], now)
     queue_messages(unit, rows)
     return len(rows)
 
@@ -117,7 +117,7 @@ def redrive(unit: UnitOfWork, rows: Sequence[RowMapping], now: datetime) -> int:
     Their queues are declared again: one may have been deleted since (RabbitMQ confirms a
     message to an exchange with no queue bound, and drops it).
     """
-    stamp_published(unit, [row["id"] for row in rows], now)
+    stamp_published(unit.session, [row["id"] for row in rows], now)
     queue_messages(unit, rows, redeclare=True)
     return len(rows)
 
