@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/uv pyproject.toml uv.lock
 	@touch $@
 
 run: $(STAMP)
-	$(BIN)/python -m conveyor.devstack run
+	$(BIN)/python -m devtools.devstack run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest --cov --cov-report=term $(PYTEST_ARGS)

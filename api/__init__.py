@@ -30,9 +30,9 @@ from api import (
     webhooks,
 )
 from api.services import Services
-from conveyor.logs import configure_logging
 from conveyor.plugins import load_domains
 from conveyor.settings import Settings
+from conveyor.telemetry.logs import configure_logging
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:

@@ -13,7 +13,7 @@ from api.auth import current_principal, requires
 from api.openapi import responses, secured_blueprint
 from api.services import services
 from conveyor.audit import list_audit
-from conveyor.roles import Permission
+from conveyor.auth.roles import Permission
 
 bp = secured_blueprint("audit", __name__, "audit")
 

@@ -13,13 +13,13 @@ from flask_jwt_extended import JWTManager, create_access_token, create_refresh_t
 from sqlalchemy.orm import Session
 
 from api.services import services
-from conveyor.auth import KEY_SCHEME, Principal, authenticate_api_key
+from conveyor.auth.keys import KEY_SCHEME, Principal, authenticate_api_key
+from conveyor.auth.roles import Permission, Role, check_permission
+from conveyor.auth.tokens import active_user_for_token, record_refresh_token
 from conveyor.errors import Unauthorized
-from conveyor.logs import bind_context
 from conveyor.models import User
-from conveyor.roles import Permission, Role, check_permission
 from conveyor.settings import Settings
-from conveyor.tokens import active_user_for_token, record_refresh_token
+from conveyor.telemetry.logs import bind_context
 
 # Marks a view that needs a caller but no particular permission.
 ANY_CALLER = "any-caller"

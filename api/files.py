@@ -14,10 +14,10 @@ from api.openapi import responses, secured_blueprint
 from api.requests import parse_id
 from api.schemas import JobPath
 from api.services import services
+from conveyor.auth.roles import Permission
 from conveyor.errors import UnsupportedMediaType, ValidationFailed
 from conveyor.files import get_artifact, read_artifact, read_file, safe_filename, store_upload
 from conveyor.ledger.reads import job_row
-from conveyor.roles import Permission
 
 bp = secured_blueprint("files", __name__, "files")
 # curl -F and many clients send files as application/octet-stream; the name and the

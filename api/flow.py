@@ -16,6 +16,7 @@ from api.auth import current_principal, requires
 from api.openapi import JSON_BODY, empty, responses, secured_blueprint
 from api.services import services
 from conveyor.audit import audit
+from conveyor.auth.roles import Permission
 from conveyor.ledger.flow import (
     LimitState,
     delete_limit,
@@ -27,7 +28,6 @@ from conveyor.ledger.flow import (
     set_limit,
 )
 from conveyor.ledger.submit import LimitKey
-from conveyor.roles import Permission
 
 limits = secured_blueprint("limits", __name__, "flow-control", "/v1/limits")
 queues = secured_blueprint("queue_control", __name__, "flow-control", "/v1/queues")

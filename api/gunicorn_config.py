@@ -10,9 +10,9 @@ from typing import Any
 
 from gunicorn import glogging
 
-from conveyor.logs import configure_logging
-from conveyor.metrics_dir import prepare_multiprocess_dir
 from conveyor.settings import Settings
+from conveyor.telemetry.logs import configure_logging
+from conveyor.telemetry.metrics_dir import prepare_multiprocess_dir
 
 # In the master, before any worker imports prometheus_client: an empty directory where
 # every worker writes its samples, so a scrape of any one of them reports the sum.

@@ -11,9 +11,9 @@ from api.auth import current_principal, decode, issue_tokens, requires
 from api.identity_schemas import Login, Me, Refresh, Register, Registered, Tokens, UserOut
 from api.openapi import AUTHENTICATED, BEARER, JSON_BODY, empty, responses, tag
 from api.services import services
+from conveyor.auth.identity import check_credentials, get_user, register_tenant
+from conveyor.auth.tokens import active_user_for_token, revoke_family, use_refresh_token
 from conveyor.errors import Forbidden, Unauthorized, ValidationFailed
-from conveyor.identity import check_credentials, get_user, register_tenant
-from conveyor.tokens import active_user_for_token, revoke_family, use_refresh_token
 
 AUTH_TAG = tag("auth")
 # Sign-in and sign-up are rate limited as a whole blueprint (api/rate_limits.py).

@@ -9,9 +9,9 @@ from typing import Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, EmailStr, Field
 
 from api.openapi import ObjectId
+from conveyor.auth.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH
+from conveyor.auth.roles import Role
 from conveyor.models import ApiKey, User
-from conveyor.passwords import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH
-from conveyor.roles import Role
 
 Password = Field(min_length=MIN_PASSWORD_LENGTH, max_length=MAX_PASSWORD_LENGTH)
 

@@ -14,10 +14,10 @@ from api.requests import parse_id
 from api.schemas import BulkRetry, CancelAnswer, JobPath, Retried
 from api.services import services
 from conveyor.audit import audit
-from conveyor.auth import Principal
+from conveyor.auth.keys import Principal
+from conveyor.auth.roles import Permission
 from conveyor.ledger import transitions
 from conveyor.ledger.views import JobOut
-from conveyor.roles import Permission
 
 bp = secured_blueprint("job_control", __name__, "jobs", "/v1/jobs")
 

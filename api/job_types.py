@@ -8,7 +8,7 @@ from api.auth import requires
 from api.openapi import responses, secured_blueprint
 from api.schemas import JobTypeList
 from api.services import services
-from conveyor.roles import Permission
+from conveyor.auth.roles import Permission
 
 bp = secured_blueprint("job_types", __name__, "jobs")
 

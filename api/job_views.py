@@ -6,7 +6,7 @@ from typing import Any
 
 from api.auth import current_principal
 from api.services import services
-from conveyor.roles import sees_internal_payloads
+from conveyor.auth.roles import sees_internal_payloads
 
 
 def shown(view: dict[str, Any]) -> dict[str, Any]:

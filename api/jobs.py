@@ -34,6 +34,7 @@ from api.rate_limits import Receiver, ride_along
 from api.requests import parse_id
 from api.schemas import EventList, EventOut, JobBatch, JobList, JobListQuery, JobPage, JobPath
 from api.services import services
+from conveyor.auth.roles import Permission
 from conveyor.errors import ValidationFailed
 from conveyor.ledger.reads import job_row, list_events, list_jobs, read_view
 from conveyor.ledger.submit import (
@@ -44,9 +45,8 @@ from conveyor.ledger.submit import (
 )
 from conveyor.ledger.views import JobOut, job_view
 from conveyor.live.store import Prefetched, queue_read
-from conveyor.logs import bind_context
-from conveyor.metrics import JOBS_SUBMITTED
-from conveyor.roles import Permission
+from conveyor.telemetry.logs import bind_context
+from conveyor.telemetry.metrics import JOBS_SUBMITTED
 
 logger = logging.getLogger(__name__)
 bp = secured_blueprint("jobs", __name__, "jobs", "/v1/jobs")

@@ -12,8 +12,8 @@ from api.openapi import JSON_BODY, empty, responses, secured_blueprint
 from api.requests import parse_id
 from api.services import services
 from conveyor.audit import audit
-from conveyor.auth import create_api_key, list_api_keys, revoke_api_key
-from conveyor.roles import Permission
+from conveyor.auth.keys import create_api_key, list_api_keys, revoke_api_key
+from conveyor.auth.roles import Permission
 
 bp = secured_blueprint("api_keys", __name__, "api-keys", "/v1/api-keys")
 

@@ -17,14 +17,14 @@ from api.queues import read_queues
 from api.services import Services, services
 from conveyor.errors import Forbidden, Unauthorized
 from conveyor.ledger.flow import FlowStats, flow_stats
-from conveyor.metrics import (
+from conveyor.telemetry.metrics import (
     FlowCollector,
     QueueCollector,
     scrape_registry,
     token_matches,
     usable_accept,
 )
-from conveyor.metrics_dir import multiprocess_dir
+from conveyor.telemetry.metrics_dir import multiprocess_dir
 
 bp = Blueprint("metrics", __name__)
 

@@ -16,9 +16,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import auth, openapi
 from api.services import Services
-from conveyor.auth import Principal
+from conveyor.auth.keys import Principal
+from conveyor.auth.roles import Permission
 from conveyor.plugins import Domain, V, Web
-from conveyor.roles import Permission
 
 
 @dataclass(frozen=True)

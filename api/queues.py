@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 from api.auth import current_principal, requires
 from api.openapi import responses, secured_blueprint
 from api.services import Services, services
+from conveyor.auth.roles import Permission
 from conveyor.ledger.flow import paused_queues
 from conveyor.queues import (
     QueueStats,
@@ -24,7 +25,6 @@ from conveyor.queues import (
     queue_overview,
     tenant_workers,
 )
-from conveyor.roles import Permission
 
 bp = secured_blueprint("queues", __name__, "operations", "/v1/queues")
 

@@ -34,9 +34,9 @@ from redis.exceptions import RedisError
 from api.auth import authenticate, cached_principal
 from api.rate_windows import Counter, RateWindows, Window, parse_limits
 from api.services import services
-from conveyor.auth import Principal
+from conveyor.auth.identity import normalise_email
+from conveyor.auth.keys import Principal
 from conveyor.errors import RateLimited, Unauthorized
-from conveyor.identity import normalise_email
 from conveyor.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from conveyor.errors import MalformedRequest, NotFound, UnsupportedMediaType, ValidationFailed
-from conveyor.logs import bind_context, clear_context
 from conveyor.nesting import MAX_JSON_DEPTH, render_path, too_deep
+from conveyor.telemetry.logs import bind_context, clear_context
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

@@ -24,12 +24,12 @@ from api.openapi import (
 from api.requests import parse_id
 from api.services import services
 from conveyor.audit import audit
+from conveyor.auth.roles import Permission
 from conveyor.errors import Conflict
 from conveyor.ledger.states import JobState
 from conveyor.ledger.upkeep import detach_schedule
 from conveyor.ledger.views import JobOut
 from conveyor.models import Schedule
-from conveyor.roles import Permission
 from conveyor.schedules import (
     ScheduleChange,
     ScheduleOptions,

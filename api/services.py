@@ -11,8 +11,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.requests import request_id
-from conveyor.auth import PrincipalCache
-from conveyor.broker import CeleryPublisher, create_celery
+from conveyor.auth.keys import PrincipalCache
+from conveyor.broker.config import create_celery
+from conveyor.broker.publisher import CeleryPublisher
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.ledger.gate import SubmitGate
 from conveyor.ledger.work import Work

@@ -10,8 +10,8 @@ from api.openapi import JSON_BODY, responses, secured_blueprint
 from api.requests import parse_id
 from api.services import services
 from conveyor.audit import audit
-from conveyor.identity import add_user, list_users, update_user
-from conveyor.roles import Permission
+from conveyor.auth.identity import add_user, list_users, update_user
+from conveyor.auth.roles import Permission
 
 bp = secured_blueprint("users", __name__, "users", "/v1/users")
 

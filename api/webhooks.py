@@ -16,9 +16,9 @@ from api.requests import parse_id
 from api.schemas import JobPath
 from api.services import services
 from conveyor.audit import audit
+from conveyor.auth.roles import Permission, sees_internal_payloads
 from conveyor.ledger.reads import job_row
 from conveyor.models import Job, JobEvent, Webhook
-from conveyor.roles import Permission, sees_internal_payloads
 from conveyor.webhooks import DELIVER_TYPE, EVENTS, create_webhook, get_webhook, list_webhooks
 
 bp = secured_blueprint("webhooks", __name__, "webhooks")

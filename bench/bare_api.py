@@ -12,7 +12,7 @@ from typing import Any
 from flask import Flask, abort, jsonify, request
 from sqlalchemy import create_engine, text
 
-from conveyor.broker import create_celery
+from conveyor.broker.config import create_celery
 from conveyor.settings import Settings
 
 QUEUE = "bare"

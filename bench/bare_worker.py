@@ -12,7 +12,7 @@ import os
 
 from sqlalchemy import create_engine, text
 
-from conveyor.broker import create_celery
+from conveyor.broker.config import create_celery
 from conveyor.settings import Settings
 
 settings = Settings(database_url=os.environ["BARE_DATABASE_URL"])

@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 
 from bench.loadgen import wrk_available
-from conveyor.embedded import EmbeddedPostgres, EmbeddedRedis
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

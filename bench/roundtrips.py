@@ -28,10 +28,10 @@ from redis.connection import AbstractConnection
 from sqlalchemy import Connection, Engine, event
 
 from bench.run import BIN, ROOT, servers
+from conveyor.auth.roles import Role
 from conveyor.cli import create_tenant
-from conveyor.embedded import create_database
-from conveyor.roles import Role
 from conveyor.settings import Settings
+from devtools.embedded import create_database
 
 REPEAT = 20
 

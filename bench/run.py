@@ -46,12 +46,12 @@ from bench.processes import (
     wait_http,
     wait_worker_ready,
 )
-from conveyor.broker import queue_depth, queue_lists
-from conveyor.celery_internals import UNACKED_INDEX_KEY, UNACKED_KEY
+from conveyor.auth.roles import Role
+from conveyor.broker.inspect import queue_depth, queue_lists
+from conveyor.broker.internals import UNACKED_INDEX_KEY, UNACKED_KEY
 from conveyor.cli import create_tenant
-from conveyor.embedded import create_database, free_port
-from conveyor.roles import Role
 from conveyor.settings import Settings
+from devtools.embedded import create_database, free_port
 
 API_WORKERS = "2"  # the Procfile's default, for both stacks
 WORKER_CONCURRENCY = "2"

@@ -57,10 +57,10 @@ from bench.soak_checks import (
 )
 from bench.soak_load import Ledger, Load, Sampler
 from bench.soak_report import chart
+from conveyor.auth.roles import Role
 from conveyor.cli import create_tenant
-from conveyor.embedded import create_database, free_port
-from conveyor.roles import Role
 from conveyor.settings import Settings
+from devtools.embedded import create_database, free_port
 
 
 def log(message: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from conveyor.auth import Principal
+from conveyor.auth.keys import Principal
 from conveyor.models import AuditEntry
 
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import click
 
-from conveyor.bootstrap import create_tenant_identity
+from conveyor.auth.bootstrap import create_tenant_identity
+from conveyor.auth.roles import Role
 from conveyor.client import ApiError, Client
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.errors import ConveyorError
-from conveyor.roles import Role
 from conveyor.settings import Settings
 
 

@@ -13,6 +13,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from conveyor.errors import NotFound, StorageQuotaExceeded
 from conveyor.models import Artifact, ArtifactChunk, Upload, UploadChunk
+from conveyor.tenancy import owned
 
 CHUNK_SIZE = 1024 * 1024
 # A stored upload name is at most this many bytes of UTF-8 (most file systems' limit).
@@ -103,12 +104,7 @@ def _over_quota(quota: int) -> StorageQuotaExceeded:
 
 def get_upload(session: Session, tenant_id: uuid.UUID, upload_id: uuid.UUID) -> Upload:
     """Return the tenant's upload, or `NotFound`."""
-    upload = session.scalar(
-        select(Upload).where(Upload.id == upload_id, Upload.tenant_id == tenant_id)
-    )
-    if upload is None:
-        raise NotFound(f"there is no upload {upload_id}")
-    return upload
+    return owned(session, Upload, upload_id, tenant_id, "upload")
 
 
 def _chunks(

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from redis import Redis
     from sqlalchemy.orm import Session, sessionmaker
 
-    from conveyor.auth import Principal
-    from conveyor.roles import Permission
+    from conveyor.auth.keys import Principal
+    from conveyor.auth.roles import Permission
 
 ENTRY_POINT_GROUP = "conveyor.domains"
 # Job types every Conveyor has, whatever domains are installed and whatever the settings say.

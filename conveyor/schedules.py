@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from conveyor.errors import Conflict, NotFound, ValidationFailed
+from conveyor.errors import Conflict, ValidationFailed
 from conveyor.ledger.states import UNFINISHED, JobState
 from conveyor.ledger.submit import (
     Gate,
@@ -31,6 +31,7 @@ from conveyor.ledger.work import UnitOfWork
 from conveyor.models import Job, Schedule
 from conveyor.quota import count_unfinished
 from conveyor.registry import JobRegistry
+from conveyor.tenancy import owned
 
 logger = logging.getLogger(__name__)
 # Enough to find the latest of the occurrences a long beat outage missed.
@@ -198,12 +199,7 @@ def create_schedule(
 
 def get_schedule(session: Session, tenant_id: uuid.UUID, schedule_id: uuid.UUID) -> Schedule:
     """Return one of the tenant's schedules, or `NotFound` (also for another tenant's)."""
-    schedule = session.scalar(
-        select(Schedule).where(Schedule.id == schedule_id, Schedule.tenant_id == tenant_id)
-    )
-    if schedule is None:
-        raise NotFound(f"there is no schedule {schedule_id}")
-    return schedule
+    return owned(session, Schedule, schedule_id, tenant_id, "schedule")
 
 
 def list_schedules(session: Session, tenant_id: uuid.UUID) -> Sequence[Schedule]:

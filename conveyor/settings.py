@@ -11,7 +11,7 @@ from limits import parse_many
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Where `make run` keeps the development secret (conveyor/devstack.py writes it, mode 0600).
+# Where `make run` keeps the development secret (devtools/devstack.py writes it, mode 0600).
 SECRET_FILE = "secret_key"  # noqa: S105 - a file name, not a secret
 MIN_SECRET_LENGTH = 32
 MIN_SECRET_BITS = 90

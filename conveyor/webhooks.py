@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from conveyor.errors import NotFound
 from conveyor.ledger.states import FINISHED
 from conveyor.models import Webhook
+from conveyor.tenancy import owned
 
 DELIVER_TYPE = "webhooks.deliver"
 # Attempts a delivery gets (with exponential backoff, up to ten minutes apart).
@@ -64,9 +64,4 @@ def list_webhooks(session: Session, tenant_id: uuid.UUID) -> Sequence[Webhook]:
 
 def get_webhook(session: Session, tenant_id: uuid.UUID, webhook_id: uuid.UUID) -> Webhook:
     """Return one of the tenant's endpoints, or `NotFound`."""
-    webhook = session.scalar(
-        select(Webhook).where(Webhook.id == webhook_id, Webhook.tenant_id == tenant_id)
-    )
-    if webhook is None:
-        raise NotFound(f"there is no webhook {webhook_id}")
-    return webhook
+    return owned(session, Webhook, webhook_id, tenant_id, "webhook")

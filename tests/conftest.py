@@ -24,17 +24,18 @@ from redis import Redis
 from sqlalchemy import Engine, event, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import Identity, create_tenant_identity
-from conveyor.broker import CeleryPublisher, create_celery
-from conveyor.celery_internals import reset_worker_shutdown_flag
+from conveyor.auth.bootstrap import Identity, create_tenant_identity
+from conveyor.broker.config import create_celery
+from conveyor.broker.internals import reset_worker_shutdown_flag
+from conveyor.broker.publisher import CeleryPublisher
 from conveyor.db import create_db_engine, create_session_factory
-from conveyor.embedded import create_database, drop_database, embedded_services
 from conveyor.ledger.work import UnitOfWork, Work
 from conveyor.live.store import LiveStore
 from conveyor.migrations import alembic_config as conveyor_alembic_config
 from conveyor.migrations import upgrade
 from conveyor.models import JobEvent
 from conveyor.settings import Settings
+from devtools.embedded import create_database, drop_database, embedded_services
 
 ROOT = Path(__file__).resolve().parent.parent
 # This run's signing secret: random, as every secret must be (no shared default exists).
@@ -295,7 +296,7 @@ _CONTROL_APPS: dict[str, Any] = {}
 
 def waiting(settings: Settings, queue: str | None = None) -> int | None:
     """Return how many messages wait in a queue (the default one), on either broker."""
-    from conveyor.broker import create_celery
+    from conveyor.broker.config import create_celery
     from conveyor.queues import broker_depths
 
     if settings.broker not in _CONTROL_APPS:
@@ -379,8 +380,8 @@ def role_tokens(
     identity: Identity, sessions: sessionmaker[Session], settings: Settings
 ) -> dict[str, str]:
     """Return an API key token per role, all in the test tenant, created by its admin."""
-    from conveyor.auth import Principal, create_api_key
-    from conveyor.roles import Role
+    from conveyor.auth.keys import Principal, create_api_key
+    from conveyor.auth.roles import Role
 
     admin = Principal(tenant_id=identity.tenant.id, role=Role.ADMIN, user_id=identity.user.id)
     tokens = {}

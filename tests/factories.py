@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import Identity, create_tenant_identity
+from conveyor.auth.bootstrap import Identity, create_tenant_identity
 from conveyor.ledger.publishing import unmark_published
 from conveyor.ledger.submit import JobRequest, submit_jobs
 from conveyor.ledger.work import UnitOfWork
@@ -61,6 +61,6 @@ def job_factory(
         now=datetime.now(UTC),
     )
     # Nothing publishes a test's unit: as after a failed publish, the promoter will.
-    unmark_published(unit, [submitted.id])
+    unmark_published(session, [submitted.id])
     # submit_jobs returns a Submitted record, not a Job: tests take the session's own.
     return session.get_one(Job, submitted.id)

@@ -15,7 +15,7 @@ from typing import Any
 
 from celery import Celery
 
-from conveyor.broker import create_celery
+from conveyor.broker.config import create_celery
 from conveyor.settings import Settings
 from tests.conftest import fresh_queue, wait_for
 

@@ -18,7 +18,7 @@ from sqlalchemy import event, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor import quota as quota_module
-from conveyor.bootstrap import Identity
+from conveyor.auth.bootstrap import Identity
 from conveyor.errors import QuotaExceeded, ValidationFailed
 from conveyor.ledger.states import JobState
 from conveyor.models import Job

@@ -11,7 +11,7 @@ from redis import Redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.broker import queue_depth
+from conveyor.broker.inspect import queue_depth
 from conveyor.models import Job, JobEvent
 from conveyor.settings import Settings
 from tests.factories import other_tenant

@@ -125,7 +125,8 @@ def test_problem_responses_keep_their_protocol_headers(client: Any) -> None:
 def test_a_dead_broker_is_one_publish_failed(settings: Settings) -> None:
     import uuid as _uuid
 
-    from conveyor.broker import CeleryPublisher, Message, create_celery
+    from conveyor.broker.config import create_celery
+    from conveyor.broker.publisher import CeleryPublisher, Message
     from conveyor.errors import PublishFailed
 
     dead = settings.model_copy(update={"broker_url": DEAD_REDIS})

@@ -12,10 +12,10 @@ import pytest
 from redis import Redis
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import Identity
-from conveyor.broker import queue_depth, queue_lists
-from conveyor.embedded import free_port
+from conveyor.auth.bootstrap import Identity
+from conveyor.broker.inspect import queue_depth, queue_lists
 from conveyor.settings import Settings
+from devtools.embedded import free_port
 from tests.conftest import wait_for
 from tests.factories import job_factory
 from tests.processes import BIN, ROOT, own_queue, process_env, stop

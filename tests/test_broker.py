@@ -13,9 +13,11 @@ from redis import Redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import Identity
-from conveyor.broker import CeleryPublisher, Message, create_celery, queue_lists
-from conveyor.celery_internals import worker_task_channel
+from conveyor.auth.bootstrap import Identity
+from conveyor.broker.config import create_celery
+from conveyor.broker.inspect import queue_lists
+from conveyor.broker.internals import worker_task_channel
+from conveyor.broker.publisher import CeleryPublisher, Message
 from conveyor.errors import PublishFailed
 from conveyor.models import JobEvent
 from conveyor.settings import Settings

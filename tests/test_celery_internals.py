@@ -1,4 +1,4 @@
-"""Each Celery/kombu internal that `conveyor.celery_internals` relies on still holds.
+"""Each Celery/kombu internal that `conveyor.broker.internals` relies on still holds.
 
 A failure names what an upgrade changed and which use it breaks; the module's docstring says
 what else to re-check before widening the Celery pin. The publisher's messages are compared
@@ -30,16 +30,9 @@ from kombu.asynchronous.timer import Timer
 from kombu.clocks import LamportClock
 from redis import Redis
 
-from conveyor.broker import (
-    PRIORITY_LEVELS,
-    CeleryPublisher,
-    Message,
-    broker_task_ids,
-    create_celery,
-    queue_depth,
-    queue_lists,
-)
-from conveyor.celery_internals import (
+from conveyor.broker.config import PRIORITY_LEVELS, create_celery
+from conveyor.broker.inspect import broker_task_ids, queue_depth, queue_lists
+from conveyor.broker.internals import (
     UNACKED_INDEX_KEY,
     UNACKED_KEY,
     PrefetchRestoreHook,
@@ -53,6 +46,7 @@ from conveyor.celery_internals import (
     unacked_messages,
     worker_task_channel,
 )
+from conveyor.broker.publisher import CeleryPublisher, Message
 from conveyor.settings import Settings
 from tests.conftest import fresh_queue, in_process_worker
 
@@ -355,7 +349,7 @@ def test_the_worker_shutdown_flag_is_the_one_start_worker_sets() -> None:
         reset_worker_shutdown_flag()
 
 
-# Every reach into the libraries' internals stays in conveyor/celery_internals.py.
+# Every reach into the libraries' internals stays in conveyor/broker/internals.py.
 INTERNALS = {
     r"\._queue\b": "kombu's Timer heap",
     RESTORE_PREFETCH: "Celery's consumer prefetch restore",
@@ -371,7 +365,7 @@ INTERNALS = {
     r"\.consumer\.task_consumer": "WorkController.consumer",
 }
 SCANNED = ("api", "bench", "conveyor", "domains", "migrations", "tests", "worker")
-ALLOWED = {Path("conveyor/celery_internals.py"), Path("tests/test_celery_internals.py")}
+ALLOWED = {Path("conveyor/broker/internals.py"), Path("tests/test_celery_internals.py")}
 
 
 def test_no_code_outside_the_module_reaches_into_celery_internals() -> None:
@@ -388,4 +382,4 @@ def test_no_code_outside_the_module_reaches_into_celery_internals() -> None:
                 for pattern, what in INTERNALS.items()
                 if re.search(pattern, text)
             ]
-    assert not found, f"move these into conveyor/celery_internals.py, with a test: {found}"
+    assert not found, f"move these into conveyor/broker/internals.py, with a test: {found}"

@@ -21,9 +21,9 @@ import psutil
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.devstack import banner, ensure_dev_credentials
-from conveyor.embedded import free_port
 from conveyor.settings import Settings
+from devtools.devstack import banner, ensure_dev_credentials
+from devtools.embedded import free_port
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def server_pids(data_dir: Path) -> list[int]:
 
 @contextmanager
 def devstack(data_dir: Path, api_port: int, flower_port: int) -> Iterator[list[str]]:
-    """Run `python -m conveyor.devstack run` as `make run` does; SIGTERM it on the way out
+    """Run `python -m devtools.devstack run` as `make run` does; SIGTERM it on the way out
     and check that every process it started, directly or not, is gone."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env.update(
@@ -73,7 +73,7 @@ def devstack(data_dir: Path, api_port: int, flower_port: int) -> Iterator[list[s
         CONVEYOR_WORKER_CONCURRENCY="1",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "conveyor.devstack", "run"],
+        [sys.executable, "-m", "devtools.devstack", "run"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from conveyor.bootstrap import Identity
+from conveyor.auth.bootstrap import Identity
 from conveyor.plugins import PLATFORM_JOB_MODULES, job_modules, job_registry, load_domains
 from conveyor.registry import registry
 from conveyor.settings import Settings
@@ -52,7 +52,7 @@ FAKE_DOMAIN = {
         from pydantic import BaseModel
         from sqlalchemy import text
 
-        from conveyor.roles import Permission
+        from conveyor.auth.roles import Permission
 
 
         class Caller(BaseModel):

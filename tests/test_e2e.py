@@ -14,9 +14,10 @@ from redis import Redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import Identity
-from conveyor.broker import CeleryPublisher, Message, create_celery
-from conveyor.celery_internals import UNACKED_KEY
+from conveyor.auth.bootstrap import Identity
+from conveyor.broker.config import create_celery
+from conveyor.broker.internals import UNACKED_KEY
+from conveyor.broker.publisher import CeleryPublisher, Message
 from conveyor.models import Job, JobEvent
 from conveyor.settings import Settings
 from tests.conftest import wait_for, waiting

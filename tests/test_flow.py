@@ -16,8 +16,8 @@ from redis import Redis
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import Identity
-from conveyor.broker import queue_lists
+from conveyor.auth.bootstrap import Identity
+from conveyor.broker.inspect import queue_lists
 from conveyor.ledger.states import JobState
 from conveyor.models import AuditEntry, Job, Limit
 from conveyor.settings import Settings

@@ -18,10 +18,10 @@ import pytest
 from redis import Redis
 
 from api import create_app
-from conveyor.bootstrap import Identity
-from conveyor.broker import queue_lists
-from conveyor.embedded import free_port
+from conveyor.auth.bootstrap import Identity
+from conveyor.broker.inspect import queue_lists
 from conveyor.settings import Settings
+from devtools.embedded import free_port
 from tests.browser import ARTIFACTS, CHROMIUM_FLAGS, chromium
 from tests.conftest import TEST_SECRET_KEY, wait_for
 from tests.processes import ROOT, WorkerProcess, own_queue, process_env, start_worker, stop
@@ -157,7 +157,7 @@ def identity_for_flower(settings: Settings) -> Iterator[Identity]:
     """A tenant for this module's job (the function-scoped `identity` cannot serve a module)."""
     from datetime import UTC, datetime
 
-    from conveyor.bootstrap import create_tenant_identity
+    from conveyor.auth.bootstrap import create_tenant_identity
     from conveyor.db import create_db_engine, create_session_factory
     from conveyor.models import Tenant
 

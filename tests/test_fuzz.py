@@ -28,8 +28,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from api import create_app
-from conveyor.bootstrap import Identity
-from conveyor.broker import queue_lists
+from conveyor.auth.bootstrap import Identity
+from conveyor.broker.inspect import queue_lists
 from conveyor.settings import Settings
 from tests.conftest import bearer
 from tests.processes import own_queue

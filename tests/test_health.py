@@ -7,8 +7,8 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from api import create_app
-from conveyor.embedded import EmbeddedRedis
 from conveyor.settings import Settings
+from devtools.embedded import EmbeddedRedis
 from tests.conftest import wait_for
 
 

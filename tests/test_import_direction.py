@@ -2,8 +2,8 @@
 
 `api` and `worker` never name each other, not even by a module path in a string; the core
 names neither, nor any domain (it finds domains through entry points); a domain names
-neither `api` nor `worker`. Ruff's banned-api rule catches some imports; this catches them
-all, and the strings.
+neither `api` nor `worker`; no shipped package names `devtools` (make run's tooling).
+Ruff's banned-api rule catches some imports; this catches them all, and the strings.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from tests.conftest import ROOT
 
 # The packages whose modules may not name another one, by import or in a string.
 FORBIDDEN = {
-    "api": {"worker", "domains"},
-    "worker": {"api", "domains"},
-    "conveyor": {"api", "worker", "domains"},
-    "domains": {"api", "worker"},
-    "migrations": {"api", "worker", "domains"},
+    "api": {"worker", "domains", "devtools"},
+    "worker": {"api", "domains", "devtools"},
+    "conveyor": {"api", "worker", "domains", "devtools"},
+    "domains": {"api", "worker", "devtools"},
+    "migrations": {"api", "worker", "domains", "devtools"},
 }
 # A module path in a string, as `importlib`, `pkgutil.resolve_name` or a setting takes it.
 MODULE_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+(:[A-Za-z_]\w*)?$")

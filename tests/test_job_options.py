@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from conveyor.broker import queue_depth
+from conveyor.broker.inspect import queue_depth
 from conveyor.ledger.dispatch import dispatch
 from conveyor.ledger.transitions import claim
 from conveyor.ledger.upkeep import expire_due, promote_due, stop_overdue

@@ -198,7 +198,7 @@ def test_the_dispatcher_publishes_queued_jobs_not_published_yet(
 ) -> None:
     published = job_factory(db_session)
     waiting = job_factory(db_session)  # as after a failed publish, or held back at submit
-    stamp_published(unit, [published.id], NOW)
+    stamp_published(db_session, [published.id], NOW)
     assert waiting_queues(unit) == [QUEUE]
 
     def one_pass() -> int:

@@ -6,8 +6,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from conveyor.auth import Principal, PrincipalCache
-from conveyor.roles import Role
+from conveyor.auth.keys import Principal, PrincipalCache
+from conveyor.auth.roles import Role
 from conveyor.settings import Settings
 from tests.conftest import bearer
 

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import Identity
+from conveyor.auth.bootstrap import Identity
 from conveyor.errors import Conflict
 from conveyor.ledger.reads import JobFilter
 from conveyor.ledger.states import JobState, edges

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from api import create_app
-from conveyor.bootstrap import Identity
-from conveyor.logs import configure_logging, redact, use_json
+from conveyor.auth.bootstrap import Identity
 from conveyor.settings import Settings
+from conveyor.telemetry.logs import configure_logging, redact, use_json
 from tests.conftest import wait_for
 from tests.processes import own_queue, start_worker
 

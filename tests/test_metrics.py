@@ -20,11 +20,11 @@ from pydantic import SecretStr
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from conveyor.bootstrap import Identity
-from conveyor.broker import queue_lists
-from conveyor.embedded import free_port
-from conveyor.metrics import serve_metrics
+from conveyor.auth.bootstrap import Identity
+from conveyor.broker.inspect import queue_lists
 from conveyor.settings import Settings
+from conveyor.telemetry.metrics import serve_metrics
+from devtools.embedded import free_port
 from tests.conftest import wait_for
 from tests.factories import job_factory
 from tests.processes import BIN, ROOT, own_queue, process_env, start_worker, stop

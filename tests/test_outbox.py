@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from conveyor.broker import broker_task_ids, queue_lists
+from conveyor.broker.inspect import broker_task_ids, queue_lists
 from conveyor.models import Job
 from conveyor.settings import Settings
 from worker.app import create_celery_app

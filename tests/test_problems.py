@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from api import create_app
 from api.openapi import Problem
 from conveyor import errors
-from conveyor.broker import queue_depth
+from conveyor.broker.inspect import queue_depth
 from conveyor.models import Job
 from conveyor.settings import Settings
 from tests.test_api import assert_problem

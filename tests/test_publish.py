@@ -10,7 +10,8 @@ import pytest
 from celery.signals import before_task_publish
 from kombu import Producer
 
-from conveyor.broker import CeleryPublisher, Message, create_celery
+from conveyor.broker.config import create_celery
+from conveyor.broker.publisher import CeleryPublisher, Message
 from conveyor.settings import Settings
 
 

@@ -10,8 +10,8 @@ import pytest
 from redis import Redis
 
 from api import create_app
-from conveyor.bootstrap import Identity
-from conveyor.broker import queue_lists
+from conveyor.auth.bootstrap import Identity
+from conveyor.broker.inspect import queue_lists
 from conveyor.settings import Settings
 from tests.conftest import wait_for
 from tests.processes import BIN, ROOT, own_queue, process_env, start_worker

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.rate_limits import OUTAGE_SECONDS, _Outage, endpoint_group, ip_key
 from api.rate_windows import counter_key, parse_limits
 from bench.roundtrips import watch_redis
-from conveyor.bootstrap import Identity
+from conveyor.auth.bootstrap import Identity
 from conveyor.settings import Settings
 from tests.conftest import bearer
 from tests.test_api import assert_problem, job_count, published

@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from api import jobs as jobs_module
 from api.rate_limits import Receiver, ride_along
 from bench.roundtrips import watch, watch_redis
-from conveyor.auth import authenticate_api_key
-from conveyor.bootstrap import Identity
+from conveyor.auth.bootstrap import Identity
+from conveyor.auth.keys import authenticate_api_key
 from conveyor.settings import Settings
 from tests.conftest import bearer
 from tests.factories import job_factory, other_tenant

@@ -17,7 +17,7 @@ from redis.connection import AbstractConnection
 from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import Identity
+from conveyor.auth.bootstrap import Identity
 from conveyor.live.store import view_key
 from conveyor.models import Job, Tenant
 from conveyor.registry import JobContext, JobRegistry

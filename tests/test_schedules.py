@@ -13,7 +13,7 @@ from freezegun import freeze_time
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import Identity
+from conveyor.auth.bootstrap import Identity
 from conveyor.ledger.work import UnitOfWork
 from conveyor.models import Job, Schedule
 from conveyor.registry import load_job_types

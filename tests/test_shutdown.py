@@ -12,8 +12,8 @@ from redis import Redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from conveyor.bootstrap import Identity
-from conveyor.broker import queue_depth, queue_lists
+from conveyor.auth.bootstrap import Identity
+from conveyor.broker.inspect import queue_depth, queue_lists
 from conveyor.settings import Settings
 from tests.conftest import transitions, wait_for
 from tests.processes import own_queue, start_worker

@@ -8,7 +8,7 @@ import pytest
 from kombu.asynchronous import Hub
 from kombu.asynchronous.timer import Timer
 
-from conveyor.celery_internals import purge_cancelled
+from conveyor.broker.internals import purge_cancelled
 from conveyor.settings import Settings
 from tests.conftest import wait_for
 from worker import timers

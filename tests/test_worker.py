@@ -13,9 +13,10 @@ from pydantic import SecretStr
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import Identity
-from conveyor.broker import CeleryPublisher, Message, broker_task_ids, queue_depth, queue_lists
-from conveyor.celery_internals import UNACKED_INDEX_KEY
+from conveyor.auth.bootstrap import Identity
+from conveyor.broker.inspect import broker_task_ids, queue_depth, queue_lists
+from conveyor.broker.internals import UNACKED_INDEX_KEY
+from conveyor.broker.publisher import CeleryPublisher, Message
 from conveyor.errors import ConveyorError, JobFailed
 from conveyor.ledger.transitions import claim
 from conveyor.ledger.work import UnitOfWork, Work

@@ -18,16 +18,17 @@ from celery.signals import (
 from kombu import Queue
 from redis import Redis
 
-from conveyor.broker import REQUEST_ID_HEADER, CeleryPublisher, create_celery
+from conveyor.broker.config import create_celery
+from conveyor.broker.publisher import REQUEST_ID_HEADER, CeleryPublisher
 from conveyor.db import create_db_engine
 from conveyor.ledger.gate import SubmitGate
 from conveyor.ledger.work import Work
 from conveyor.live.store import LiveStore
-from conveyor.logs import bind_context, clear_context, configure_logging
-from conveyor.metrics import serve_metrics
 from conveyor.plugins import job_registry
 from conveyor.registry import JobType
 from conveyor.settings import Settings
+from conveyor.telemetry.logs import bind_context, clear_context, configure_logging
+from conveyor.telemetry.metrics import serve_metrics
 from worker.consumer import install as install_loop_bound_consumer
 from worker.housekeeping import Housekeeper
 from worker.runner import WorkerServices, fail_timed_out, run_job

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from celery import Celery
 from celery.worker.consumer import Consumer
 
-from conveyor.celery_internals import PrefetchRestoreHook
+from conveyor.broker.internals import PrefetchRestoreHook
 
 
 class LoopBoundConsumer(PrefetchRestoreHook, Consumer):

@@ -22,7 +22,7 @@ from celery import Celery
 from redis import Redis
 from sqlalchemy.exc import SQLAlchemyError
 
-from conveyor.broker import queue_lists
+from conveyor.broker.inspect import queue_lists
 from conveyor.ledger.dispatch import Pass, dispatch, waiting_queues
 from conveyor.ledger.flow import sync_type_limits
 from conveyor.ledger.gate import announce_busy

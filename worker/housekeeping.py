@@ -23,7 +23,7 @@ from celery import Celery
 from redis import Redis
 from sqlalchemy.engine import RowMapping
 
-from conveyor.broker import broker_task_ids
+from conveyor.broker.inspect import broker_task_ids
 from conveyor.ledger.upkeep import (
     expire_due,
     promote_due,
@@ -32,10 +32,10 @@ from conveyor.ledger.upkeep import (
     stale_queued,
     stop_overdue,
 )
-from conveyor.metrics import JOBS_FINISHED, JOBS_REDRIVEN, SCHEDULE_FIRES_SKIPPED
 from conveyor.queues import broker_depths
 from conveyor.retention import prune
 from conveyor.schedules import fire_due_schedules
+from conveyor.telemetry.metrics import JOBS_FINISHED, JOBS_REDRIVEN, SCHEDULE_FIRES_SKIPPED
 from worker.dispatcher import Dispatcher
 from worker.leadership import Leadership
 from worker.runner import WorkerServices, utcnow

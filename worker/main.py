@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from conveyor.metrics_dir import prepare_multiprocess_dir
+from conveyor.telemetry.metrics_dir import prepare_multiprocess_dir
 
 # Before anything imports prometheus_client: prefork children then write their samples
-# where the main process's exporter can sum them (see conveyor.metrics_dir).
+# where the main process's exporter can sum them (see conveyor.telemetry.metrics_dir).
 prepare_multiprocess_dir("celery")
 
-from conveyor.logs import configure_logging  # noqa: E402
 from conveyor.settings import Settings  # noqa: E402
+from conveyor.telemetry.logs import configure_logging  # noqa: E402
 from worker.app import create_celery_app  # noqa: E402
 
 # The one module that builds an app at import: the Celery CLI needs an attribute to load.

@@ -46,11 +46,11 @@ from conveyor.ledger.transitions import (
 from conveyor.ledger.upkeep import beat_heartbeats
 from conveyor.ledger.work import Work
 from conveyor.live.store import LiveStore, progress_document
-from conveyor.logs import bind_context
-from conveyor.metrics import JOB_QUEUE_WAIT_SECONDS, JOB_RUN_SECONDS, JOBS_FINISHED
 from conveyor.nesting import MAX_JSON_DEPTH, render_path, too_deep
 from conveyor.registry import JobContext, JobRegistry
 from conveyor.settings import Settings
+from conveyor.telemetry.logs import bind_context
+from conveyor.telemetry.metrics import JOB_QUEUE_WAIT_SECONDS, JOB_RUN_SECONDS, JOBS_FINISHED
 
 logger = logging.getLogger(__name__)
 # Progress is written at most this often per job, so chatty jobs stay cheap.

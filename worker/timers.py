@@ -7,7 +7,7 @@ comes, `time_limit` seconds later (celery/celery#1129, #5200: still so in Celery
 5.7). About 0.5 kB a job: at 30 jobs/s and the default 30 minutes that is 27 MB held
 for nothing, at 1,000 jobs/s close to a gigabyte, and it looks like a leak for the
 first half hour. This bootstep drops the cancelled entries every few seconds instead
-(`conveyor.celery_internals.purge_cancelled`: kombu's heap is private).
+(`conveyor.broker.internals.purge_cancelled`: kombu's heap is private).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Celery, bootsteps
 
-from conveyor.celery_internals import purge_cancelled
+from conveyor.broker.internals import purge_cancelled
 
 # Seconds between two sweeps: between them at most `rate * interval` entries wait.
 PURGE_INTERVAL = 10.0

@@ -10,27 +10,25 @@ import functools
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Update, bindparam, update
+from sqlalchemy.orm import Session
 
 from conveyor.ledger.states import JobState
 from conveyor.models import Job
 
-if TYPE_CHECKING:
-    from conveyor.ledger.work import UnitOfWork
-
 _IDS = bindparam("p_job_ids", expanding=True, type_=Job.id.type)
 
 
-def unmark_published(unit: UnitOfWork, job_ids: Sequence[uuid.UUID]) -> None:
+def unmark_published(session: Session, job_ids: Sequence[uuid.UUID]) -> None:
     """Clear `published_at` of queued jobs whose publish failed, so the promoter publishes them."""
-    unit.session.execute(_unmark_statement(), {"p_job_ids": list(job_ids)})
+    session.execute(_unmark_statement(), {"p_job_ids": list(job_ids)})
 
 
-def stamp_published(unit: UnitOfWork, job_ids: Sequence[uuid.UUID], now: datetime) -> None:
+def stamp_published(session: Session, job_ids: Sequence[uuid.UUID], now: datetime) -> None:
     """Stamp queued jobs as published now (the caller publishes them after the commit)."""
-    unit.session.execute(_stamp_statement(), {"p_job_ids": list(job_ids), "p_now": now})
+    session.execute(_stamp_statement(), {"p_job_ids": list(job_ids), "p_now": now})
 
 
 @functools.cache

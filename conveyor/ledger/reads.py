@@ -15,12 +15,13 @@ from sqlalchemy import Select, select, tuple_
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.orm import Session
 
-from conveyor.errors import NotFound, ValidationFailed
+from conveyor.errors import ValidationFailed
 from conveyor.ledger.statements import ROW
 from conveyor.ledger.states import JobState
 from conveyor.ledger.views import JobRow, job_view, with_eta
 from conveyor.live.store import LiveStore, LiveView, Prefetched
 from conveyor.models import Job, JobEvent
+from conveyor.tenancy import owned_row
 
 logger = logging.getLogger(__name__)
 MAX_PAGE = 200
@@ -56,14 +57,7 @@ class JobFilter:
 
 def job_row(session: Session, job_id: uuid.UUID, tenant_id: uuid.UUID) -> RowMapping:
     """Return the tenant's job as a row of columns; `NotFound` (also for another tenant's)."""
-    row = (
-        session.execute(select(*ROW).where(Job.id == job_id, Job.tenant_id == tenant_id))
-        .mappings()
-        .one_or_none()
-    )
-    if row is None:
-        raise NotFound(f"there is no job {job_id}")
-    return row
+    return owned_row(session, Job, ROW, job_id, tenant_id, "job")
 
 
 def read_view(

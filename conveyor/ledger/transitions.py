@@ -20,7 +20,7 @@ from typing import Any, Literal
 from sqlalchemy import Integer, Select, bindparam, cast, func, select, update
 from sqlalchemy.dialects.postgresql import JSONB
 
-from conveyor.broker import Message
+from conveyor.broker.publisher import Message
 from conveyor.errors import Conflict
 from conveyor.ledger.reads import JobFilter, job_row
 from conveyor.ledger.statements import NOW, ROW, claim_statement, param, transition

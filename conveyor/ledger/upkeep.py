@@ -92,7 +92,7 @@ def redrive(unit: UnitOfWork, rows: Sequence[RowMapping], now: datetime) -> int:
     Their queues are declared again: one may have been deleted since (RabbitMQ confirms a
     message to an exchange with no queue bound, and drops it).
     """
-    stamp_published(unit, [row["id"] for row in rows], now)
+    stamp_published(unit.session, [row["id"] for row in rows], now)
     queue_messages(unit, rows, redeclare=True)
     return len(rows)
 

@@ -30,7 +30,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.broker import Message
+from conveyor.broker.publisher import Message
 from conveyor.errors import PublishFailed
 from conveyor.ledger.publishing import unmark_published
 from conveyor.live.store import LiveStore, LiveView
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 
 class Publisher(Protocol):
-    """Sends job messages to the broker (`conveyor.broker.CeleryPublisher`)."""
+    """Sends job messages to the broker (`conveyor.broker.publisher.CeleryPublisher`)."""
 
     def publish(self, messages: Iterable[Message], *, redeclare: bool = False) -> None:
         """Send the messages, or raise `PublishFailed`."""
@@ -159,7 +159,7 @@ class Work:
     def _unstamp(self, job_ids: list[uuid.UUID]) -> None:
         try:
             with self.single_statement() as unit:
-                unmark_published(unit, job_ids)
+                unmark_published(unit.session, job_ids)
         except SQLAlchemyError:
             # Stored, not published, and stamped: the reconciler finds no message for them
             # after `reconcile_after` and publishes them then.

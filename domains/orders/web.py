@@ -8,8 +8,8 @@ from flask import Response, jsonify
 from flask_openapi3.blueprint import APIBlueprint
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from conveyor.auth.roles import Permission
 from conveyor.plugins import Web
-from conveyor.roles import Permission
 from domains.orders import reports
 
 

@@ -29,11 +29,11 @@ from typing import Any
 import psutil
 import psycopg
 
-from conveyor.bootstrap import create_tenant_identity
+from conveyor.auth.bootstrap import create_tenant_identity
 from conveyor.db import create_db_engine, create_session_factory
-from conveyor.embedded import EmbeddedPostgres, EmbeddedRedis, create_database, free_port
 from conveyor.migrations import upgrade
 from conveyor.settings import Settings
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis, create_database, free_port
 from tests.chaos.jobtypes import SCHEMA
 from tests.conftest import alembic_config, wait_for
 

@@ -110,7 +110,7 @@ def test_sigterm_a_worker_mid_job(cluster: Cluster) -> None:
 def test_duplicate_delivery_runs_once(cluster: Cluster) -> None:
     from celery import Celery
 
-    from conveyor.broker import CeleryPublisher, Message
+    from conveyor.broker.publisher import CeleryPublisher, Message
 
     cluster.start_worker("w1", concurrency=2)
     cluster.start_worker("w2", concurrency=2)
@@ -329,7 +329,7 @@ def test_poison_jobs_fail_cleanly_and_the_worker_keeps_serving(cluster: Cluster)
 
 def broker_options(cluster: Cluster) -> dict[str, object]:
     """Return the transport options Conveyor's processes use (priority lists, separator)."""
-    from conveyor.broker import create_celery
+    from conveyor.broker.config import create_celery
     from conveyor.settings import Settings
 
     settings = Settings(
@@ -342,7 +342,7 @@ def broker_options(cluster: Cluster) -> dict[str, object]:
 def test_redelivery_past_the_visibility_timeout_never_runs_a_job_twice(cluster: Cluster) -> None:
     from kombu import Connection
 
-    from conveyor.celery_internals import restore_overdue_unacked
+    from conveyor.broker.internals import restore_overdue_unacked
 
     first = cluster.start_worker("w1", concurrency=1)
     # Long enough to outlast the second worker's start on a loaded 2-core machine (8 s did

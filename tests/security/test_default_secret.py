@@ -20,9 +20,9 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
-from conveyor.bootstrap import Identity
-from conveyor.logs import configure_logging
+from conveyor.auth.bootstrap import Identity
 from conveyor.settings import Settings
+from conveyor.telemetry.logs import configure_logging
 from tests.conftest import ROOT, bearer
 from tests.processes import process_env
 from tests.security.conftest import SettingsFromEnv
@@ -131,7 +131,7 @@ def test_a_well_signed_token_missing_a_claim_is_401(
 def test_make_run_creates_a_private_random_secret_per_data_directory_and_reuses_it(
     tmp_path: Path,
 ) -> None:
-    from conveyor.devstack import ensure_secret_key
+    from devtools.devstack import ensure_secret_key
 
     first_dir, second_dir = tmp_path / "one", tmp_path / "two"
     first_dir.mkdir()
@@ -158,8 +158,8 @@ def test_a_saved_dev_key_hashed_under_another_secret_is_replaced(
 ) -> None:
     from datetime import UTC, datetime
 
-    from conveyor.auth import authenticate_api_key
-    from conveyor.devstack import ensure_dev_credentials
+    from conveyor.auth.keys import authenticate_api_key
+    from devtools.devstack import ensure_dev_credentials
 
     path = tmp_path / "dev-credentials.json"
     before, _ = ensure_dev_credentials(settings, path)

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import Identity
+from conveyor.auth.bootstrap import Identity
 from conveyor.errors import ValidationFailed
 from conveyor.ledger.submit import JobRequest, submit_jobs
 from conveyor.ledger.work import UnitOfWork

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from conveyor.auth import Principal, create_api_key, revoke_api_key
+from conveyor.auth.keys import Principal, create_api_key, revoke_api_key
+from conveyor.auth.roles import Role, check_grant
 from conveyor.errors import Forbidden, Unauthorized
-from conveyor.roles import Role, check_grant
 from tests.conftest import bearer
 from tests.test_api import assert_problem
 

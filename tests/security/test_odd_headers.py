@@ -24,10 +24,10 @@ from pydantic import SecretStr
 from redis import Redis
 
 from api import create_app
-from conveyor.bootstrap import Identity
-from conveyor.broker import queue_lists
-from conveyor.metrics import serve_metrics, token_matches
+from conveyor.auth.bootstrap import Identity
+from conveyor.broker.inspect import queue_lists
 from conveyor.settings import Settings
+from conveyor.telemetry.metrics import serve_metrics, token_matches
 from tests.conftest import bearer
 from tests.processes import own_queue
 

@@ -10,7 +10,7 @@ from typing import Any
 from redis import Redis
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import Identity
+from conveyor.auth.bootstrap import Identity
 from domains.orders import reports
 from domains.orders.models import DailyRevenue
 

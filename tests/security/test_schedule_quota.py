@@ -13,7 +13,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor import schedules as schedules_module
-from conveyor.bootstrap import Identity
+from conveyor.auth.bootstrap import Identity
 from conveyor.ledger.states import JobState
 from conveyor.ledger.submit import Submitted
 from conveyor.ledger.work import UnitOfWork

@@ -21,9 +21,9 @@ from sqlalchemy import make_url
 
 from api import create_app
 from api.services import services
-from conveyor.bootstrap import Identity
-from conveyor.logs import configure_logging
+from conveyor.auth.bootstrap import Identity
 from conveyor.settings import Settings
+from conveyor.telemetry.logs import configure_logging
 from conveyor.webhooks import SIGNATURE_HEADER
 from tests.conftest import bearer, wait_for
 from tests.processes import own_queue, process_env, start_worker

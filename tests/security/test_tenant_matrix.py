@@ -16,7 +16,7 @@ from flask import Flask
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import Identity
+from conveyor.auth.bootstrap import Identity
 from conveyor.files import ArtifactWriter
 from conveyor.models import Job, Schedule
 from conveyor.settings import Settings

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from conveyor.bootstrap import Identity
+from conveyor.auth.bootstrap import Identity
 from conveyor.errors import StorageQuotaExceeded
 from conveyor.files import CHUNK_SIZE, safe_filename, store_upload
 from conveyor.models import Upload, UploadChunk

@@ -7,10 +7,10 @@ from datetime import datetime
 
 from sqlalchemy.orm import Session
 
-from conveyor.auth import Principal, create_api_key
-from conveyor.identity import register_tenant
+from conveyor.auth.identity import register_tenant
+from conveyor.auth.keys import Principal, create_api_key
+from conveyor.auth.roles import Role
 from conveyor.models import ApiKey, Tenant, User
-from conveyor.roles import Role
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """`make run`: embedded servers if no URLs are set, migrations, a dev identity, then honcho.
 
-Usage: `python -m conveyor.devstack run`. Ctrl-C or SIGTERM stops honcho (and with it the
+Usage: `python -m devtools.devstack run`. Ctrl-C or SIGTERM stops honcho (and with it the
 api, worker, beat and Flower) and then the embedded servers, leaving no process behind.
 """
 
@@ -25,15 +25,15 @@ from typing import Any
 
 import psutil
 
-from conveyor.auth import authenticate_api_key
+from conveyor.auth.keys import authenticate_api_key
+from conveyor.auth.roles import Role
 from conveyor.cli import create_tenant
 from conveyor.db import create_db_engine, create_session_factory
-from conveyor.embedded import EmbeddedPostgres, EmbeddedRedis, create_database
 from conveyor.errors import Conflict, Unauthorized
-from conveyor.roles import Role
 from conveyor.settings import SECRET_FILE, Settings
+from devtools.embedded import EmbeddedPostgres, EmbeddedRedis, create_database
 
-logger = logging.getLogger("conveyor.devstack")
+logger = logging.getLogger("devtools.devstack")
 PROCESSES = ("web", "worker", "beat", "flower")
 DEFAULT_API_BIND = "127.0.0.1:8000"
 DEV_EMAIL = "admin@conveyor.local"
@@ -233,7 +233,7 @@ def run(root: Path) -> int:
 def main(argv: list[str]) -> int:
     """Dispatch the `run` command."""
     if argv[:1] != ["run"]:
-        print("usage: python -m conveyor.devstack run", file=sys.stderr)
+        print("usage: python -m devtools.devstack run", file=sys.stderr)
         return 2
     return run(Path(os.environ.get("CONVEYOR_DATA_DIR", ".conveyor")).resolve())
 

@@ -16,9 +16,9 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from conveyor.auth.roles import Role, check_grant
 from conveyor.errors import NotFound, Unauthorized, ValidationFailed
 from conveyor.models import ApiKey, User
-from conveyor.roles import Role, check_grant
 
 KEY_SCHEME = "cvk"
 _PREFIX = re.compile(r"[0-9a-f]{12}")

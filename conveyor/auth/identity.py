@@ -9,10 +9,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from conveyor.errors import Conflict, NotFound, Unauthorized, ValidationFailed
+from conveyor.auth.passwords import hash_password, verify_password
+from conveyor.auth.roles import Role
+from conveyor.errors import Conflict, Unauthorized, ValidationFailed
 from conveyor.models import Tenant, User
-from conveyor.passwords import hash_password, verify_password
-from conveyor.roles import Role
+from conveyor.tenancy import owned
 
 
 def normalise_email(email: str) -> str:
@@ -73,10 +74,7 @@ def list_users(session: Session, tenant_id: uuid.UUID) -> Sequence[User]:
 
 def get_user(session: Session, tenant_id: uuid.UUID, user_id: uuid.UUID) -> User:
     """Return one of the tenant's users, or `NotFound` (also for another tenant's)."""
-    user = session.scalar(select(User).where(User.id == user_id, User.tenant_id == tenant_id))
-    if user is None:
-        raise NotFound(f"there is no user {user_id}")
-    return user
+    return owned(session, User, user_id, tenant_id, "user")
 
 
 def update_user(

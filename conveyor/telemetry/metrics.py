@@ -23,8 +23,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from conveyor.ledger.flow import FlowStats
-from conveyor.metrics_dir import multiprocess_dir
 from conveyor.queues import QueueStats, WorkerInfo
+from conveyor.telemetry.metrics_dir import multiprocess_dir
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Who is calling: tenants and users, API keys, tokens, passwords, and roles."""

@@ -1,0 +1,1 @@
+"""The broker: Celery's configuration, publishing, looking into queues, and its internals."""
