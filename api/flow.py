@@ -27,7 +27,7 @@ from conveyor.ledger.flow import (
     resume,
     set_limit,
 )
-from conveyor.ledger.submit import LimitKey
+from conveyor.ledger.requests import LimitKey
 
 limits = secured_blueprint("limits", __name__, "flow-control", "/v1/limits")
 queues = secured_blueprint("queue_control", __name__, "flow-control", "/v1/queues")
@@ -117,7 +117,7 @@ def index() -> Response:
     return jsonify(items=[LimitOut.of(s).model_dump(mode="json") for s in states])
 
 
-@limits.get("/<key>", responses=responses({200: LimitOut}, 404))
+@limits.get("/<key>", responses=responses({200: LimitOut}, 404, 422))
 @requires(Permission.READ)
 def show(path: LimitPath) -> Response:
     """Read one limit, with its running and waiting jobs."""
@@ -126,7 +126,7 @@ def show(path: LimitPath) -> Response:
     return jsonify(LimitOut.of(state).model_dump(mode="json"))
 
 
-@limits.delete("/<key>", responses=responses({204: empty("Removed.")}, 404))
+@limits.delete("/<key>", responses=responses({204: empty("Removed.")}, 404, 422))
 @requires(Permission.MANAGE_LIMITS)
 def remove(path: LimitPath) -> tuple[str, int]:
     """Remove a limit: jobs that name it run unlimited."""
@@ -137,7 +137,7 @@ def remove(path: LimitPath) -> tuple[str, int]:
     return "", 204
 
 
-@queues.post("/<queue>/pause", responses=responses({200: PauseOut}))
+@queues.post("/<queue>/pause", responses=responses({200: PauseOut}, 422))
 @requires(Permission.PAUSE_QUEUES)
 def pause_queue(path: QueuePath) -> Response:
     """Hold the tenant's jobs in the queue: none starts until resumed (running ones finish)."""
@@ -148,7 +148,7 @@ def pause_queue(path: QueuePath) -> Response:
     return jsonify(PauseOut(queue=path.queue, paused=True).model_dump())
 
 
-@queues.post("/<queue>/resume", responses=responses({200: PauseOut}))
+@queues.post("/<queue>/resume", responses=responses({200: PauseOut}, 422))
 @requires(Permission.PAUSE_QUEUES)
 def resume_queue(path: QueuePath) -> Response:
     """Let the tenant's jobs in the queue start again (a deployment-wide pause stays)."""

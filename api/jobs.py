@@ -36,13 +36,10 @@ from api.schemas import EventList, EventOut, JobBatch, JobList, JobListQuery, Jo
 from api.services import services
 from conveyor.auth.roles import Permission
 from conveyor.errors import ValidationFailed
+from conveyor.ledger.idempotency import claim_idempotency_key, point_idempotency_key
 from conveyor.ledger.reads import job_row, list_events, list_jobs, read_view
-from conveyor.ledger.submit import (
-    JobRequest,
-    claim_idempotency_key,
-    point_idempotency_key,
-    submit_jobs,
-)
+from conveyor.ledger.requests import JobRequest
+from conveyor.ledger.submit import submit_jobs
 from conveyor.ledger.views import JobOut, job_view
 from conveyor.live.store import Prefetched, queue_read
 from conveyor.telemetry.logs import bind_context

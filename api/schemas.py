@@ -10,8 +10,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from api.openapi import ObjectId
 from conveyor.ledger.reads import MAX_PAGE, JobFilter
+from conveyor.ledger.requests import MAX_BATCH, JobRequest
 from conveyor.ledger.states import JobState
-from conveyor.ledger.submit import MAX_BATCH, JobRequest
 from conveyor.ledger.views import JobOut
 from conveyor.models import JobEvent
 

@@ -63,7 +63,7 @@ class Services:
             publisher=publisher,
             registry=job_registry(settings, domains),
             key_cache=PrincipalCache(settings.api_key_cache_seconds),
-            gate=SubmitGate(redis, work.reading),
+            gate=SubmitGate.for_settings(settings, redis, work.reading),
         )
 
 

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # wrk's `done` hook prints one JSON line; latencies are in microseconds.
 WRK_SCRIPT = """
@@ -169,3 +170,24 @@ def http_load(
         p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
         errors=errors[0],
     )
+
+
+def request_json(port: int, method: str, path: str, body: Any, headers: dict[str, str]) -> Any:
+    """Send `body` as JSON to the local api and return the decoded answer (a 2xx only)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request(
+            method, path, json.dumps(body), {**headers, "Content-Type": "application/json"}
+        )
+        response = conn.getresponse()
+        data = response.read()
+        if response.status >= 300:
+            raise RuntimeError(f"{method} {path}: {response.status} {data[:300]!r}")
+        return json.loads(data)
+    finally:
+        conn.close()
+
+
+def post_json(port: int, path: str, body: Any, headers: dict[str, str]) -> Any:
+    """POST `body` as JSON to the local api and return the decoded answer."""
+    return request_json(port, "POST", path, body, headers)

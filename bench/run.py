@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import http.client
 import json
 import os
@@ -30,10 +31,11 @@ from typing import Any
 
 import psutil
 import redis
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from bench import orders_csv
-from bench.loadgen import LoadResult, http_load, wrk_available, wrk_load
+from bench.flow import FlowTarget, fair_share, put_limit, wake_latency
+from bench.loadgen import LoadResult, http_load, post_json, wrk_available, wrk_load
 from bench.processes import (
     BIN,
     RESULTS,
@@ -44,6 +46,7 @@ from bench.processes import (
     start,
     stop,
     wait_http,
+    wait_log,
     wait_worker_ready,
 )
 from conveyor.auth.roles import Role
@@ -89,12 +92,36 @@ class Stack:
     queue: str
     job_body: dict[str, Any]
     noop_task: str
+    # Conveyor's beat (its dispatcher hands out the jobs that wait in the ledger); the
+    # baseline has none. Started for the drain and kept for the phases after it.
+    beat_cmd: list[str] | None = None
+    # Conveyor's jobs wait in the ledger, not only in the broker: the drain counts them there.
+    ledger: Ledger | None = None
     api: subprocess.Popen[bytes] | None = None
     worker: subprocess.Popen[bytes] | None = None
+    beat: subprocess.Popen[bytes] | None = None
     peak_rss: dict[str, float] = field(default_factory=lambda: {"api": 0.0, "worker": 0.0})
     # While set, peaks go under "<phase>_api" and "<phase>_worker" instead: the import's
     # memory is measured apart, and the baseline, which has no import, is compared without it.
     phase: str | None = None
+
+
+@dataclass
+class Ledger:
+    """Conveyor's job ledger, as the benchmark reads it."""
+
+    engine: Engine
+
+    def unfinished(self) -> int:
+        """Return how many jobs are queued or running."""
+        with self.engine.connect() as conn:
+            query = text("SELECT count(*) FROM jobs WHERE state IN ('queued', 'running')")
+            return int(conn.execute(query).scalar_one())
+
+    def forget_jobs(self) -> None:
+        """Drop every job (the HTTP phases leave thousands queued that no worker ran)."""
+        with self.engine.begin() as conn:
+            conn.execute(text("TRUNCATE jobs CASCADE"))
 
 
 class RssSampler:
@@ -132,22 +159,6 @@ class RssSampler:
         self._thread.join()
 
 
-def post_json(port: int, path: str, body: Any, headers: dict[str, str]) -> Any:
-    """POST `body` as JSON to the local api and return the decoded answer."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    try:
-        conn.request(
-            "POST", path, json.dumps(body), {**headers, "Content-Type": "application/json"}
-        )
-        response = conn.getresponse()
-        data = response.read()
-        if response.status >= 300:
-            raise RuntimeError(f"POST {path}: {response.status} {data[:300]!r}")
-        return json.loads(data)
-    finally:
-        conn.close()
-
-
 def load(stack: Stack, method: str, paths: list[str], body: Any, seconds: float) -> LoadResult:
     """Run the HTTP load generator (wrk when installed) against `stack` for `seconds`."""
     headers = dict(stack.headers)
@@ -164,21 +175,28 @@ def drain_queue(r: redis.Redis, queue: str) -> None:
 
 
 def measure_drain(stack: Stack, r: redis.Redis, n: int, timeout: float) -> float:
-    """Time a freshly started worker consuming `n` pre-queued messages; return per second."""
-    pending = queue_depth(r, stack.queue)
+    """Time a freshly started worker running `n` waiting jobs; return per second."""
+
+    def in_broker() -> int:
+        return queue_depth(r, stack.queue) + int(r.hlen(UNACKED_KEY))
+
+    remaining = stack.ledger.unfinished if stack.ledger else in_broker
+    # A SQL count is dearer than an LLEN: look less often, still at 1% of a 2 s drain.
+    interval = 0.02 if stack.ledger else 0.005
+    pending = remaining()
     start_t = None
     deadline = time.monotonic() + timeout
     logfile = Path(stack.env["BENCH_LOGS"]) / f"{stack.name}-worker.log"
     stack.worker = start(stack.worker_cmd, stack.env, logfile)
     try:
         while time.monotonic() < deadline:
-            left = queue_depth(r, stack.queue) + r.hlen(UNACKED_KEY)
+            left = remaining()
             now = time.monotonic()
             if start_t is None and left < pending:
                 start_t = now
             if left == 0 and start_t is not None:
                 return n / (now - start_t)
-            time.sleep(0.005)
+            time.sleep(interval)
         raise RuntimeError(f"{stack.name} drain did not finish in {timeout}s")
     finally:
         stop(stack.worker)
@@ -304,8 +322,43 @@ def import_csv(stack: Stack, count: int, timeout: float) -> dict[str, float]:
     }
 
 
+def start_beat(stack: Stack) -> None:
+    """Start the stack's beat, if it has one, on an empty ledger; return once it dispatches."""
+    if stack.beat_cmd is None:
+        return
+    if stack.ledger is not None:
+        stack.ledger.forget_jobs()
+    logfile = Path(stack.env["BENCH_LOGS"]) / f"{stack.name}-beat.log"
+    stack.beat = start(stack.beat_cmd, stack.env, logfile)
+    wait_log(logfile, b"this beat leads dispatch")
+
+
+def flow_rounds(
+    stack: Stack, target: FlowTarget, args: argparse.Namespace
+) -> dict[str, list[float]]:
+    """Measure flow control: limited against plain end to end, wake-up, fair shares."""
+    out: dict[str, list[float]] = {}
+    log(f"flow control: {args.rounds} x {args.e2e} plain and limited jobs, wake-up, fair shares")
+    target.sign_in()
+    put_limit(target, "bench", {"max_running": 100_000})  # high enough never to bind
+    limited = dataclasses.replace(stack, job_body={**stack.job_body, "limit_key": "bench"})
+    for _ in range(args.rounds):
+        plain = end_to_end(stack, args.e2e, 180)
+        bound = end_to_end(limited, args.e2e, 180)
+        out.setdefault("flow_plain_jobs_per_s", []).append(plain)
+        out.setdefault("flow_limited_jobs_per_s", []).append(bound)
+        out.setdefault("flow_limited_ratio", []).append(bound / plain)
+    for key, value in {**wake_latency(target), **fair_share(target)}.items():
+        out[key] = [value]
+    return out
+
+
 def run_stacks(
-    stacks: list[Stack], r: redis.Redis, args: argparse.Namespace, rss: RssSampler
+    stacks: list[Stack],
+    r: redis.Redis,
+    args: argparse.Namespace,
+    rss: RssSampler,
+    flow: FlowTarget | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """Run every measure, alternating stacks round by round so machine noise hits both alike."""
     out: dict[str, dict[str, list[float]]] = {s.name: {} for s in stacks}
@@ -351,6 +404,7 @@ def run_stacks(
                 out[stack.name].setdefault("batch_jobs_per_s", []).append(rate)
         for stack in stacks:
             drain_queue(r, stack.queue)
+            start_beat(stack)
         log(f"worker drain, {args.rounds} x {args.drain} no-ops per stack")
         for _ in range(args.rounds):
             for stack in stacks:
@@ -369,6 +423,9 @@ def run_stacks(
                 rate = end_to_end(stack, args.e2e, 180)
                 out[stack.name].setdefault("e2e_jobs_per_s", []).append(rate)
         for stack in stacks:
+            if stack.name == "conveyor" and flow is not None:
+                out[stack.name].update(flow_rounds(stack, flow, args))
+        for stack in stacks:
             if stack.name == "conveyor" and args.import_rows:
                 # Once: the baseline has no import, and one 1,000,000-row file takes a minute.
                 log(f"CSV import, {args.import_rows:,} rows, once")
@@ -376,9 +433,10 @@ def run_stacks(
                     out[stack.name][key] = [value]
     finally:
         for stack in stacks:
+            stop(stack.beat)
             stop(stack.worker)
             stop(stack.api)
-            stack.worker = stack.api = None
+            stack.beat = stack.worker = stack.api = None
         rss.watch([])
     for stack in stacks:
         out[stack.name]["api_rss_mb"] = [stack.peak_rss["api"]]
@@ -425,6 +483,13 @@ REPORT = [
     ("import_rows_per_s", "CSV import rows/s (Conveyor only)", ""),
     ("import_api_rss_mb", "peak RSS api MB, CSV upload", "<= 150 MB"),
     ("import_worker_rss_mb", "peak RSS worker MB, CSV import", "<= 200 MB"),
+    ("flow_plain_jobs_per_s", "flow: plain jobs end to end/s (Conveyor only)", ""),
+    ("flow_limited_jobs_per_s", "flow: jobs with a limit key end to end/s", ""),
+    ("flow_limited_ratio", "flow: limited / plain (limit not binding)", ">= 0.8"),
+    ("wake_p50_ms", "flow: freed slot to next start p50 ms", ""),
+    ("wake_p95_ms", "flow: freed slot to next start p95 ms", "~100 ms"),
+    ("fair_p50_ms", "flow: B's wait to start p50 ms (A: 10,000 queued)", ""),
+    ("fair_p95_ms", "flow: B's wait to start p95 ms (A: 10,000 queued)", "<= 2,000 ms"),
 ]
 
 
@@ -473,7 +538,8 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 7, figsize=(21, 6.5))
+    lines = -(-len(rows) // 7)
+    fig, axes = plt.subplots(lines, 7, figsize=(21, 3.25 * lines))
     for ax, row in zip(axes.flat, rows, strict=False):
         names, values = ["Conveyor", "bare"], [row["conveyor"], row["bare"]]
         if row["bare"] is None:
@@ -503,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--import-rows", type=int, default=1_000_000, help="rows of the CSV import (0 skips it)"
     )
+    parser.add_argument("--no-flow", action="store_true", help="skip the flow-control measures")
     args = parser.parse_args(argv)
     args.drain = max(1000, args.drain // 1000 * 1000)
     began = time.monotonic()
@@ -566,13 +633,23 @@ def _bench(
         conn.execute(text("TRUNCATE bare_jobs"))
     bare_engine.dispose()
     settings = Settings(database_url=conveyor_db, redis_url=redis_url)
-    key = create_tenant(
+    tenant = create_tenant(
         settings,
         name="Bench",
         email=f"bench-{os.getpid()}-{time.time_ns()}@conveyor.local",
         password=None,
         key_role=Role.MEMBER,
+    )
+    key = tenant["api_key"]
+    # The flow measures' other tenant: its backlog shares the queue with the bench tenant's.
+    backlog_key = create_tenant(
+        settings,
+        name="Backlog",
+        email=f"backlog-{os.getpid()}-{time.time_ns()}@conveyor.local",
+        password=None,
+        key_role=Role.MEMBER,
     )["api_key"]
+    engine = create_engine(settings.sqlalchemy_url, pool_size=2)
     r = redis.Redis.from_url(redis_url)
     gunicorn = [str(BIN / "gunicorn"), "--workers", API_WORKERS, "--access-logfile", "-"]
     celery = [str(BIN / "celery")]
@@ -600,6 +677,15 @@ def _bench(
                 queue=settings.default_queue,
                 job_body=NOOP,
                 noop_task="system.noop",
+                beat_cmd=[
+                    *celery,
+                    "-A",
+                    "worker.main",
+                    "beat",
+                    "--loglevel=INFO",
+                    f"--schedule={root / 'beat-schedule'}",
+                ],
+                ledger=Ledger(engine),
             )
         )
     if args.only in (None, "bare"):
@@ -629,8 +715,17 @@ def _bench(
                 noop_task="bare.noop",
             )
         )
+    flow = None
+    if args.only in (None, "conveyor") and not args.no_flow:
+        flow = FlowTarget(
+            port=stacks[0].port,
+            headers=stacks[0].headers,
+            backlog={"Authorization": f"Bearer {backlog_key}"},
+            engine=engine,
+            login={"email": tenant["email"], "password": tenant["password"]},
+        )
     try:
-        results = run_stacks(stacks, r, args, rss)
+        results = run_stacks(stacks, r, args, rss, flow)
         for stack in stacks:
             drain_queue(r, stack.queue)
     except BaseException:
@@ -640,6 +735,7 @@ def _bench(
         raise
     finally:
         r.close()
+        engine.dispose()
     if len(results) < 2:
         print(json.dumps(results, indent=2))
         return 0

@@ -78,13 +78,27 @@ def _client(ctx: click.Context) -> Client:
 @click.option("--payload", default="{}", help="the payload as JSON")
 @click.option("--wait", is_flag=True, help="wait for the job to finish, with a progress bar")
 @click.option("--idempotency-key", default=None)
+@click.option("--limit-key", default=None, help="count against the tenant's limit of this name")
+@click.option("--unique-key", default=None, help="answer with the unfinished job holding this key")
 @click.pass_context
 def submit(
-    ctx: click.Context, job_type: str, payload: str, wait: bool, idempotency_key: str | None
+    ctx: click.Context,
+    job_type: str,
+    payload: str,
+    wait: bool,
+    idempotency_key: str | None,
+    limit_key: str | None,
+    unique_key: str | None,
 ) -> None:
     """Submit a job; with --wait, print the finished job."""
     client = _client(ctx)
-    job = client.submit(job_type, json.loads(payload), idempotency_key=idempotency_key)
+    options = {"limit_key": limit_key, "unique_key": unique_key}
+    job = client.submit(
+        job_type,
+        json.loads(payload),
+        idempotency_key=idempotency_key,
+        **{name: value for name, value in options.items() if value is not None},
+    )
     if not wait:
         _print(job)
         return

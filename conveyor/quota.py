@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from conveyor.errors import QuotaExceeded, ValidationFailed
-from conveyor.ledger.submit import MAX_BATCH
+from conveyor.ledger.requests import MAX_BATCH
 from conveyor.models import Job
 
 # Bounds of a quota refusal's Retry-After, in seconds, and the answer when nothing of the

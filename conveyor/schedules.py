@@ -18,15 +18,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from conveyor.errors import Conflict, ValidationFailed
+from conveyor.ledger.requests import JobRequest, LimitKey, check_request
 from conveyor.ledger.states import UNFINISHED, JobState
-from conveyor.ledger.submit import (
-    Gate,
-    JobRequest,
-    LimitKey,
-    Submitted,
-    check_request,
-    submit_jobs,
-)
+from conveyor.ledger.submit import Gate, Submitted, submit_jobs
 from conveyor.ledger.work import UnitOfWork
 from conveyor.models import Job, Schedule
 from conveyor.quota import count_unfinished

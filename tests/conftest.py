@@ -29,6 +29,7 @@ from conveyor.broker.config import create_celery
 from conveyor.broker.internals import reset_worker_shutdown_flag
 from conveyor.broker.publisher import CeleryPublisher
 from conveyor.db import create_db_engine, create_session_factory
+from conveyor.ledger.states import JobState
 from conveyor.ledger.work import UnitOfWork, Work
 from conveyor.live.store import LiveStore
 from conveyor.migrations import alembic_config as conveyor_alembic_config
@@ -322,6 +323,15 @@ def transitions(sessions: sessionmaker[Session], job_id: str) -> list[tuple[str 
             .order_by(JobEvent.id)
         ).all()
     return [(source, target) for source, target in rows]
+
+
+def most_at_once(events: Iterable[tuple[str | None, str]]) -> int:
+    """Replay (from, to) transitions in ledger order; return the most jobs running at once."""
+    running = peak = 0
+    for source, target in events:
+        running += (target == JobState.RUNNING) - (source == JobState.RUNNING)
+        peak = max(peak, running)
+    return peak
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:

@@ -10,7 +10,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.auth.bootstrap import Identity, create_tenant_identity
 from conveyor.ledger.publishing import unmark_published
-from conveyor.ledger.submit import JobRequest, submit_jobs
+from conveyor.ledger.requests import JobRequest
+from conveyor.ledger.submit import submit_jobs
 from conveyor.ledger.work import UnitOfWork
 from conveyor.models import Job, Tenant
 from conveyor.registry import JobRegistry, load_job_types

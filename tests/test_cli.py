@@ -107,6 +107,10 @@ def test_cli_sets_limits_and_pauses_queues(
     assert (limit["key"], limit["max_running"], limit["per_second"]) == ("stripe", 5, 10.0)
     assert run("limits", "get", "stripe")["running"] == 0
     assert [item["key"] for item in run("limits", "list")] == ["stripe"]
+    job = run("submit", "system.noop", "--limit-key", "stripe", "--unique-key", "once")
+    assert job["waiting_for"] == "limit"
+    assert run("limits", "get", "stripe")["waiting"] == 1
+    assert run("submit", "system.noop", "--unique-key", "once")["id"] == job["id"]
     run("limits", "delete", "stripe")
     assert run("limits", "list") == []
     queue = settings.default_queue

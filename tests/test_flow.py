@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.auth.bootstrap import Identity
 from conveyor.broker.inspect import queue_lists
+from conveyor.ledger.gate import BUSY_KEY
 from conveyor.ledger.states import JobState
 from conveyor.models import AuditEntry, Job, Limit
 from conveyor.settings import Settings
@@ -246,6 +247,32 @@ def test_one_tenants_backlog_does_not_hold_another_tenants_jobs_back(
     assert passed.published == settings.dispatch_per_tenant + len(b)
     assert published(sessions, b) == set(b)
     assert settings.default_queue in passed.busy
+
+
+def test_a_burst_past_the_in_flight_room_waits_for_the_dispatcher(
+    make_app: Any,
+    auth: dict[str, str],
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    redis_client: Redis,
+) -> None:
+    # No earlier test's messages or busy flag: the queue starts shallow.
+    redis_client.delete(BUSY_KEY, *queue_lists(settings.default_queue))
+    client = make_app(dispatch_in_flight=5).test_client()
+    batch = client.post("/v1/jobs/batch", json={"jobs": [NOOP] * 12}, headers=auth)
+    ids = [item["id"] for item in batch.get_json()["items"]]
+    # Five go straight to the broker; the rest would queue behind them: they take turns.
+    assert published(sessions, ids) == set(ids[:5])
+    views = [client.get(f"/v1/jobs/{i}", headers=auth).get_json() for i in ids]
+    assert [v["waiting_for"] for v in views] == [None] * 5 + ["fair_share"] * 7
+    # Once the gate has read the broker's depth (five), a later submit waits too.
+    gate = client.application.extensions["conveyor"].gate
+    gate._checked = -float("inf")
+    assert submit(client, auth)["waiting_for"] == "fair_share"
+    # The broker drained: the queue is shallow again.
+    redis_client.delete(*queue_lists(settings.default_queue))
+    gate._checked = -float("inf")
+    assert submit(client, auth)["waiting_for"] is None
 
 
 def test_limits_over_http(client: Any, auth: dict[str, str], role_tokens: dict[str, str]) -> None:

@@ -165,12 +165,14 @@ def test_bad_options_are_422_and_write_nothing(
 
 
 def test_a_batch_is_all_or_nothing(
-    client: Any,
+    make_app: Any,
     auth: dict[str, str],
     sessions: sessionmaker[Session],
     redis_client: Redis,
     settings: Settings,
 ) -> None:
+    # Room in the broker for the whole batch: this test is about all or nothing, not turns.
+    client = make_app(dispatch_in_flight=10_000).test_client()
     before = queue_depth(redis_client, settings.default_queue)
     good = {"type": "system.noop"}
     bad = {"type": "system.sleep", "payload": {"seconds": -1}}

@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import create_app
 from bench.roundtrips import watch_redis
-from conveyor.ledger.submit import JobRequest, submit_jobs
+from conveyor.ledger.requests import JobRequest
+from conveyor.ledger.submit import submit_jobs
 from conveyor.ledger.transitions import claim, succeed
 from conveyor.ledger.work import Work
 from conveyor.live.store import (

@@ -53,7 +53,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
         engine=engine,
         work=work,
         registry=job_registry(settings),
-        gate=SubmitGate(live.redis, work.reading),
+        gate=SubmitGate.for_settings(settings, live.redis, work.reading),
     )
     app.conveyor = services
     app.conf.task_queues = [Queue(name) for name in consumed_queues(settings, services)]

@@ -22,12 +22,13 @@ from celery import Celery
 from redis import Redis
 from sqlalchemy.exc import SQLAlchemyError
 
-from conveyor.broker.inspect import queue_lists
+from conveyor.broker.inspect import queue_depths
 from conveyor.ledger.dispatch import Pass, dispatch, waiting_queues
 from conveyor.ledger.flow import sync_type_limits
 from conveyor.ledger.gate import announce_busy
 from conveyor.ledger.statements import DISPATCH_CHANNEL
 from conveyor.queues import broker_depths
+from conveyor.telemetry.metrics import JOBS_DISPATCHED
 from worker.leadership import Leadership
 from worker.runner import WorkerServices, utcnow
 
@@ -68,13 +69,7 @@ class Dispatcher:
             return {}
         if self.services.settings.amqp_broker:
             return broker_depths(self.app, queues)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                for name in queue_lists(queue):
-                    pipe.llen(name)
-            counts = pipe.execute()
-        per = len(queue_lists(""))
-        return {q: sum(counts[n * per : (n + 1) * per]) for n, q in enumerate(queues)}
+        return dict(queue_depths(self.redis, queues))
 
     def run_once(self) -> Pass:
         """Make one pass: publish what may start, announce the busy queues; return the pass."""
@@ -91,6 +86,8 @@ class Dispatcher:
             )
         self._after.update(done.first)
         announce_busy(self.live_redis, done.busy)
+        for queue, count in done.by_queue.items():
+            JOBS_DISPATCHED.labels(queue).inc(count)
         return done
 
     @property

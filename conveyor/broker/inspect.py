@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from redis import Redis
 
@@ -22,10 +22,18 @@ def queue_lists(queue: str) -> list[str]:
 
 def queue_depth(redis: Redis, queue: str) -> int:
     """Count the messages waiting in a Redis-broker queue, over all its priority lists."""
+    return queue_depths(redis, [queue])[queue]
+
+
+def queue_depths(redis: Redis, queues: Sequence[str]) -> dict[str, int]:
+    """Count the messages waiting in each Redis-broker queue, in one round trip."""
+    per = len(PRIORITY_LEVELS)
     with redis.pipeline(transaction=False) as pipe:
-        for name in queue_lists(queue):
-            pipe.llen(name)
-        return sum(pipe.execute())
+        for queue in queues:
+            for name in queue_lists(queue):
+                pipe.llen(name)
+        counts = pipe.execute()
+    return {queue: sum(counts[n * per : (n + 1) * per]) for n, queue in enumerate(queues)}
 
 
 def broker_task_ids(

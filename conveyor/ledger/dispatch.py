@@ -40,6 +40,8 @@ class Pass:
     """What one dispatcher pass did."""
 
     published: int = 0
+    # The same, per queue.
+    by_queue: Counter[str] = field(default_factory=Counter)
     # Jobs it left waiting, by why.
     held: Counter[Waiting] = field(default_factory=Counter)
     # Queues that still have jobs waiting or a full broker: submits wait for the dispatcher.
@@ -218,7 +220,9 @@ def dispatch(
                 done.first.setdefault(queue, job["tenant_id"])
             elif job["waiting_for"] != Waiting.LIMIT:
                 held.append(job["id"])
-        done.published += _publish(unit, chosen, said, now)
+        sent = _publish(unit, chosen, said, now)
+        done.published += sent
+        done.by_queue[queue] += sent
         done.held[Waiting.LIMIT] += _hold(unit, held, Waiting.LIMIT)
         # Busy while jobs that could run wait their turn: the room ran out, or some tenant
         # has more waiting than one pass takes. Jobs a limit holds keep no one waiting.

@@ -42,10 +42,16 @@ JOBS_FINISHED = Counter(
 JOBS_REDRIVEN = Counter(
     "conveyor_jobs_redriven",
     "Jobs housekeeping took in hand: promoted (due after a delay or a retry backoff), "
-    "republished (their message was never confirmed or was lost), reaped (their worker "
-    "went silent; they retry or fail as their attempts allow), reconciled (missing from the "
-    "broker, published again).",
+    "reaped (their worker went silent; they retry or fail as their attempts allow), "
+    "reconciled (missing from the broker, published again).",
     ["reason"],
+)
+JOBS_DISPATCHED = Counter(
+    "conveyor_jobs_dispatched",
+    "Jobs the dispatcher handed to the broker (they waited in the ledger: held at submit by "
+    "a limit, a pause or a busy queue, promoted, sent back by a claim, or their publish "
+    "failed).",
+    ["queue"],
 )
 SCHEDULE_FIRES_SKIPPED = Counter(
     "conveyor_schedule_fires_skipped",

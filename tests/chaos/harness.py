@@ -35,11 +35,14 @@ from conveyor.migrations import upgrade
 from conveyor.settings import Settings
 from devtools.embedded import EmbeddedPostgres, EmbeddedRedis, create_database, free_port
 from tests.chaos.jobtypes import SCHEMA
-from tests.conftest import alembic_config, wait_for
+from tests.conftest import alembic_config, most_at_once, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TERMINAL = ("succeeded", "failed", "cancelled", "expired")
+# Bounds on recovery, not measurements: a Redis message orphaned by a killed worker comes back
+# after the visibility timeout (60 s here) plus kombu's restore sweep.
+SETTLE = 240
 
 
 @dataclass
@@ -125,6 +128,8 @@ class Cluster:
     redis_port: int = 0
     api_url: str = ""
     token: str = ""
+    # A second tenant's key: its jobs share the queues, never the pauses or limits.
+    other_token: str = ""
     database_url: str = ""
     admin_url: str = ""
     _counter: int = 0
@@ -145,14 +150,15 @@ class Cluster:
         engine = create_db_engine(settings)
         try:
             with create_session_factory(engine).begin() as session:
-                identity = create_tenant_identity(
-                    session,
-                    secret,
-                    tenant_name="Chaos",
-                    email="chaos@conveyor.test",
-                    now=datetime.now(UTC),
+                self.token, self.other_token = (
+                    create_tenant_identity(
+                        session, secret, tenant_name=name, email=email, now=datetime.now(UTC)
+                    ).token
+                    for name, email in (
+                        ("Chaos", "chaos@conveyor.test"),
+                        ("Chaos B", "chaos-b@conveyor.test"),
+                    )
                 )
-                self.token = identity.token
         finally:
             engine.dispose()
         # Extra job types, added to the platform's and the installed domains'.
@@ -299,6 +305,15 @@ class Cluster:
             ],
         )
 
+    def restart_everything(self) -> None:
+        """Stop every process and both servers, then start the servers and the api again."""
+        for proc in reversed(self.procs):
+            proc.terminate(timeout=20)
+        self.stop_redis()
+        self.restart_postgres(lambda: None)
+        self.start_redis()
+        self.start_api()
+
     def stop_all(self) -> None:
         """Stop every process this cluster started, then the servers."""
         for proc in reversed(self.procs):
@@ -310,15 +325,23 @@ class Cluster:
 
     # -- the API -----------------------------------------------------------------------
     def request(
-        self, method: str, path: str, body: Any = None, timeout: float = 10
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float = 10,
+        token: str | None = None,
     ) -> tuple[int, dict[str, str], Any]:
-        """Send one request; return status, headers and the decoded body."""
+        """Send one request (as `token`, or the first tenant); return status, headers, body."""
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(
             self.api_url + path,
             data=data,
             method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+            headers={
+                "Authorization": f"Bearer {token or self.token}",
+                "Content-Type": "application/json",
+            },
         )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -332,12 +355,20 @@ class Cluster:
                 decoded = raw.decode(errors="replace")
             return exc.code, dict(exc.headers), decoded
 
-    def submit(self, job_type: str, payload: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
-        """Submit one job over HTTP."""
-        return self.request("POST", "/v1/jobs", {"type": job_type, "payload": payload})
+    def submit(
+        self, job_type: str, payload: dict[str, Any], token: str | None = None, **options: Any
+    ) -> tuple[int, dict[str, str], Any]:
+        """Submit one job over HTTP, with submit options such as `limit_key`."""
+        body = {"type": job_type, "payload": payload, **options}
+        return self.request("POST", "/v1/jobs", body, token=token)
 
     def submit_counts(
-        self, keys: Iterable[str], seconds: Callable[[int], float], threads: int = 8
+        self,
+        keys: Iterable[str],
+        seconds: Callable[[int], float],
+        threads: int = 8,
+        token: str | None = None,
+        **options: Any,
     ) -> tuple[list[str], dict[int, int]]:
         """Submit `chaos.count` jobs concurrently; return accepted ids and status counts."""
         statuses: dict[int, int] = {}
@@ -347,7 +378,8 @@ class Cluster:
         def one(item: tuple[int, str]) -> None:
             n, key = item
             try:
-                status, _, body = self.submit("chaos.count", {"key": key, "seconds": seconds(n)})
+                payload = {"key": key, "seconds": seconds(n)}
+                status, _, body = self.submit("chaos.count", payload, token, **options)
             except OSError:
                 status, body = -1, None
             with lock:
@@ -388,6 +420,19 @@ class Cluster:
             time.sleep(0.5)
         return states
 
+    def most_running(self, ids: list[str]) -> int:
+        """Replay the jobs' events in the order the ledger wrote them; return the most running.
+
+        A claim that takes a freed slot waits for the finish (or reap) that freed it to
+        commit, so its event always comes after that one.
+        """
+        events = self.sql(
+            "SELECT from_state, to_state FROM job_events WHERE job_id = ANY(%s::uuid[]) "
+            "ORDER BY id",
+            (ids,),
+        )
+        return most_at_once(events)
+
     def outcome(self, ids: list[str]) -> Outcome:
         """Read accepted/succeeded/lost/duplicated for `chaos.count` jobs from PostgreSQL."""
         states = self.states(ids)
@@ -415,3 +460,30 @@ class Cluster:
             overlapping=int(overlapping),
             states=states,
         )
+
+
+def report(name: str, outcome: Outcome) -> None:
+    """Print the scenario's summary line and hold it to the promise."""
+    print(outcome.line(name), f"(states {outcome.states}, overlapping runs {outcome.overlapping})")
+    assert outcome.lost == 0, outcome
+    assert outcome.duplicated == 0, outcome
+    assert outcome.overlapping == 0, outcome
+
+
+def completions(cluster: Cluster) -> int:
+    """Return how many `chaos.count` completions the database holds."""
+    return int(cluster.sql("SELECT count(*) FROM chaos_completions")[0][0])
+
+
+def busy_children(cluster: Cluster, proc_name: str) -> list[psutil.Process]:
+    """Return pool processes of the named worker that are running a job right now."""
+    running = {
+        int(pid) for (pid,) in cluster.sql("SELECT pid FROM chaos_runs WHERE finished_at IS NULL")
+    }
+    return [
+        child
+        for proc in cluster.procs
+        if proc.name == proc_name and proc.popen.poll() is None
+        for child in proc.children()
+        if child.pid in running
+    ]

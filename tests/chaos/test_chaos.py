@@ -13,42 +13,12 @@ import signal
 import threading
 import uuid
 
-import psutil
 import pytest
 
-from tests.chaos.harness import Cluster, Outcome
+from tests.chaos.harness import SETTLE, Cluster, busy_children, completions, report
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
-# Bounds on recovery, not measurements: a Redis message orphaned by a killed worker comes back
-# after the visibility timeout (60 s here) plus kombu's restore sweep.
-SETTLE = 240
-
-
-def report(name: str, outcome: Outcome) -> None:
-    """Print the scenario's summary line and hold it to the promise."""
-    print(outcome.line(name), f"(states {outcome.states}, overlapping runs {outcome.overlapping})")
-    assert outcome.lost == 0, outcome
-    assert outcome.duplicated == 0, outcome
-    assert outcome.overlapping == 0, outcome
-
-
-def completions(cluster: Cluster) -> int:
-    return int(cluster.sql("SELECT count(*) FROM chaos_completions")[0][0])
-
-
-def busy_children(cluster: Cluster, proc_name: str) -> list[psutil.Process]:
-    """Return pool processes of the named worker that are running a job right now."""
-    running = {
-        int(pid) for (pid,) in cluster.sql("SELECT pid FROM chaos_runs WHERE finished_at IS NULL")
-    }
-    return [
-        child
-        for proc in cluster.procs
-        if proc.name == proc_name and proc.popen.poll() is None
-        for child in proc.children()
-        if child.pid in running
-    ]
 
 
 def test_kill_9_workers_during_a_thousand_short_jobs(cluster: Cluster) -> None:

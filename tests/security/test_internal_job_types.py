@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.auth.bootstrap import Identity
 from conveyor.errors import ValidationFailed
-from conveyor.ledger.submit import JobRequest, submit_jobs
+from conveyor.ledger.requests import JobRequest
+from conveyor.ledger.submit import submit_jobs
 from conveyor.ledger.work import UnitOfWork
 from conveyor.models import Job, Schedule
 from conveyor.settings import Settings
