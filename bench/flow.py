@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -36,14 +36,8 @@ class FlowTarget:
     headers: dict[str, str]
     backlog: dict[str, str]
     engine: Engine
-    # The bench tenant's admin: a member key may not set limits.
-    login: dict[str, str]
-    admin: dict[str, str] = field(default_factory=dict)
-
-    def sign_in(self) -> None:
-        """Sign the bench tenant's admin in (its token sets the limits)."""
-        tokens = post_json(self.port, "/v1/auth/login", self.login, {})
-        self.admin = {"Authorization": f"Bearer {tokens['access_token']}"}
+    # An admin key of the bench tenant: a member key may not set limits.
+    admin: dict[str, str]
 
 
 def percentile(values: Sequence[float], q: float) -> float:

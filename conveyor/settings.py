@@ -127,8 +127,9 @@ class Settings(BaseSettings):
     reconcile_interval: float = Field(default=60.0, gt=0)
     prune_interval: float = Field(default=60.0, gt=0)
     # The dispatcher (flow control): each queue holds at most this many messages in the
-    # broker, so a new job of any tenant waits behind few; it takes at most this many of
-    # each tenant's waiting jobs a pass, turn by turn.
+    # broker (a busy one about a quarter second of its workers' pace, worker/pace.py), so a
+    # new job of any tenant waits behind few; it takes at most this many of each tenant's
+    # waiting jobs a pass, turn by turn.
     dispatch_in_flight: int = Field(default=100, ge=1)
     dispatch_per_tenant: int = Field(default=50, ge=1)
     # A queued job published this long ago whose message is in neither the queue nor the

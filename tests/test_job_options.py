@@ -78,9 +78,7 @@ def test_a_delayed_job_waits_unpublished_until_due(
             assert promote_due(unit, datetime.now(UTC)) == 1
             assert unit.messages == []  # queued for the dispatcher, which publishes it
             queue = settings.default_queue
-            passed = dispatch(
-                unit, datetime.now(UTC), depths={queue: 0}, in_flight=10, per_tenant=10, after={}
-            )
+            passed = dispatch(unit, datetime.now(UTC), rooms={queue: 10}, per_tenant=10, after={})
             assert passed.published == 1
             assert [m.job_id for m in unit.messages] == [uuid.UUID(job["id"])]
         assert queue_depth(redis_client, settings.default_queue) == before + 1

@@ -202,7 +202,7 @@ def test_the_dispatcher_publishes_queued_jobs_not_published_yet(
     assert waiting_queues(unit) == [QUEUE]
 
     def one_pass() -> int:
-        passed = dispatch(unit, NOW, depths={QUEUE: 0}, in_flight=10, per_tenant=10, after={})
+        passed = dispatch(unit, NOW, rooms={QUEUE: 10}, per_tenant=10, after={})
         return passed.published
 
     assert one_pass() == 1

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import psycopg
@@ -30,6 +32,7 @@ from conveyor.ledger.statements import DISPATCH_CHANNEL
 from conveyor.queues import broker_depths
 from conveyor.telemetry.metrics import JOBS_DISPATCHED
 from worker.leadership import Leadership
+from worker.pace import Pace
 from worker.runner import WorkerServices, utcnow
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ logger = logging.getLogger(__name__)
 DISPATCH_LOCK_KEY = 0x636F6E766579 + 1
 BUSY_TICK = 0.05
 IDLE_TICK = 1.0
+COALESCE = 0.01
 
 
 @dataclass
@@ -50,6 +54,8 @@ class Dispatcher:
     # Per queue, the tenant served first in the last pass: the next one starts after it.
     _after: dict[str, uuid.UUID] = field(default_factory=dict)
     _redis: Redis | None = None
+    # Per queue, how fast its workers take messages (so how many the broker should hold).
+    _paces: defaultdict[str, Pace] = field(default_factory=lambda: defaultdict(Pace))
 
     @classmethod
     def for_app(cls, app: Celery) -> Dispatcher:
@@ -76,14 +82,24 @@ class Dispatcher:
         settings = self.services.settings
         with self.services.work.begin() as unit:
             queues = waiting_queues(unit)
+            depths = self.depths(queues)
+            clock = time.monotonic()
+            rooms = {
+                queue: 0
+                if depth is None
+                else self._paces[queue].room(clock, depth, settings.dispatch_in_flight)
+                for queue, depth in depths.items()
+            }
             done = dispatch(
                 unit,
                 utcnow(),
-                depths=self.depths(queues),
-                in_flight=settings.dispatch_in_flight,
+                rooms=rooms,
                 per_tenant=settings.dispatch_per_tenant,
                 after=self._after,
             )
+        for queue, depth in depths.items():
+            if depth is not None:
+                self._paces[queue].published(clock, depth, done.by_queue[queue])
         self._after.update(done.first)
         announce_busy(self.live_redis, done.busy)
         for queue, count in done.by_queue.items():
@@ -149,8 +165,14 @@ class Dispatcher:
             self._stop.wait(timeout)
             return None
         try:
-            for _ in listener.notifies(timeout=timeout, stop_after=1):
-                pass
+            woken = sum(1 for _ in listener.notifies(timeout=timeout, stop_after=1))
+            if woken:
+                # A busy ledger notifies on every finish: what comes within a few
+                # milliseconds makes one pass, not one each. Drained before the pass, so a
+                # notification during the pass still wakes the next one.
+                self._stop.wait(COALESCE)
+                for _ in listener.notifies(timeout=0):
+                    pass
         except psycopg.Error:
             logger.warning("lost the dispatcher's notifications; polling", exc_info=True)
             _close(listener)

@@ -3,8 +3,8 @@
 A queued job with no `published_at` waits in the ledger for the dispatcher: it was held
 back at submit (a limit key, a paused queue, a busy queue), promoted from a delay or a
 backoff, sent back by a claim its limit or pause refused, or its publish failed. Each pass
-looks at every queue with such jobs and fills the queue's room in the broker (in-flight:
-published, not claimed yet, at most `in_flight` of them): each tenant's next jobs by
+looks at every queue with such jobs and fills the queue's room in the broker (in flight:
+published, not claimed yet; the dispatcher says how many fit): each tenant's next jobs by
 priority, then submit order, taken one turn at a time across tenants, starting after the
 tenant served first last time, so one tenant's backlog never delays another's new jobs by
 more than a turn. A job whose limit has no room (its running count, its rate window, and
@@ -168,19 +168,17 @@ def dispatch(
     unit: UnitOfWork,
     now: datetime,
     *,
-    depths: dict[str, int | None],
-    in_flight: int,
+    rooms: dict[str, int],
     per_tenant: int,
     after: dict[str, uuid.UUID],
 ) -> Pass:
     """Publish the waiting jobs that may start, within each queue's room; return the pass.
 
-    `depths` are the messages each queue (with jobs waiting) holds in the broker: it takes
-    up to `in_flight`. `None` means the broker did not say: nothing goes to it this pass.
+    `rooms` says, per queue with jobs waiting, how many more messages the broker should
+    hold (the dispatcher's pace; 0 when the broker did not say how many it holds).
     """
     done = Pass()
-    for queue, depth in depths.items():
-        room = in_flight - depth if depth is not None else 0
+    for queue, room in rooms.items():
         if room <= 0:
             done.busy.add(queue)
             continue
@@ -198,7 +196,7 @@ def dispatch(
             .mappings()
             .all()
         )
-        rooms = _rooms(unit, candidates, now)
+        limit_rooms = _rooms(unit, candidates, now)
         chosen: list[uuid.UUID] = []
         # Chosen jobs that said why they waited: their views change as they go.
         said: set[uuid.UUID] = set()
@@ -207,9 +205,9 @@ def dispatch(
             if len(chosen) >= room:
                 break
             gates = [
-                rooms[g]
+                limit_rooms[g]
                 for g in _gates(job["tenant_id"], job["limit_key"], job["type"])
-                if g in rooms
+                if g in limit_rooms
             ]
             if all(gate.admits() for gate in gates):
                 for gate in gates:
