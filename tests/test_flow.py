@@ -275,6 +275,23 @@ def test_a_burst_past_the_in_flight_room_waits_for_the_dispatcher(
     assert submit(client, auth)["waiting_for"] is None
 
 
+def test_a_pass_with_the_broker_down_publishes_nothing_and_the_next_one_catches_up(
+    client: Any,
+    auth: dict[str, str],
+    sessions: sessionmaker[Session],
+    dispatcher: Dispatcher,
+) -> None:
+    ids = [submit(client, auth, limit_key="outage")["id"] for _ in range(3)]
+    client.put("/v1/limits/outage", json={"max_running": 10}, headers=auth)
+    # Nothing listens on port 1: the broker's depth is unknown, so no room is assumed.
+    dispatcher._redis = Redis.from_url("redis://127.0.0.1:1/0", socket_timeout=1)
+    assert dispatcher.run_once().published == 0
+    assert published(sessions, ids) == set()
+    dispatcher._redis = None
+    assert dispatcher.run_once().published == 3
+    assert published(sessions, ids) == set(ids)
+
+
 def test_limits_over_http(client: Any, auth: dict[str, str], role_tokens: dict[str, str]) -> None:
     assert client.put("/v1/limits/x", json={}, headers=auth).status_code == 422
     assert client.put("/v1/limits/a:b", json={"max_running": 1}, headers=auth).status_code in (

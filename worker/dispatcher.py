@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import psycopg
 from celery import Celery
 from redis import Redis
+from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from conveyor.broker.inspect import queue_depths
@@ -75,7 +76,11 @@ class Dispatcher:
             return {}
         if self.services.settings.amqp_broker:
             return broker_depths(self.app, queues)
-        return dict(queue_depths(self.redis, queues))
+        try:
+            return dict(queue_depths(self.redis, queues))
+        except RedisError:  # the broker is down: publish nothing until it says how full it is
+            logger.warning("queue depths unavailable: the broker did not answer", exc_info=True)
+            return dict.fromkeys(queues)
 
     def run_once(self) -> Pass:
         """Make one pass: publish what may start, announce the busy queues; return the pass."""
@@ -142,10 +147,13 @@ class Dispatcher:
                         synced = True
                     listener = listener or self._listen()
                     busy = bool(self.run_once().busy)
-                except (SQLAlchemyError, psycopg.Error, OSError):  # an outage: the next pass
+                except (SQLAlchemyError, psycopg.Error, RedisError, OSError):  # an outage
                     logger.warning("dispatcher pass failed", exc_info=True)
                     _close(listener)
                     listener, busy = None, False
+                except Exception:  # a bug must not end dispatch for the deployment: log, go on
+                    logger.exception("dispatcher pass crashed")
+                    busy = False
                 listener = self._wait(listener, BUSY_TICK if busy else IDLE_TICK)
         finally:
             _close(listener)
