@@ -347,14 +347,15 @@ def permissions_page(app: Any) -> str:
     return "".join(out)
 
 
-def _schema_name(schema: dict[str, Any]) -> str:
-    """Return a short name for a schema: its component's name, or its type."""
+def _schema_name(schema: dict[str, Any], *, link: bool = False) -> str:
+    """Return a short name for a schema: its component's name (linked), or its type."""
     if "$ref" in schema:
-        return str(schema["$ref"]).rsplit("/", 1)[-1]
+        name = str(schema["$ref"]).rsplit("/", 1)[-1]
+        return f"[{name}](#{name.lower()})" if link else name
     if "anyOf" in schema:
-        return " or ".join(_schema_name(s) for s in schema["anyOf"])
+        return " or ".join(_schema_name(s, link=link) for s in schema["anyOf"])
     if schema.get("type") == "array":
-        return f"array of {_schema_name(schema.get('items', {}))}"
+        return f"array of {_schema_name(schema.get('items', {}), link=link)}"
     return str(schema.get("type", "any"))
 
 
@@ -367,7 +368,8 @@ def _properties(document: dict[str, Any], schema: dict[str, Any]) -> list[str]:
     for name, prop in schema.get("properties", {}).items():
         text = _cell(prop.get("description", ""))
         mark = "yes" if name in required else ""
-        rows.append(f"| `{name}` | {_cell(_schema_name(prop))} | {mark} | {text or ' '} |\n")
+        kind = _cell(_schema_name(prop, link=True))
+        rows.append(f"| `{name}` | {kind} | {mark} | {text or ' '} |\n")
     return rows
 
 
@@ -418,7 +420,8 @@ def http_page(app: Any) -> str:
             body = operation.get("requestBody", {}).get("content", {})
             for media, content in body.items():
                 rows = _properties(document, content.get("schema", {}))
-                out.append(f"Body (`{media}`, {_schema_name(content.get('schema', {}))}):\n\n")
+                body_schema = _schema_name(content.get("schema", {}), link=True)
+                out.append(f"Body (`{media}`, {body_schema}):\n\n")
                 if rows:
                     out.append("| Field | Type | Required | Meaning |\n| --- | --- | --- | --- |\n")
                     out.extend(rows)
@@ -431,12 +434,24 @@ def http_page(app: Any) -> str:
                 if schema and _schema_name(schema) == "Problem":
                     problems.append(f"`{status}`")
                     continue
-                shown = f" ({_schema_name(schema)})" if schema else ""
+                shown = f" ({_schema_name(schema, link=True)})" if schema else ""
                 answers.append(f"`{status}`{shown} {response.get('description', '')}".strip())
             if answers:
                 out.append("Answers:\n\n" + "".join(f"- {a}\n" for a in answers) + "\n")
             if problems:
                 out.append(f"Problems: {', '.join(problems)}.\n\n")
+    out.append("## Schemas\n\nThe bodies named above, field by field.\n\n")
+    for name, schema in sorted(document["components"]["schemas"].items()):
+        out.append(f"### {name}\n\n")
+        if schema.get("description"):
+            out.append(_cell(schema["description"]) + "\n\n")
+        rows = _properties(document, schema)
+        if rows:
+            out.append("| Field | Type | Required | Meaning |\n| --- | --- | --- | --- |\n")
+            out.extend(rows)
+            out.append("\n")
+        elif "enum" in schema:
+            out.append("One of " + ", ".join(f"`{v}`" for v in schema["enum"]) + ".\n\n")
     return "".join(out).rstrip() + "\n"
 
 
