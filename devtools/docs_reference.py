@@ -290,9 +290,14 @@ def _app(data_dir: str) -> Any:
     from api import create_app
     from conveyor.settings import Settings
 
-    # No .env and no environment: the pages describe the code, not this machine's settings.
+    # No .env and no CONVEYOR_* variable (a prefix nothing uses): the pages describe the
+    # code, not this machine's settings (extra job modules would add their job types).
     settings = Settings(
-        env="test", secret_key="docs-" + "k" * 40, data_dir=data_dir, _env_file=None
+        env="test",
+        secret_key="docs-" + "k" * 40,
+        data_dir=data_dir,
+        _env_file=None,
+        _env_prefix="CONVEYOR_DOCS_IGNORED_",
     )
     return create_app(settings)
 
