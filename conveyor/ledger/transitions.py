@@ -22,6 +22,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from conveyor.broker.publisher import Message
 from conveyor.errors import Conflict
+from conveyor.ledger.dependencies import settle
 from conveyor.ledger.reads import JobFilter, job_row
 from conveyor.ledger.statements import NOW, ROW, claim_statement, param, transition
 from conveyor.ledger.states import NOT_STARTED, JobState, Move
@@ -40,11 +41,15 @@ _TENANT = Job.tenant_id == param("tenant_id")
 
 def show(unit: UnitOfWork, rows: Iterable[JobRow]) -> list[dict[str, Any]]:
     """Note the live view of each row a statement returned; return the views."""
+    rows = list(rows)
     views = []
     for row in rows:
         view = job_view(row)
         views.append(view)
         unit.show([LiveView.of(row["id"], row["version"], row["tenant_id"], view)])
+    # Every move passes here: its dependents and its workflow follow in the same unit.
+    for moved in settle(unit, rows):
+        show(unit, moved)
     return views
 
 
@@ -74,6 +79,9 @@ class ClaimedJob:
     worker: str | None
     # When the job fell due (created, or its delay or backoff over): the start of its wait.
     due_at: datetime
+    # The workflow it belongs to, which it may add jobs to.
+    workflow_id: uuid.UUID | None = None
+    workflow_ref: str | None = None
 
     @classmethod
     def of(cls, row: JobRow) -> ClaimedJob:
@@ -88,6 +96,8 @@ class ClaimedJob:
             row["started_at"],
             row["worker"],
             row["scheduled_for"] or row["created_at"],
+            row.get("workflow_id"),
+            row.get("workflow_ref"),
         )
 
 

@@ -78,7 +78,7 @@ class JobOut(BaseModel):
     cancel_requested_at: datetime | None
 
 
-def _json_time(value: datetime | None) -> str | None:
+def json_time(value: datetime | None) -> str | None:
     """Format a time in UTC as pydantic's JSON mode does, whatever offset the database used."""
     if value is None:
         return None
@@ -117,12 +117,12 @@ def job_view(row: JobRow, progress: dict[str, Any] | None = None) -> dict[str, A
         "tags": list(row["tags"] or []),
         "metadata": row["metadata"],
         "schedule_id": _text(row.get("schedule_id")),
-        "created_at": _json_time(row["created_at"]),
-        "scheduled_for": _json_time(row.get("scheduled_for")),
-        "started_at": _json_time(started_at),
-        "finished_at": _json_time(row.get("finished_at")),
-        "expires_at": _json_time(row.get("expires_at")),
-        "cancel_requested_at": _json_time(row.get("cancel_requested_at")),
+        "created_at": json_time(row["created_at"]),
+        "scheduled_for": json_time(row.get("scheduled_for")),
+        "started_at": json_time(started_at),
+        "finished_at": json_time(row.get("finished_at")),
+        "expires_at": json_time(row.get("expires_at")),
+        "cancel_requested_at": json_time(row.get("cancel_requested_at")),
     }
 
 
