@@ -469,3 +469,30 @@ def test_a_plain_job_that_fans_out_gets_a_workflow_and_a_failed_one_adds_nothing
     for ref in ("chunk-0", "chunk-1", "sum"):
         assert run(typed_app, str(jobs[ref].id)) == "succeeded"
     assert _jobs(sessions, workflow_id)["sum"].result["imported"] == 21
+
+
+def test_a_workflows_end_is_delivered_to_the_webhooks_listening_once(
+    client: Any, auth: dict[str, str], worker_app: Any, sessions: sessionmaker[Session]
+) -> None:
+    hook = {"url": "https://hooks.example.com/wf", "events": ["workflow.succeeded"]}
+    assert client.post("/v1/webhooks", json=hook, headers=auth).status_code == 201
+    flow = submitted(
+        client, auth, [{"ref": "a", "type": NOOP}, {"ref": "b", "type": NOOP, "depends_on": ["a"]}]
+    )
+    jobs = by_ref(flow)
+
+    def deliveries() -> list[dict[str, Any]]:
+        with sessions() as session:
+            return [
+                dict(payload)
+                for payload in session.scalars(
+                    select(Job.payload).where(Job.type == "webhooks.deliver")
+                )
+            ]
+
+    assert run(worker_app, jobs["a"]) == "succeeded"
+    assert [d for d in deliveries() if "workflow_id" in d] == []
+    assert run(worker_app, jobs["b"]) == "succeeded"
+    (delivery,) = [d for d in deliveries() if "workflow_id" in d]
+    assert delivery["workflow_id"] == flow["id"]
+    assert delivery["event"] == "workflow.succeeded"

@@ -57,6 +57,7 @@ from conveyor.ledger.states import FINISHED, JobState, Move, Waiting
 from conveyor.ledger.views import JobRow
 from conveyor.ledger.work import UnitOfWork
 from conveyor.models import Job, JobDependency
+from conveyor.webhooks import DELIVER_TYPE, DELIVERY_ATTEMPTS
 
 # The dead ends: a dependency that ends in one of these will never succeed.
 DEAD = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})
@@ -276,6 +277,32 @@ _WORKFLOW_ENDS = text(
     RETURNING w.id, w.tenant_id, w.state
     """
 )
+# The ended workflows' deliveries, one per enabled webhook listening for `workflow.<state>`,
+# inserted with the finish that ended them (as a job's are: `statements._deliveries`).
+_WORKFLOW_DELIVERIES = text(
+    f"""
+    WITH targets AS (
+        SELECT w.id AS workflow_id, w.tenant_id, h.id AS webhook_id, h.url,
+               'workflow.' || w.state AS event, q.queue
+        FROM workflows w
+        JOIN unnest(CAST(:ids AS uuid[]), CAST(:queues AS text[])) AS q(id, queue) ON q.id = w.id
+        JOIN webhooks h ON h.tenant_id = w.tenant_id AND h.enabled
+            AND ('workflow.' || w.state) = ANY(h.events)
+        WHERE w.state IN ('succeeded', 'failed')
+    ), inserted AS (
+        INSERT INTO jobs (id, tenant_id, type, queue, state, payload, tags, metadata,
+                          max_attempts, scheduled_for, created_at)
+        SELECT gen_random_uuid(), tenant_id, '{DELIVER_TYPE}', queue, '{JobState.SCHEDULED}',
+               jsonb_build_object('workflow_id', workflow_id, 'event', event, 'url', url,
+                                  'webhook_id', webhook_id),
+               '{{}}', '{{}}', {DELIVERY_ATTEMPTS}, :now, :now
+        FROM targets
+        RETURNING id, state, attempt
+    )
+    INSERT INTO job_events (job_id, from_state, to_state, attempt)
+    SELECT id, NULL, state, attempt FROM inserted
+    """  # noqa: S608 - every interpolated value is the platform's own constant
+)
 
 
 def _count_workflows(
@@ -296,7 +323,13 @@ def _count_workflows(
     ).all()
     done = [str(row.id) for row in counted if row.unfinished == 0]
     if done:
-        unit.session.execute(_WORKFLOW_ENDS, {"ids": done, "now": now})
+        ends = unit.session.execute(_WORKFLOW_ENDS, {"ids": done, "now": now}).all()
+        if ends:
+            # Deliveries go to the queue of the job whose finish ended the workflow.
+            queues = {str(row["workflow_id"]): row["queue"] for row in ended if row["workflow_id"]}
+            ids = [str(row.id) for row in ends]
+            params = {"ids": ids, "queues": [queues.get(i, "default") for i in ids], "now": now}
+            unit.session.execute(_WORKFLOW_DELIVERIES, params)
 
 
 def lock_parents(

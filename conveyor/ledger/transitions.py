@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import random
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -42,14 +42,23 @@ _TENANT = Job.tenant_id == param("tenant_id")
 def show(unit: UnitOfWork, rows: Iterable[JobRow]) -> list[dict[str, Any]]:
     """Note the live view of each row a statement returned; return the views."""
     rows = list(rows)
+    views = _note(unit, rows)
+    # Every move passes here: its dependents and its workflow follow in the same unit, level
+    # by level (a loop, not recursion: a chain of 1,000 abandoned jobs is 1,000 levels).
+    pending = settle(unit, rows)
+    while pending:
+        moved = pending.pop()
+        _note(unit, moved)
+        pending.extend(settle(unit, moved))
+    return views
+
+
+def _note(unit: UnitOfWork, rows: Sequence[JobRow]) -> list[dict[str, Any]]:
     views = []
     for row in rows:
         view = job_view(row)
         views.append(view)
         unit.show([LiveView.of(row["id"], row["version"], row["tenant_id"], view)])
-    # Every move passes here: its dependents and its workflow follow in the same unit.
-    for moved in settle(unit, rows):
-        show(unit, moved)
     return views
 
 

@@ -320,6 +320,13 @@ def workflow_view(session: Session, workflow_id: uuid.UUID, tenant_id: uuid.UUID
     return {**_summary(workflow), "jobs": jobs}
 
 
+def workflow_summary(
+    session: Session, workflow_id: uuid.UUID, tenant_id: uuid.UUID
+) -> dict[str, Any]:
+    """Return the tenant's workflow without its jobs (`NotFound` for another tenant's)."""
+    return _summary(owned(session, Workflow, workflow_id, tenant_id, "workflow"))
+
+
 def _encode(workflow: Workflow) -> str:
     raw = f"{workflow.created_at.isoformat()}|{workflow.id}"
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
