@@ -292,7 +292,10 @@ def workflow_view(session: Session, workflow_id: uuid.UUID, tenant_id: uuid.UUID
     workflow = owned(session, Workflow, workflow_id, tenant_id, "workflow")
     rows = (
         session.execute(
-            select(*ROW).where(Job.workflow_id == workflow_id).order_by(Job.created_at, Job.id)
+            # Jobs submitted together share their time: their refs order them.
+            select(*ROW)
+            .where(Job.workflow_id == workflow_id)
+            .order_by(Job.created_at, Job.workflow_ref)
         )
         .mappings()
         .all()
