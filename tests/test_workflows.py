@@ -9,13 +9,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 from redis import Redis
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from conveyor.auth.bootstrap import Identity
@@ -25,6 +26,7 @@ from conveyor.ledger.workflows import WorkflowRequest, create_workflow
 from conveyor.models import Job, JobEvent, Workflow
 from conveyor.registry import JobContext, JobRegistry
 from conveyor.settings import Settings
+from tests.conftest import bearer
 from tests.factories import job_factory
 from tests.test_api import assert_problem
 from worker.app import create_celery_app
@@ -496,3 +498,61 @@ def test_a_workflows_end_is_delivered_to_the_webhooks_listening_once(
     (delivery,) = [d for d in deliveries() if "workflow_id" in d]
     assert delivery["workflow_id"] == flow["id"]
     assert delivery["event"] == "workflow.succeeded"
+
+
+def test_roles_are_as_for_jobs(client: Any, role_tokens: dict[str, str]) -> None:
+    jobs = [{"ref": "a", "type": NOOP, "delay_seconds": 3600}]
+    made = {}
+    for role, token in role_tokens.items():
+        answer = client.post(
+            "/v1/workflows", json={"name": role, "jobs": jobs}, headers=bearer(token)
+        )
+        made[role] = answer.status_code
+    assert made == {"admin": 202, "operator": 202, "member": 202, "viewer": 403}
+    flow = client.post(
+        "/v1/workflows", json={"name": "x", "jobs": jobs}, headers=bearer(role_tokens["member"])
+    ).get_json()
+    for role in ("viewer", "member"):
+        headers = bearer(role_tokens[role])
+        assert client.get(f"/v1/workflows/{flow['id']}", headers=headers).status_code == 200
+        assert client.get("/v1/workflows", headers=headers).status_code == 200
+        cancel = client.post(f"/v1/workflows/{flow['id']}/cancel", headers=headers)
+        assert_problem(cancel, 403)
+    cancel = client.post(
+        f"/v1/workflows/{flow['id']}/cancel", headers=bearer(role_tokens["operator"])
+    )
+    assert cancel.status_code == 202
+    assert_problem(
+        client.get(f"/v1/workflows/{uuid.uuid4()}", headers=bearer(role_tokens["admin"])), 404
+    )
+
+
+@contextmanager
+def statements(engine: Any) -> Iterator[list[str]]:
+    """Record the statements this process sends to PostgreSQL for the block."""
+    seen: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+@pytest.mark.parametrize("width", [1, 999])
+def test_a_finish_settles_any_number_of_dependents_in_the_same_statements(
+    client: Any, auth: dict[str, str], worker_app: Any, width: int
+) -> None:
+    """Fan-out and fan-in alike: the parent's finish costs the same statements for 1 or 999."""
+    children = [{"ref": f"c{n}", "type": NOOP, "depends_on": ["p"]} for n in range(width)]
+    flow = submitted(client, auth, [{"ref": "p", "type": NOOP}, *children])
+    with statements(worker_app.conveyor.engine) as seen:
+        assert run(worker_app, by_ref(flow)["p"]) == "succeeded"
+    # claim; succeed; count the dependents down; queue those at zero; wake the dispatcher;
+    # count the workflow down (BEGIN/COMMIT are not statements).
+    assert len(seen) == 6, seen
+    after = by_ref(read(client, auth, flow["id"]))
+    assert {after[f"c{n}"]["state"] for n in range(width)} == {"queued"}
