@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import Select, select, tuple_, update
 from sqlalchemy.orm import Session, aliased
 
-from conveyor.errors import Conflict, NotFound, ValidationFailed
+from conveyor.errors import Conflict, JobCancelled, NotFound, ValidationFailed
 from conveyor.ledger.reads import MAX_PAGE
 from conveyor.ledger.requests import MAX_BATCH, JobOptions
 from conveyor.ledger.statements import ROW, param, transition
@@ -250,7 +250,7 @@ def extend_workflow(
         message = f"refs already in the workflow: {', '.join(clash)}"
         raise ValidationFailed(message, errors=[{"field": "jobs", "message": message}])
     _graph(jobs, known)
-    unit.session.execute(
+    cancelled = unit.session.scalar(
         update(Workflow)
         .where(Workflow.id == workflow_id)
         .values(
@@ -259,7 +259,11 @@ def extend_workflow(
             state="running",
             finished_at=None,
         )
+        .returning(Workflow.cancel_requested_at)
     )
+    if cancelled is not None:
+        # Someone cancelled the workflow while this job ran: it stops instead of growing it.
+        raise JobCancelled("the workflow was cancelled")
     return _submit_graph(
         unit,
         registry,
