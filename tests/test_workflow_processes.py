@@ -126,3 +126,30 @@ def test_the_cli_draws_a_workflow_as_a_tree(client: Any, auth: dict[str, str], a
     )
     listed = CliRunner().invoke(main, ["workflow", "list"], obj={"client": api})
     assert flow.get_json()["id"] in listed.output
+
+
+def test_the_cli_submits_a_workflow_from_a_file(api: Any) -> None:
+    body = {
+        "name": "from-a-file",
+        "jobs": [
+            {"ref": "a", "type": "system.noop"},
+            {
+                "ref": "b",
+                "type": "system.noop",
+                "depends_on": ["a"],
+                "on_dependency_failure": "run",
+            },
+        ],
+    }
+    import json
+
+    submitted = CliRunner().invoke(
+        main, ["workflow", "submit", "-"], input=json.dumps(body), obj={"client": api}
+    )
+    assert submitted.exit_code == 0, submitted.output
+    lines = submitted.stdout.splitlines()
+    assert lines[0].startswith("from-a-file (")
+    assert lines[1:] == [
+        "└── a [system.noop] queued",
+        "    └── b [system.noop] scheduled, waiting for dependencies",
+    ]
