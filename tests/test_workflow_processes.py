@@ -7,6 +7,7 @@ after every parent's success, and each job starts exactly once.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +79,7 @@ def test_a_diamond_runs_each_job_once_and_no_child_before_its_parents(
             return state != "running"
 
         wait_for(finished, timeout=90, interval=0.2)
+        shown = client.get(f"/v1/workflows/{flow['id']}", headers=auth).get_json()
     finally:
         dispatcher.stop()
         for worker in workers:
@@ -86,7 +88,6 @@ def test_a_diamond_runs_each_job_once_and_no_child_before_its_parents(
         api.extensions["conveyor"].engine.dispose()
         if not mine.amqp_broker:
             redis_client.delete(*queue_lists(mine.default_queue))
-    shown = client.get(f"/v1/workflows/{flow['id']}", headers=auth).get_json()
     assert shown["state"] == "succeeded"
     ids = {job["ref"]: uuid.UUID(job["id"]) for job in shown["jobs"]}
     with sessions() as session:
@@ -141,8 +142,6 @@ def test_the_cli_submits_a_workflow_from_a_file(api: Any) -> None:
             },
         ],
     }
-    import json
-
     submitted = CliRunner().invoke(
         main, ["workflow", "submit", "-"], input=json.dumps(body), obj={"client": api}
     )
