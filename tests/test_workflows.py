@@ -556,3 +556,29 @@ def test_a_finish_settles_any_number_of_dependents_in_the_same_statements(
     assert len(seen) == 6, seen
     after = by_ref(read(client, auth, flow["id"]))
     assert {after[f"c{n}"]["state"] for n in range(width)} == {"queued"}
+
+
+def test_a_cancelled_or_delayed_dependent_follows_the_same_rules(
+    client: Any, auth: dict[str, str], worker_app: Any
+) -> None:
+    flow = submitted(
+        client,
+        auth,
+        [
+            {"ref": "a", "type": NOOP},
+            {"ref": "b", "type": NOOP, "depends_on": ["a"]},
+            {"ref": "c", "type": NOOP, "depends_on": ["b"]},
+            {"ref": "later", "type": NOOP, "depends_on": ["a"], "delay_seconds": 3600},
+        ],
+    )
+    jobs = by_ref(flow)
+    assert jobs["later"]["waiting_for"] == "dependencies"
+    # A person cancels b while it waits: c, which needed it, is cancelled with it.
+    assert client.post(f"/v1/jobs/{jobs['b']['id']}/cancel", headers=auth).status_code == 200
+    after = by_ref(read(client, auth, flow["id"]))
+    assert after["c"]["state"] == "cancelled"
+    assert after["c"]["error"]["message"] == "dependency b ended cancelled"
+    # a's success releases `later` to its own run time, not to the queue.
+    assert run(worker_app, jobs["a"]) == "succeeded"
+    later = by_ref(read(client, auth, flow["id"]))["later"]
+    assert (later["state"], later["waiting_for"]) == ("scheduled", "schedule")
