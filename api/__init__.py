@@ -28,6 +28,7 @@ from api import (
     schedules,
     users,
     webhooks,
+    workflows,
 )
 from api.services import Services
 from conveyor.plugins import load_domains
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         flow.limits,
         audit.bp,
         webhooks.bp,
+        workflows.bp,
     )
     for blueprint in (*blueprints, *plugins.domain_blueprints(services, domains)):
         # Each blueprint's operations go into the OpenAPI document as it is registered.

@@ -22,7 +22,7 @@ from conveyor.ledger.views import JobOut
 bp = secured_blueprint("job_control", __name__, "jobs", "/v1/jobs")
 
 
-def _actor(principal: Principal) -> dict[str, Any]:
+def actor(principal: Principal) -> dict[str, Any]:
     """Who did it, for the job's history."""
     return {
         "user_id": str(principal.user_id) if principal.user_id else None,
@@ -49,7 +49,7 @@ def cancel(path: JobPath) -> tuple[Response, int]:
     job_id = parse_id(path.job_id, "job")
     with svc.work.begin() as unit:
         view, outcome = transitions.cancel(
-            unit, svc.registry, principal.tenant_id, job_id, datetime.now(UTC), _actor(principal)
+            unit, svc.registry, principal.tenant_id, job_id, datetime.now(UTC), actor(principal)
         )
         audit(unit.session, principal, "job.cancel", "job", job_id, {"outcome": outcome})
     return jsonify(outcome=outcome, job=shown(view)), 200 if outcome == "cancelled" else 202
@@ -64,7 +64,7 @@ def retry(path: JobPath) -> tuple[Response, int]:
     job_id = parse_id(path.job_id, "job")
     with svc.work.begin() as unit:
         view = transitions.retry(
-            unit, svc.registry, principal.tenant_id, job_id, datetime.now(UTC), _actor(principal)
+            unit, svc.registry, principal.tenant_id, job_id, datetime.now(UTC), actor(principal)
         )
         audit(unit.session, principal, "job.retry", "job", job_id)
     return jsonify(shown(view)), 202
@@ -83,7 +83,7 @@ def retry_many(body: BulkRetry) -> Response:
             principal.tenant_id,
             body.filters(),
             datetime.now(UTC),
-            _actor(principal),
+            actor(principal),
             limit=body.limit,
         )
         filters = body.model_dump(mode="json", exclude_none=True)

@@ -53,7 +53,7 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 _polled: ContextVar[Prefetched | None] = ContextVar("polled_live_view", default=None)
 
 
-def _idempotency_key() -> str | None:
+def idempotency_key() -> str | None:
     key = request.headers.get(IDEMPOTENCY_HEADER)
     if key is not None and not 1 <= len(key) <= 255:
         raise ValidationFailed(
@@ -93,7 +93,7 @@ def _idempotency_key() -> str | None:
 def create(body: JobRequest) -> tuple[Response, int, dict[str, str]]:
     """Submit a job: 202, or 200 with the job a repeated Idempotency-Key or unique key names."""
     principal = current_principal()
-    key = _idempotency_key()
+    key = idempotency_key()
     svc = services()
     now = datetime.now(UTC)
     job_id = uuid.uuid4()

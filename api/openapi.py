@@ -120,6 +120,7 @@ TAGS = {
     "users": "A tenant's people and their roles.",
     "api-keys": "Keys for services; each secret is shown once.",
     "jobs": "Submit jobs and follow them to their end.",
+    "workflows": "Graphs of jobs: dependencies, fan-out and fan-in.",
     "schedules": "Recurring jobs, by cron expression or interval.",
     "files": "CSV files in for jobs, and the files jobs produce.",
     "webhooks": "Signed HTTP callbacks on job events.",

@@ -299,29 +299,76 @@ def import_csv(stack: Stack, count: int, timeout: float) -> dict[str, float]:
         upload_id = json.loads(answer)["id"]
         job = {"type": "orders.import_csv", "payload": {"upload_id": upload_id}}
         job_id = post_json(stack.port, stack.submit_path, job, stack.headers)["id"]
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
-            try:
-                conn.request("GET", f"{stack.poll_prefix}{job_id}", headers=stack.headers)
-                view = json.loads(conn.getresponse().read())
-            finally:
-                conn.close()
-            if view["state"] in ("succeeded", "failed"):
-                break
-            time.sleep(0.5)
-        else:
-            raise RuntimeError(f"the {count}-row import did not finish in {timeout}s")
+        view = _until(stack, f"{stack.poll_prefix}{job_id}", timeout, ("succeeded", "failed"))
         if view["state"] != "succeeded" or view["result"]["imported"] != count:
             raise RuntimeError(f"the import ended {view['state']}: {view.get('result')}")
         seconds = time.monotonic() - began
         time.sleep(0.5)  # one more RSS sample after the end
     finally:
         stack.phase = None
+    # The same file as a workflow (chunks in parallel, then a summary), into an empty table.
+    cleaner = create_engine(
+        Settings(database_url=stack.env["CONVEYOR_DATABASE_URL"]).sqlalchemy_url
+    )
+    with cleaner.begin() as conn:
+        conn.execute(text("DELETE FROM orders"))
+    cleaner.dispose()
+    began = time.monotonic()
+    split = {
+        "type": "orders.import_csv_parallel",
+        "payload": {"upload_id": upload_id, "chunks": int(WORKER_CONCURRENCY)},
+    }
+    job_id = post_json(stack.port, stack.submit_path, split, stack.headers)["id"]
+    view = _until(stack, f"{stack.poll_prefix}{job_id}", timeout, ("succeeded", "failed"))
+    flow = _until(stack, f"/v1/workflows/{view['workflow_id']}", timeout, ("succeeded", "failed"))
+    summary = next(job for job in flow["jobs"] if job["ref"] == "summary")
+    if flow["state"] != "succeeded" or summary["result"]["imported"] != count:
+        raise RuntimeError(f"the parallel import ended {flow['state']}: {summary.get('result')}")
+    parallel = time.monotonic() - began
     return {
         "import_rows_per_s": count / seconds,
+        "import_parallel_rows_per_s": count / parallel,
         "import_api_rss_mb": stack.peak_rss.get("import_api", 0.0),
         "import_worker_rss_mb": stack.peak_rss.get("import_worker", 0.0),
+    }
+
+
+def _until(stack: Stack, path: str, timeout: float, states: tuple[str, ...]) -> Any:
+    """Poll a job or workflow until its state is one of `states`; return its view."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=30)
+        try:
+            conn.request("GET", path, headers=stack.headers)
+            view = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+        if view["state"] in states:
+            return view
+        time.sleep(0.2)
+    raise RuntimeError(f"{path} did not finish in {timeout}s")
+
+
+def fan_in(stack: Stack, parents: int, timeout: float) -> dict[str, float]:
+    """Run a workflow of `parents` no-ops and one job after them all; return its jobs/s.
+
+    Each parent's finish counts the fan-in down in one statement; were it to rescan the
+    fan-in's edges, the last parents would cost `parents` times the first.
+    """
+    jobs = [{"ref": f"p{n}", "type": "system.noop"} for n in range(parents)]
+    jobs.append({"ref": "fan-in", "type": "system.noop", "depends_on": [j["ref"] for j in jobs]})
+    began = time.monotonic()
+    flow = post_json(stack.port, "/v1/workflows", {"name": "fan-in", "jobs": jobs}, stack.headers)
+    done = _until(stack, f"/v1/workflows/{flow['id']}", timeout, ("succeeded", "failed"))
+    seconds = time.monotonic() - began
+    if done["state"] != "succeeded":
+        raise RuntimeError(f"the fan-in workflow ended {done['state']}")
+    last = max(j["finished_at"] for j in done["jobs"] if j["ref"] != "fan-in")
+    (started,) = [j["started_at"] for j in done["jobs"] if j["ref"] == "fan-in"]
+    release = datetime.fromisoformat(started) - datetime.fromisoformat(last)
+    return {
+        "fan_in_jobs_per_s": (parents + 1) / seconds,
+        "fan_in_release_ms": release.total_seconds() * 1000,
     }
 
 
@@ -450,6 +497,11 @@ def run_stacks(
             if stack.name == "conveyor" and flow is not None:
                 out[stack.name].update(flow_rounds(stack, flow, args))
         for stack in stacks:
+            if stack.name == "conveyor" and args.fan_in:
+                log(f"workflow fan-in, {args.fan_in} parents, {args.rounds} rounds")
+                for _ in range(args.rounds):
+                    for key, value in fan_in(stack, args.fan_in, 300).items():
+                        out[stack.name].setdefault(key, []).append(value)
             if stack.name == "conveyor" and args.import_rows:
                 # Once: the baseline has no import, and one 1,000,000-row file takes a minute.
                 log(f"CSV import, {args.import_rows:,} rows, once")
@@ -505,6 +557,9 @@ REPORT = [
     ("api_rss_mb", "peak RSS api process MB", "<= 150 MB"),
     ("worker_rss_mb", "peak RSS worker process MB", "<= 200 MB"),
     ("import_rows_per_s", "CSV import rows/s (Conveyor only)", ""),
+    ("import_parallel_rows_per_s", "CSV import as a workflow rows/s (chunks in parallel)", ""),
+    ("fan_in_jobs_per_s", "workflow: 999 no-ops + 1 fan-in, jobs/s end to end", ""),
+    ("fan_in_release_ms", "workflow: last parent's finish to fan-in start ms", ""),
     ("import_api_rss_mb", "peak RSS api MB, CSV upload", "<= 150 MB"),
     ("import_worker_rss_mb", "peak RSS worker MB, CSV import", "<= 200 MB"),
     ("flow_plain_jobs_per_s", "flow: plain jobs end to end/s (Conveyor only)", ""),
@@ -594,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
         "--import-rows", type=int, default=1_000_000, help="rows of the CSV import (0 skips it)"
     )
     parser.add_argument("--no-flow", action="store_true", help="skip the flow-control measures")
+    parser.add_argument(
+        "--fan-in", type=int, default=999, help="parents of the fan-in workflow (0 skips it)"
+    )
     args = parser.parse_args(argv)
     args.drain = max(1000, args.drain // 1000 * 1000)
     began = time.monotonic()

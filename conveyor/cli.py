@@ -1,8 +1,9 @@
 """The `conveyor` command: the API from the shell, tenant creation and migrations for operators.
 
-`submit`, `status`, `list`, `cancel`, `retry`, `schedules list` and `keys create` go through
-the HTTP API (`conveyor.client`); `create-tenant` writes straight to the database;
-`migrate` and `alembic` run Alembic with the core's and every domain's revisions.
+`submit`, `status`, `list`, `cancel`, `retry`, `workflow …`, `schedules list` and
+`keys create` go through the HTTP API (`conveyor.client`); `create-tenant` writes straight
+to the database; `migrate` and `alembic` run Alembic with the core's and every domain's
+revisions.
 """
 
 from __future__ import annotations
@@ -270,6 +271,92 @@ def _pause_everywhere(queue: str, *, paused: bool) -> None:
             (flow.pause if paused else flow.resume)(unit, None, queue)
     finally:
         engine.dispose()
+
+
+@main.group()
+def workflow() -> None:
+    """Submit, show, list and cancel workflows."""
+
+
+@workflow.command(name="submit")
+@click.argument("file", type=click.File())
+@click.option("--idempotency-key", default=None)
+@click.pass_context
+def submit_workflow(ctx: click.Context, file: Any, idempotency_key: str | None) -> None:
+    """Submit a workflow from a JSON file (`{"name": …, "jobs": [...]}`; `-` for stdin)."""
+    body = json.load(file)
+    found = _client(ctx).submit_workflow(
+        body["name"], body["jobs"], idempotency_key=idempotency_key
+    )
+    click.echo(render_tree(found))
+
+
+@workflow.command(name="show")
+@click.argument("workflow_id")
+@click.option("--json", "as_json", is_flag=True, help="print the workflow as JSON")
+@click.pass_context
+def show_workflow(ctx: click.Context, workflow_id: str, as_json: bool) -> None:
+    """Show a workflow as a tree of its jobs with their states."""
+    found = _client(ctx).workflow(workflow_id)
+    if as_json:
+        _print(found)
+    else:
+        click.echo(render_tree(found))
+
+
+@workflow.command(name="list")
+@click.option("--state", default=None)
+@click.option("--name", default=None)
+@click.option("--limit", default=20, show_default=True)
+@click.pass_context
+def list_workflows(ctx: click.Context, state: str | None, name: str | None, limit: int) -> None:
+    """List workflows, newest first."""
+    filters = {k: v for k, v in {"state": state, "name": name}.items() if v is not None}
+    for n, found in enumerate(_client(ctx).workflows(limit=limit, **filters)):
+        if n >= limit:
+            break
+        click.echo(f"{found['id']}  {found['state']:<9}  {found['total']:>5} jobs  {found['name']}")
+
+
+@workflow.command(name="cancel")
+@click.argument("workflow_id")
+@click.pass_context
+def cancel_workflow(ctx: click.Context, workflow_id: str) -> None:
+    """Cancel every unfinished job of a workflow."""
+    click.echo(render_tree(_client(ctx).cancel_workflow(workflow_id)))
+
+
+def render_tree(found: dict[str, Any]) -> str:
+    """Draw a workflow as a tree: each job under the last of its dependencies, with its state.
+
+    A job with several dependencies appears under the last one listed, and says which
+    others it waits for (`also after …`); roots are the jobs that depend on nothing.
+    """
+    jobs = found["jobs"]
+    label = {job["ref"] or job["id"]: job for job in jobs}
+    children: dict[str | None, list[str]] = {}
+    for job in jobs:
+        parents = [ref for ref in job["depends_on"] if ref in label]
+        children.setdefault(parents[-1] if parents else None, []).append(job["ref"] or job["id"])
+    lines = [f"{found['name']} ({found['id']}): {found['state']}"]
+
+    def draw(ref: str, prefix: str, last: bool) -> None:
+        job = label[ref]
+        others = [r for r in job["depends_on"] if r in label][:-1]
+        state = job["state"] + (f", waiting for {job['waiting_for']}" if job["waiting_for"] else "")
+        extra = f"  (also after {', '.join(others)})" if others else ""
+        error = f"  - {job['error']['message']}" if job.get("error") else ""
+        lines.append(
+            f"{prefix}{'└── ' if last else '├── '}{ref} [{job['type']}] {state}{extra}{error}"
+        )
+        kids = children.get(ref, [])
+        for n, kid in enumerate(kids):
+            draw(kid, prefix + ("    " if last else "│   "), n == len(kids) - 1)
+
+    roots = children.get(None, [])
+    for n, ref in enumerate(roots):
+        draw(ref, "", n == len(roots) - 1)
+    return "\n".join(lines)
 
 
 @main.command(name="create-tenant")

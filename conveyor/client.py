@@ -156,6 +156,48 @@ class Client:
         job: dict[str, Any] = self._call("POST", f"/v1/jobs/{job_id}/retry")
         return job
 
+    def submit_workflow(
+        self, name: str, jobs: list[dict[str, Any]], *, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        """Submit a workflow: jobs with a `ref` each and `depends_on` naming other refs."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = {"name": name, "jobs": jobs}
+        workflow: dict[str, Any] = self._call("POST", "/v1/workflows", json=body, headers=headers)
+        return workflow
+
+    def workflow(self, workflow_id: str) -> dict[str, Any]:
+        """Return a workflow with every job, its state and its dependencies."""
+        workflow: dict[str, Any] = self._call("GET", f"/v1/workflows/{workflow_id}")
+        return workflow
+
+    def workflows(self, *, limit: int = 50, **filters: str) -> Iterator[dict[str, Any]]:
+        """Iterate over workflows (filters: state, name), newest first, page by page."""
+        params: dict[str, Any] = {"limit": limit, **filters}
+        while True:
+            page = self._call("GET", "/v1/workflows", params=params)
+            yield from page["items"]
+            if not page["next_cursor"]:
+                return
+            params["cursor"] = page["next_cursor"]
+
+    def cancel_workflow(self, workflow_id: str) -> dict[str, Any]:
+        """Cancel every unfinished job of a workflow."""
+        workflow: dict[str, Any] = self._call("POST", f"/v1/workflows/{workflow_id}/cancel")
+        return workflow
+
+    def wait_workflow(self, workflow_id: str, *, timeout: float = 300.0) -> dict[str, Any]:
+        """Poll until the workflow finishes, backing off from 0.1 s to 2 s; raise `TimeoutError`."""
+        deadline = time.monotonic() + timeout
+        delay = 0.1
+        while True:
+            workflow = self.workflow(workflow_id)
+            if workflow["state"] != "running":
+                return workflow
+            if time.monotonic() + delay > deadline:
+                raise TimeoutError(f"workflow {workflow_id} still running after {timeout}s")
+            time.sleep(delay)
+            delay = min(2.0, delay * 1.5)
+
     def list_schedules(self) -> list[dict[str, Any]]:
         """List schedules."""
         items: list[dict[str, Any]] = self._call("GET", "/v1/schedules")["items"]

@@ -164,6 +164,15 @@ class Job(Base):
             "limit_key",
             postgresql_where="state = 'queued' AND published_at IS NOT NULL",
         ),
+        # A workflow's jobs, and their refs (unique within it).
+        Index(
+            "uq_jobs_workflow_ref",
+            "workflow_id",
+            "workflow_ref",
+            unique=True,
+            postgresql_where="workflow_id IS NOT NULL",
+        ),
+        CheckConstraint("dependencies_left >= 0", name="dependencies_left"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
@@ -205,9 +214,63 @@ class Job(Base):
     # yet when something holds it back (`conveyor.ledger.states.Waiting`).
     limit_key: Mapped[str | None] = mapped_column(String(100))
     waiting_for: Mapped[str | None] = mapped_column(String(20))
+    # Workflows (conveyor.ledger.dependencies): the workflow the job belongs to and its ref
+    # there; how many of its dependencies it still waits for (counted down as they finish,
+    # never recounted, so a 10,000-way fan-in costs one update per parent); whether other
+    # jobs depend on it (a finish with none costs nothing more); and whether it runs when a
+    # dependency ends dead (`run`) instead of being cancelled (NULL).
+    workflow_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("workflows.id", ondelete="SET NULL")
+    )
+    workflow_ref: Mapped[str | None] = mapped_column(String(100))
+    dependencies_left: Mapped[int] = mapped_column(default=0, server_default="0")
+    has_dependents: Mapped[bool] = mapped_column(default=False, server_default="false")
+    on_dependency_failure: Mapped[str | None] = mapped_column(String(10))
     # Grows by one with every ledger write that changes the job's client view: it versions
     # the job's live view in Redis (conveyor.live.store), so an older one never wins.
     version: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
+
+
+class JobDependency(Base):
+    """One edge of a dependency graph: `job_id` starts only after `depends_on_id` succeeded."""
+
+    __tablename__ = "job_dependencies"
+    # The parent's side leads the key: a finish looks up its dependents by it.
+    __table_args__ = (Index("ix_job_dependencies_job_id", "job_id"),)
+
+    depends_on_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+
+
+class Workflow(Base):
+    """A named graph of jobs submitted together; it finishes when every job has.
+
+    `unfinished` counts its jobs not finished yet (the ledger counts it down in the
+    transaction of each finish, and up on a retry or a fan-out), so the last finish, and
+    only it, sees zero and settles the workflow's state.
+    """
+
+    __tablename__ = "workflows"
+    __table_args__ = (
+        CheckConstraint("state IN ('running', 'succeeded', 'failed', 'cancelled')", name="state"),
+        CheckConstraint("unfinished >= 0", name="unfinished"),
+        # Keyset pagination of a tenant's workflows, newest first.
+        Index("ix_workflows_tenant_created", "tenant_id", "created_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(20), default="running", server_default="running")
+    total: Mapped[int] = mapped_column(default=0, server_default="0")
+    unfinished: Mapped[int] = mapped_column(default=0, server_default="0")
+    cancel_requested_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    finished_at: Mapped[datetime | None]
 
 
 class JobEvent(Base):

@@ -38,6 +38,24 @@ class JobContext:
     # The result-backend Redis, for jobs that maintain caches the API reads.
     redis: Redis | None = None
     settings: Settings | None = None
+    # The jobs this one depends on, by ref (or id): their state and result.
+    dependency_results: Callable[[], dict[str, dict[str, Any]]] = dict
+    # Jobs this one adds to its workflow (fan-out), submitted with its success.
+    added: list[Any] = field(default_factory=list)
+
+    @property
+    def dependencies(self) -> dict[str, dict[str, Any]]:
+        """Return the jobs this one depends on, by ref (or id), with their state and result."""
+        return self.dependency_results()
+
+    def add_jobs(self, *jobs: Any) -> None:
+        """Add jobs to this job's workflow once it succeeds (`WorkflowJob`s or their dicts).
+
+        Their `depends_on` may name refs already in the workflow (this job's own among
+        them) or refs added here, which is how a fan-out gets its fan-in: the jobs and
+        their edges commit with this job's success, and if it fails none of them exist.
+        """
+        self.added.extend(jobs)
 
     def progress(self, current: int, total: int | None = None, message: str | None = None) -> None:
         """Report progress; raise `JobCancelled` here if someone asked the job to stop."""

@@ -23,7 +23,9 @@ from conveyor.tenancy import owned
 DELIVER_TYPE = "webhooks.deliver"
 # Attempts a delivery gets (with exponential backoff, up to ten minutes apart).
 DELIVERY_ATTEMPTS = 5
-EVENTS = frozenset(f"job.{state.value}" for state in FINISHED)
+# A workflow's end: when its last job finishes, every job succeeded (or not).
+WORKFLOW_EVENTS = frozenset({"workflow.succeeded", "workflow.failed"})
+EVENTS = frozenset(f"job.{state.value}" for state in FINISHED) | WORKFLOW_EVENTS
 SIGNATURE_HEADER = "Conveyor-Signature"
 
 

@@ -164,3 +164,43 @@ def test_bad_uploads_are_refused(
         client.get("/v1/reports/daily-revenue?from=2026-03-02&to=2026-03-01", headers=auth), 422
     )
     assert_problem(client.get(f"/v1/jobs/{uuid.uuid4()}/artifact", headers=auth), 404)
+
+
+def test_a_parallel_import_is_a_workflow_whose_summary_matches_the_single_job(
+    worker: Any, client: Any, auth: dict[str, str], sessions: sessionmaker[Session]
+) -> None:
+    from worker.dispatcher import Dispatcher
+
+    good = [
+        [f"P-{n}", f"p{n}@example.com", "1.00", "EUR", "2026-03-01T10:00:00Z"] for n in range(24)
+    ]
+    rows = [*good[:5], BAD[0][0], *good[5:17], BAD[1][0], *good[17:]]
+    uploaded = upload(client, auth, csv_bytes(rows))
+    upload_id = uploaded.get_json()["id"]
+    dispatcher = Dispatcher.for_app(worker)  # releases the summary once the chunks are done
+    dispatcher.start()
+    try:
+        payload = {"upload_id": upload_id, "chunks": 3, "min_rows": 5}
+        split = run(client, auth, "orders.import_csv_parallel", payload)
+        assert split["state"] == "succeeded", split
+        assert split["result"] == {"rows": 26, "chunks": 3}
+        flow_id = split["workflow_id"]
+
+        def settled() -> Any:
+            flow = client.get(f"/v1/workflows/{flow_id}", headers=auth).get_json()
+            return flow if flow["state"] != "running" else None
+
+        flow = wait_for(settled, timeout=60)
+    finally:
+        dispatcher.stop()
+    assert flow["state"] == "succeeded"
+    jobs = {job["ref"]: job for job in flow["jobs"]}
+    assert sorted(jobs) == ["chunk-0", "chunk-1", "chunk-2", "parent", "summary"]
+    assert jobs["summary"]["depends_on"] == ["chunk-0", "chunk-1", "chunk-2"]
+    summary = jobs["summary"]["result"]
+    assert (summary["imported"], summary["rejected"]) == (24, 2)
+    assert [r["line"] for r in summary["rejected_rows"]] == [7, 20]
+    single = run(client, auth, "orders.import_csv", {"upload_id": upload_id})["result"]
+    assert single == summary
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Order)) == 24

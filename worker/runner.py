@@ -45,6 +45,7 @@ from conveyor.ledger.transitions import (
 )
 from conveyor.ledger.upkeep import beat_heartbeats
 from conveyor.ledger.work import Work
+from conveyor.ledger.workflows import fan_out, parent_results
 from conveyor.live.store import LiveStore, progress_document
 from conveyor.nesting import MAX_JSON_DEPTH, render_path, too_deep
 from conveyor.registry import JobContext, JobRegistry
@@ -262,9 +263,21 @@ def _run_and_succeed(services: WorkerServices, claimed: ClaimedJob) -> None:
             after_commit=unit.after_commit,
             redis=services.live.redis,
             settings=services.settings,
+            dependency_results=partial(parent_results, unit.session, claimed.id),
         )
         result = _as_result(job_type.func(ctx, payload), services.settings.max_result_bytes)
         unit.session.flush()  # the job's own writes fail its attempt here, before its success
+        if ctx.added:
+            # Added last: the workflow's row is locked from here to the commit, not the run.
+            fan_out(
+                unit,
+                services.registry,
+                claimed,
+                ctx.added,
+                default_queue=services.settings.default_queue,
+                now=utcnow(),
+                gate=services.gate,
+            )
         if not succeed(unit, claimed, result, utcnow()):
             raise LostOwnership(str(claimed.id))
 

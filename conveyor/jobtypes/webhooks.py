@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 from sqlalchemy import select
@@ -12,6 +13,7 @@ from sqlalchemy import select
 from conveyor.errors import JobFailed, NotFound, PermanentError
 from conveyor.ledger.reads import job_row
 from conveyor.ledger.views import job_view
+from conveyor.ledger.workflows import workflow_summary
 from conveyor.models import Webhook
 from conveyor.outbound import request
 from conveyor.registry import JobContext, RetryPolicy, job_type
@@ -23,7 +25,9 @@ class Delivery(BaseModel):
     """Which job's event goes where."""
 
     model_config = ConfigDict(extra="forbid")
-    job_id: uuid.UUID
+    # A job's event names the job; a workflow's, the workflow.
+    job_id: uuid.UUID | None = None
+    workflow_id: uuid.UUID | None = None
     event: str
     url: str
     webhook_id: uuid.UUID | None = None
@@ -34,6 +38,12 @@ class Delivery(BaseModel):
         if event not in EVENTS:
             raise ValueError(f"unknown event; choose from {sorted(EVENTS)}")
         return event
+
+
+def _required(job_id: uuid.UUID | None) -> uuid.UUID:
+    if job_id is None:
+        raise PermanentError("the delivery names neither a job nor a workflow")
+    return job_id
 
 
 class DeliveryFailed(JobFailed):
@@ -61,9 +71,16 @@ def deliver(ctx: JobContext, payload: Delivery) -> dict[str, object]:
     """
     settings = ctx.settings or Settings()
     try:
-        job = job_row(ctx.session, payload.job_id, ctx.tenant_id)
+        if payload.workflow_id is not None:
+            job: Any = None
+            subject = {
+                "workflow": workflow_summary(ctx.session, payload.workflow_id, ctx.tenant_id)
+            }
+        else:
+            job = job_row(ctx.session, _required(payload.job_id), ctx.tenant_id)
+            subject = {"job": job_view(job)}
     except NotFound:
-        return {"skipped": "the job no longer exists"}
+        return {"skipped": "the job or workflow no longer exists"}
     webhook = None
     if payload.webhook_id is not None:
         webhook = ctx.session.scalar(
@@ -73,10 +90,11 @@ def deliver(ctx: JobContext, payload: Delivery) -> dict[str, object]:
         )
         if webhook is None or not webhook.enabled:
             return {"skipped": "the webhook was removed or disabled"}
-    if payload.url != (webhook.url if webhook is not None else job["callback_url"]):
+    callback = job["callback_url"] if job is not None else None
+    if payload.url != (webhook.url if webhook is not None else callback):
         raise PermanentError("the delivery's URL is not its webhook's or the job's callback URL")
     body = json.dumps(
-        {"event": payload.event, "job": job_view(job)},
+        {"event": payload.event, **subject},
         separators=(",", ":"),
     ).encode()
     headers = {

@@ -6,7 +6,7 @@ import hashlib
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,7 +25,7 @@ LimitKey = Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z
 UNIQUE_HORIZON = timedelta(days=30)
 
 
-class JobRequest(BaseModel):
+class JobOptions(BaseModel):
     """One job to submit: its type and payload, and how and when it should run."""
 
     model_config = ConfigDict(
@@ -64,6 +64,11 @@ class JobRequest(BaseModel):
         "within `unique_for_seconds`), a submit answers 200 with it instead of a new job.",
     )
     unique_for_seconds: float | None = Field(default=None, gt=0, le=UNIQUE_HORIZON.total_seconds())
+    on_dependency_failure: Literal["cancel", "run"] | None = Field(
+        default=None,
+        description="When a dependency ends failed, cancelled or expired: `cancel` this job "
+        "(the default) or `run` it anyway.",
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -73,7 +78,7 @@ class JobRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _one_way_to_say_when(self) -> JobRequest:
+    def _one_way_to_say_when(self) -> JobOptions:
         if self.run_at is not None and self.delay_seconds is not None:
             raise ValueError("give run_at or delay_seconds, not both")
         if self.expires_at is not None and self.ttl_seconds is not None:
@@ -91,6 +96,16 @@ class JobRequest(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+class JobRequest(JobOptions):
+    """One job to submit on its own, which may wait for other jobs of its tenant."""
+
+    depends_on: list[uuid.UUID] = Field(
+        default_factory=list,
+        max_length=MAX_BATCH,
+        description="Ids of the tenant's jobs that must succeed before this one starts.",
+    )
+
+
 def invalid_field(index: int | None, field: str, message: str) -> ValidationFailed:
     """Return a validation error naming `field` (of the `index`th job of a batch)."""
     where = field if index is None else f"jobs[{index}].{field}"
@@ -99,7 +114,7 @@ def invalid_field(index: int | None, field: str, message: str) -> ValidationFail
 
 def job_values(
     registry: JobRegistry,
-    request: JobRequest,
+    request: JobOptions,
     *,
     index: int | None,
     job_id: uuid.UUID,
@@ -157,6 +172,11 @@ def job_values(
         "created_at": now,
         "limit_key": request.limit_key,
         "waiting_for": Waiting.SCHEDULE if delayed else None,
+        "workflow_id": None,
+        "workflow_ref": None,
+        "dependencies_left": 0,
+        "has_dependents": False,
+        "on_dependency_failure": "run" if request.on_dependency_failure == "run" else None,
     }
 
 

@@ -56,6 +56,10 @@ class Move(StrEnum):
     CANCEL = "cancel"  # a person cancelled a job that had not started
     EXPIRE = "expire"  # a job did not start before its expiry
     RETRY = "retry"  # a person sent a dead job back to the queue
+    # A dependency ended dead: the job that waited for it will never run (unless it asked to).
+    ABANDON = "abandon"
+    # A person retried the dependency that cancelled this job: it waits for it again.
+    REVIVE = "revive"
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,8 @@ TRANSITIONS: dict[Move, Transition] = {
         _t(Move.STOP, {JobState.RUNNING}, JobState.CANCELLED),
         _t(Move.CANCEL, set(NOT_STARTED), JobState.CANCELLED, manual=True),
         _t(Move.EXPIRE, set(NOT_STARTED), JobState.EXPIRED),
+        _t(Move.ABANDON, {JobState.SCHEDULED}, JobState.CANCELLED),
+        _t(Move.REVIVE, {JobState.CANCELLED}, JobState.SCHEDULED, manual=True),
         _t(
             Move.RETRY,
             {JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED},

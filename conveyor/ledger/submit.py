@@ -18,9 +18,10 @@ from typing import Any, Protocol
 
 from sqlalchemy import String, TextClause, bindparam, text
 
+from conveyor.ledger.dependencies import link, lock_parents, plan
 from conveyor.ledger.flow import claim_unique_key, wake_dispatcher
 from conveyor.ledger.reads import job_row
-from conveyor.ledger.requests import MAX_BATCH, JobRequest, invalid_field, job_values
+from conveyor.ledger.requests import MAX_BATCH, JobOptions, JobRequest, invalid_field, job_values
 from conveyor.ledger.states import JobState, Waiting
 from conveyor.ledger.transitions import queue_messages
 from conveyor.ledger.views import job_view
@@ -52,7 +53,7 @@ class Gate(Protocol):
 def submit_jobs(
     unit: UnitOfWork,
     registry: JobRegistry,
-    requests: Sequence[JobRequest],
+    requests: Sequence[JobOptions],
     *,
     tenant_id: uuid.UUID,
     default_queue: str,
@@ -63,6 +64,8 @@ def submit_jobs(
     allow_internal: bool = False,
     gate: Gate | None = None,
     admit: Callable[[int], None] | None = None,
+    parents: Sequence[Sequence[uuid.UUID]] | None = None,
+    workflow: tuple[uuid.UUID, Sequence[str]] | None = None,
 ) -> list[Submitted]:
     """Validate every request, then insert all the jobs and their first events, or none.
 
@@ -75,7 +78,10 @@ def submit_jobs(
     jobs wait for the promoter. A queued job goes straight to the broker unless something
     may hold it back: a limit it counts against (its `limit_key`, its type's), or what
     `gate` says (a paused or busy queue); then it waits for the dispatcher, `waiting_for`
-    saying why. One published at once is written with `published_at` set already (its
+    saying why. A job with dependencies (`parents`, per request, ids of this submit's jobs
+    or of the tenant's; by default a `JobRequest`'s `depends_on`) waits for them
+    (`conveyor.ledger.dependencies`); `workflow` puts the jobs in a workflow, with their
+    refs. One published at once is written with `published_at` set already (its
     publish is due now): the unit of work publishes it right after the commit, at no
     further statement, and a publish that fails clears it again for the dispatcher.
     Should the process die between the commit and the publish, the reconciler re-drives
@@ -100,6 +106,16 @@ def submit_jobs(
         )
         for n, request in enumerate(requests)
     ]
+    if workflow is not None:
+        for row, ref in zip(rows, workflow[1], strict=True):
+            row["workflow_id"], row["workflow_ref"] = workflow[0], ref
+    if parents is None:
+        parents = [r.depends_on if isinstance(r, JobRequest) else [] for r in requests]
+    edges = []
+    if any(parents):
+        ours = {row["id"] for row in rows}
+        theirs = {parent for wanted in parents for parent in wanted if parent not in ours}
+        edges = plan(rows, parents, lock_parents(unit, tenant_id, theirs))
     holders = _unique_holders(unit, requests, rows, tenant_id, now)
     new = [row for row in rows if row["id"] not in holders]
     if admit is not None and new:
@@ -121,6 +137,7 @@ def submit_jobs(
             job_id: version
             for job_id, version in unit.session.execute(_insert_statement(), {"rows": document})
         }
+        link(unit, edges)
         for row in new:
             view = job_view(row)
             views[row["id"]] = Submitted(row["id"], row["type"], row["queue"], row["state"], view)
@@ -140,7 +157,7 @@ def _held(registry: JobRegistry, row: dict[str, Any], gate: Gate | None) -> Wait
 
 def _unique_holders(
     unit: UnitOfWork,
-    requests: Sequence[JobRequest],
+    requests: Sequence[JobOptions],
     rows: Sequence[dict[str, Any]],
     tenant_id: uuid.UUID,
     now: datetime,
@@ -223,6 +240,11 @@ _COLUMNS = (
     "published_at",
     "limit_key",
     "waiting_for",
+    "workflow_id",
+    "workflow_ref",
+    "dependencies_left",
+    "has_dependents",
+    "on_dependency_failure",
 )
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import random
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -22,6 +22,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from conveyor.broker.publisher import Message
 from conveyor.errors import Conflict
+from conveyor.ledger.dependencies import settle
 from conveyor.ledger.reads import JobFilter, job_row
 from conveyor.ledger.statements import NOW, ROW, claim_statement, param, transition
 from conveyor.ledger.states import NOT_STARTED, JobState, Move
@@ -40,6 +41,19 @@ _TENANT = Job.tenant_id == param("tenant_id")
 
 def show(unit: UnitOfWork, rows: Iterable[JobRow]) -> list[dict[str, Any]]:
     """Note the live view of each row a statement returned; return the views."""
+    rows = list(rows)
+    views = _note(unit, rows)
+    # Every move passes here: its dependents and its workflow follow in the same unit, level
+    # by level (a loop, not recursion: a chain of 1,000 abandoned jobs is 1,000 levels).
+    pending = settle(unit, rows)
+    while pending:
+        moved = pending.pop()
+        _note(unit, moved)
+        pending.extend(settle(unit, moved))
+    return views
+
+
+def _note(unit: UnitOfWork, rows: Sequence[JobRow]) -> list[dict[str, Any]]:
     views = []
     for row in rows:
         view = job_view(row)
@@ -74,6 +88,9 @@ class ClaimedJob:
     worker: str | None
     # When the job fell due (created, or its delay or backoff over): the start of its wait.
     due_at: datetime
+    # The workflow it belongs to, which it may add jobs to.
+    workflow_id: uuid.UUID | None = None
+    workflow_ref: str | None = None
 
     @classmethod
     def of(cls, row: JobRow) -> ClaimedJob:
@@ -88,6 +105,8 @@ class ClaimedJob:
             row["started_at"],
             row["worker"],
             row["scheduled_for"] or row["created_at"],
+            row.get("workflow_id"),
+            row.get("workflow_ref"),
         )
 
 

@@ -47,7 +47,8 @@ def _batch(chosen: Select[Any]) -> Select[Any]:
 def _promote_statement() -> Select[Any]:
     return transition(
         Move.PROMOTE,
-        where=[Job.scheduled_for <= NOW, _unexpired()],
+        # A job past its run time that still waits for dependencies waits on.
+        where=[Job.scheduled_for <= NOW, _unexpired(), Job.dependencies_left == 0],
         values={"published_at": None},
         pick=lambda chosen: _batch(chosen.order_by(_DUE, Job.id)),
     )

@@ -44,6 +44,7 @@ class JobOut(BaseModel):
                 "tags": ["demo"],
                 "metadata": {"requested_by": "docs"},
                 "schedule_id": None,
+                "workflow_id": None,
                 "created_at": "2026-11-26T10:00:00Z",
                 "scheduled_for": None,
                 "started_at": "2026-11-26T10:00:01Z",
@@ -70,6 +71,8 @@ class JobOut(BaseModel):
     tags: list[str]
     metadata: dict[str, Any]
     schedule_id: uuid.UUID | None
+    # The workflow the job belongs to (`GET /v1/workflows/{id}`), if any.
+    workflow_id: uuid.UUID | None = None
     created_at: datetime
     scheduled_for: datetime | None
     started_at: datetime | None
@@ -78,7 +81,7 @@ class JobOut(BaseModel):
     cancel_requested_at: datetime | None
 
 
-def _json_time(value: datetime | None) -> str | None:
+def json_time(value: datetime | None) -> str | None:
     """Format a time in UTC as pydantic's JSON mode does, whatever offset the database used."""
     if value is None:
         return None
@@ -117,12 +120,13 @@ def job_view(row: JobRow, progress: dict[str, Any] | None = None) -> dict[str, A
         "tags": list(row["tags"] or []),
         "metadata": row["metadata"],
         "schedule_id": _text(row.get("schedule_id")),
-        "created_at": _json_time(row["created_at"]),
-        "scheduled_for": _json_time(row.get("scheduled_for")),
-        "started_at": _json_time(started_at),
-        "finished_at": _json_time(row.get("finished_at")),
-        "expires_at": _json_time(row.get("expires_at")),
-        "cancel_requested_at": _json_time(row.get("cancel_requested_at")),
+        "workflow_id": _text(row.get("workflow_id")),
+        "created_at": json_time(row["created_at"]),
+        "scheduled_for": json_time(row.get("scheduled_for")),
+        "started_at": json_time(started_at),
+        "finished_at": json_time(row.get("finished_at")),
+        "expires_at": json_time(row.get("expires_at")),
+        "cancel_requested_at": json_time(row.get("cancel_requested_at")),
     }
 
 

@@ -132,30 +132,41 @@ def _load(ctx: JobContext, batch: list[tuple[int, OrderRow]]) -> None:
     ctx.session.execute(text("TRUNCATE orders_staging"))
 
 
-@job_type(
-    "orders.import_csv",
-    payload=ImportPayload,
-    result=ImportResult,
-    retry=RetryPolicy(max_attempts=3),
-    time_limit=3600,
-)
-def import_csv(ctx: JobContext, payload: ImportPayload) -> ImportResult:
-    """Stream an uploaded CSV into `orders`: valid rows upserted in batches, bad ones reported."""
+def _check_upload(ctx: JobContext, upload_id: uuid.UUID) -> csv._reader:  # type: ignore[name-defined]
+    """Return a reader over the upload's records, past its header (refused if wrong)."""
     try:
-        get_upload(ctx.session, ctx.tenant_id, payload.upload_id)
+        get_upload(ctx.session, ctx.tenant_id, upload_id)
     except NotFound as exc:
         raise PermanentError(exc.detail) from exc
-    # A first streaming pass counts the rows, so progress can say "n of total".
-    total = max(0, sum(c.count(b"\n") for c in read_upload(ctx.session, payload.upload_id)) - 1)
-    reader = csv.reader(_lines(read_upload(ctx.session, payload.upload_id)))
+    reader = csv.reader(_lines(read_upload(ctx.session, upload_id)))
     header = [h.strip() for h in next(reader, [])]
     if header != HEADER:
         raise PermanentError(f"the header must be {','.join(HEADER)}; found {','.join(header)}")
+    return reader
+
+
+def _import_records(
+    ctx: JobContext, upload_id: uuid.UUID, first: int = 0, stop: int | None = None
+) -> ImportResult:
+    """Import the upload's records `first` to `stop` (0-based, after the header).
+
+    The records before `first` are read but neither validated nor loaded: a chunk of a
+    parallel import (`orders.import_chunk`) skips to its own.
+    """
+    reader = _check_upload(ctx, upload_id)
+    # A first streaming pass counts the rows, so progress can say "n of total".
+    total = max(0, sum(c.count(b"\n") for c in read_upload(ctx.session, upload_id)) - 1)
+    if stop is not None:
+        total = min(total, stop) - first
     ctx.session.execute(text(_STAGE))
     batch: list[tuple[int, OrderRow]] = []
     imported, done, rejected_count = 0, 0, 0
     rejected: list[RejectedRow] = []
-    for fields in reader:
+    for index, fields in enumerate(reader):
+        if index < first:
+            continue
+        if stop is not None and index >= stop:
+            break
         line = reader.line_num
         done += 1
         if not fields:
@@ -176,6 +187,102 @@ def import_csv(ctx: JobContext, payload: ImportPayload) -> ImportResult:
         imported += len(batch)
     ctx.progress(total, total, f"{imported} imported, {rejected_count} rejected")
     return ImportResult(imported=imported, rejected=rejected_count, rejected_rows=rejected)
+
+
+@job_type(
+    "orders.import_csv",
+    payload=ImportPayload,
+    result=ImportResult,
+    retry=RetryPolicy(max_attempts=3),
+    time_limit=3600,
+)
+def import_csv(ctx: JobContext, payload: ImportPayload) -> ImportResult:
+    """Stream an uploaded CSV into `orders`: valid rows upserted in batches, bad ones reported."""
+    return _import_records(ctx, payload.upload_id)
+
+
+class SplitPayload(BaseModel):
+    """`orders.import_csv_parallel`: which upload, in how many chunks at most."""
+
+    model_config = ConfigDict(extra="forbid")
+    upload_id: uuid.UUID
+    chunks: int = Field(default=4, ge=1, le=64)
+    # Below this many rows a chunk is not worth its job.
+    min_rows: int = Field(default=10_000, ge=1)
+
+
+class ChunkPayload(BaseModel):
+    """`orders.import_chunk`: records `first` to `stop` of an upload."""
+
+    model_config = ConfigDict(extra="forbid")
+    upload_id: uuid.UUID
+    first: int = Field(ge=0)
+    stop: int = Field(ge=1)
+
+
+class Split(BaseModel):
+    """What the split did: how many rows, in how many chunks."""
+
+    rows: int
+    chunks: int
+
+
+@job_type(
+    "orders.import_csv_parallel",
+    payload=SplitPayload,
+    result=Split,
+    retry=RetryPolicy(max_attempts=3),
+    time_limit=600,
+)
+def import_csv_parallel(ctx: JobContext, payload: SplitPayload) -> Split:
+    """Import a CSV as a workflow: chunk jobs that import in parallel, then a summary.
+
+    The split checks the header and counts the records, then adds one `orders.import_chunk`
+    per chunk and an `orders.import_summary` that depends on them all (its result is the
+    import's: `imported`, `rejected`, `rejected_rows`), committed with its own success.
+    Chunks run at once, so unlike `orders.import_csv`, which applies the file line by line,
+    two rows of one `order_id` in different chunks leave either one.
+    """
+    rows = sum(1 for _ in _check_upload(ctx, payload.upload_id))
+    chunks = max(1, min(payload.chunks, rows // payload.min_rows))
+    size = -(-rows // chunks) if rows else 1
+    refs = []
+    for n, first in enumerate(range(0, max(rows, 1), size)):
+        refs.append(f"chunk-{n}")
+        chunk = {"upload_id": str(payload.upload_id), "first": first, "stop": first + size}
+        ctx.add_jobs({"ref": refs[-1], "type": "orders.import_chunk", "payload": chunk})
+    ctx.add_jobs({"ref": "summary", "type": "orders.import_summary", "depends_on": refs})
+    return Split(rows=rows, chunks=len(refs))
+
+
+@job_type(
+    "orders.import_chunk",
+    payload=ChunkPayload,
+    result=ImportResult,
+    retry=RetryPolicy(max_attempts=3),
+    time_limit=3600,
+)
+def import_chunk(ctx: JobContext, payload: ChunkPayload) -> ImportResult:
+    """Import one chunk of a parallel import."""
+    return _import_records(ctx, payload.upload_id, payload.first, payload.stop)
+
+
+class NoPayload(BaseModel):
+    """Nothing: the summary reads its dependencies' results."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@job_type("orders.import_summary", payload=NoPayload, result=ImportResult)
+def import_summary(ctx: JobContext, payload: NoPayload) -> ImportResult:  # noqa: ARG001
+    """Sum the chunks' results into the import's (rejected rows in line order)."""
+    results = [ImportResult.model_validate(dep["result"]) for dep in ctx.dependencies.values()]
+    rejected = sorted((row for r in results for row in r.rejected_rows), key=lambda r: r.line)
+    return ImportResult(
+        imported=sum(r.imported for r in results),
+        rejected=sum(r.rejected for r in results),
+        rejected_rows=rejected[:MAX_REJECTED_SHOWN],
+    )
 
 
 _ROLLUP_CLEAR = """

@@ -26,7 +26,17 @@ from tests.factories import other_tenant
 from tests.test_access_matrix import Call, _a_schedule, matrix_context, statuses
 from tests.test_api import assert_problem
 
-TABLES = ("jobs", "job_events", "schedules", "api_keys", "users", "webhooks", "audit_log")
+TABLES = (
+    "jobs",
+    "job_events",
+    "job_dependencies",
+    "workflows",
+    "schedules",
+    "api_keys",
+    "users",
+    "webhooks",
+    "audit_log",
+)
 # What a change request sends, per endpoint that needs a body.
 BODIES: dict[str, dict[str, Any]] = {
     "schedules.change": {"enabled": False},
@@ -82,6 +92,17 @@ def _webhook(client: Any, admin: dict[str, str], sessions: sessionmaker[Session]
     return webhook_id
 
 
+def _workflow(client: Any, admin: dict[str, str], sessions: sessionmaker[Session]) -> str:
+    """A workflow whose first job waits an hour: the owner could still cancel it."""
+    jobs = [
+        {"ref": "a", "type": "system.noop", "delay_seconds": 3600},
+        {"ref": "b", "type": "system.noop", "depends_on": ["a"]},
+    ]
+    answer = client.post("/v1/workflows", json={"name": "w", "jobs": jobs}, headers=admin)
+    workflow_id: str = answer.get_json()["id"]
+    return workflow_id
+
+
 def _listed(path: str) -> Callable[[Any, dict[str, str], str], Any]:
     """Read an object out of its list (kinds with no single-object GET)."""
 
@@ -107,6 +128,7 @@ KINDS: dict[str, tuple[Make, Callable[[Any, dict[str, str], str], Any]]] = {
     "key_id": (_key, _listed("/v1/api-keys")),
     "user_id": (_user, _listed("/v1/users")),
     "webhook_id": (_webhook, _listed("/v1/webhooks")),
+    "workflow_id": (_workflow, _shown("/v1/workflows")),
 }
 # Path arguments that name something within the caller's own tenant, not an object by id:
 # another tenant's limit `stripe` is simply not the caller's (tests/test_flow.py).
@@ -158,6 +180,24 @@ def test_another_tenants_id_is_404_on_every_route_and_changes_nothing(
         owned = client.open(path, method=method, json=body, headers=auth)
         owned.close()  # a streamed answer (the artifact) holds its transaction until closed
         assert 200 <= owned.status_code < 300, (method, rule, owned.get_data(as_text=True))
+
+
+def test_another_tenants_job_is_an_unknown_dependency(
+    client: Any, auth: dict[str, str], sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    outsider = bearer(other_tenant(sessions, settings).token)
+    theirs = client.post("/v1/jobs", json={"type": "system.noop"}, headers=outsider).get_json()
+    counts = row_counts(sessions, *TABLES)
+
+    answer = client.post(
+        "/v1/jobs", json={"type": "system.noop", "depends_on": [theirs["id"]]}, headers=auth
+    )
+
+    assert_problem(answer, 422)
+    assert theirs["id"] in answer.get_json()["detail"]
+    assert row_counts(sessions, *TABLES) == counts
+    with sessions() as session:  # their job was not even marked as depended on
+        assert not session.get_one(Job, uuid.UUID(theirs["id"])).has_dependents
 
 
 def _submit_internal(client: Any, headers: dict[str, str], ctx: dict[str, Any]) -> Any:
