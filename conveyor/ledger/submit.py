@@ -27,6 +27,7 @@ from conveyor.ledger.views import job_view
 from conveyor.ledger.work import UnitOfWork
 from conveyor.live.store import LiveView
 from conveyor.registry import JobRegistry
+from conveyor.telemetry.tracing import current_trace_context
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,10 @@ def submit_jobs(
         )
         for n, request in enumerate(requests)
     ]
+    # The submitting request's (or schedule fire's) span: its jobs' runs join or link to it.
+    trace_context = current_trace_context()
+    for row in rows:
+        row["trace_context"] = trace_context
     holders = _unique_holders(unit, requests, rows, tenant_id, now)
     new = [row for row in rows if row["id"] not in holders]
     if admit is not None and new:
@@ -223,6 +228,7 @@ _COLUMNS = (
     "published_at",
     "limit_key",
     "waiting_for",
+    "trace_context",
 )
 
 
