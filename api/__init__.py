@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     services = services or Services.from_settings(settings, domains)
     app.extensions["conveyor"] = services
     # First of the request hooks: a request's span encloses the others (limits, auth).
-    instrument_flask(app)
+    instrument_flask(app, settings)
     requests.init_app(app)
     hygiene.init_app(app, settings)
     metrics.init_app(app)

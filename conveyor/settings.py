@@ -227,6 +227,13 @@ class Settings(BaseSettings):
     )
     otel_traces_exporter: str = Field(default="otlp", validation_alias="OTEL_TRACES_EXPORTER")
     otel_sdk_disabled: bool = Field(default=False, validation_alias="OTEL_SDK_DISABLED")
+    # Requests left untraced (regular expressions matched against the URL): probes, scrapes.
+    otel_excluded_urls: str = Field(
+        default="/healthz,/readyz,/metrics",
+        validation_alias=AliasChoices(
+            "OTEL_PYTHON_FLASK_EXCLUDED_URLS", "OTEL_PYTHON_EXCLUDED_URLS"
+        ),
+    )
 
     @field_validator(
         "auth_rate_limit_ip",

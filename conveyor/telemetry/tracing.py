@@ -26,6 +26,7 @@ import functools
 import logging
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -46,8 +47,6 @@ logger = logging.getLogger(__name__)
 
 # Tracer name of Conveyor's own spans.
 TRACER = "conveyor"
-# Requests that would only add noise: probes and scrapes.
-EXCLUDED_URLS = "/healthz,/readyz,/metrics"
 # The span attributes Conveyor sets on its own spans.
 JOB_ID = "conveyor.job.id"
 JOB_TYPE = "conveyor.job.type"
@@ -212,18 +211,14 @@ def _no_orphan_clients(inner: Sampler) -> Sampler:
     return NoOrphanClients()
 
 
-def instrument_flask(app: Flask) -> None:
+def instrument_flask(app: Flask, settings: Settings) -> None:
     """Trace the app's requests (continuing a caller's `traceparent`), if tracing is on."""
     if _provider is None:
         return
     from opentelemetry.instrumentation.flask import FlaskInstrumentor
-    from opentelemetry.util.http import get_excluded_urls, parse_excluded_urls
 
     FlaskInstrumentor().instrument_app(  # type: ignore[no-untyped-call]
-        app,
-        tracer_provider=_provider,
-        # OTEL_PYTHON_FLASK_EXCLUDED_URLS wins when set.
-        excluded_urls=get_excluded_urls("FLASK") or parse_excluded_urls(EXCLUDED_URLS),
+        app, tracer_provider=_provider, excluded_urls=settings.otel_excluded_urls
     )
 
 
@@ -268,6 +263,30 @@ def annotate(attributes: Mapping[str, str | int]) -> None:
     """Add attributes to the current span (a no-op when not tracing)."""
     if _provider is not None:
         trace.get_current_span().set_attributes(attributes)
+
+
+@contextlib.contextmanager
+def outbound_span(method: str, url: str, headers: MutableMapping[str, str]) -> Iterator[None]:
+    """Run an outbound HTTP call in a client span, and add its `traceparent` to `headers`.
+
+    The URL is recorded without its credentials, query or fragment: a callback URL may
+    carry a token there.
+    """
+    if _provider is None:
+        yield
+        return
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    attributes: dict[str, str | int] = {
+        "http.request.method": method,
+        "url.full": f"{parts.scheme}://{host}:{port}{parts.path or '/'}",
+        "server.address": host,
+        "server.port": port,
+    }
+    with span(method, attributes, kind=SpanKind.CLIENT):
+        inject(headers)
+        yield
 
 
 def current_trace_context() -> dict[str, str] | None:
