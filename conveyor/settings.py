@@ -219,11 +219,9 @@ class Settings(BaseSettings):
     # Tracing (README, "Tracing") reads OpenTelemetry's own variables, not CONVEYOR_ ones:
     # it is on when an OTLP endpoint is set (or OTEL_TRACES_EXPORTER=console), off when
     # OTEL_SDK_DISABLED=true. The exporter reads the rest (headers, timeout, sampler) itself.
-    otel_endpoint: str | None = Field(
-        default=None,
-        validation_alias=AliasChoices(
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"
-        ),
+    otel_endpoint: str | None = Field(default=None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+    otel_traces_endpoint: str | None = Field(
+        default=None, validation_alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     )
     otel_traces_exporter: str = Field(default="otlp", validation_alias="OTEL_TRACES_EXPORTER")
     otel_sdk_disabled: bool = Field(default=False, validation_alias="OTEL_SDK_DISABLED")
@@ -312,7 +310,16 @@ class Settings(BaseSettings):
         """Return whether to trace: an exporter is configured and the SDK is not disabled."""
         if self.otel_sdk_disabled or self.otel_traces_exporter == "none":
             return False
-        return bool(self.otel_endpoint) or self.otel_traces_exporter == "console"
+        return bool(self.otlp_traces_url) or self.otel_traces_exporter == "console"
+
+    @property
+    def otlp_traces_url(self) -> str | None:
+        """Return where OTLP/HTTP spans go: the traces endpoint, else the base's /v1/traces."""
+        if self.otel_traces_endpoint:
+            return self.otel_traces_endpoint
+        if self.otel_endpoint:
+            return self.otel_endpoint.rstrip("/") + "/v1/traces"
+        return None
 
     @property
     def sqlalchemy_url(self) -> str:

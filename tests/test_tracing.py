@@ -271,7 +271,9 @@ def test_log_lines_inside_a_traced_job_carry_its_trace_and_span(
 def test_tracing_is_off_and_the_sdk_unloaded_without_otel_variables(settings: Settings) -> None:
     assert tracing_on()  # this module's own exporter
     assert not settings.tracing
-    assert settings.model_copy(update={"otel_endpoint": "http://127.0.0.1:4318"}).tracing
+    on = settings.model_copy(update={"otel_endpoint": "http://127.0.0.1:4318/"})
+    assert on.tracing
+    assert on.otlp_traces_url == "http://127.0.0.1:4318/v1/traces"
     disabled = {"otel_endpoint": "http://127.0.0.1:4318", "otel_sdk_disabled": True}
     assert not settings.model_copy(update=disabled).tracing
     # A fresh process: building the API and the worker app loads no SDK, installs nothing.

@@ -97,17 +97,20 @@ def install_tracing(
     elif settings.otel_traces_exporter == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     else:
-        # Reads OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT, _HEADERS, _TIMEOUT, _COMPRESSION.
+        # The endpoint as Settings read it (a .env file too); the exporter reads the other
+        # OTEL_EXPORTER_OTLP_* variables (headers, timeout, compression) itself.
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        exported = OTLPSpanExporter(endpoint=settings.otlp_traces_url)
+        provider.add_span_processor(BatchSpanProcessor(exported))
     if exporter is None:
         # The global provider serves any library a job function traces with; tests keep
         # theirs private so that `uninstall_tracing` can take it back.
         trace.set_tracer_provider(provider)
     _instrument_libraries(provider)
     _provider = provider
-    logger.info("tracing on: spans of %s go to %s", service, settings.otel_endpoint or "stdout")
+    where = "memory" if exporter is not None else settings.otlp_traces_url or "stdout"
+    logger.info("tracing on: spans of %s go to %s", service, where)
     return True
 
 
