@@ -126,7 +126,9 @@ def render(spans: list[dict[str, Any]]) -> str:
 
     def walk(parent: str, depth: int) -> None:
         for span in sorted(children.get(parent, []), key=lambda s: s["start"]):
-            attributes = " ".join(f"{k}={v}" for k, v in sorted(span["attributes"].items()))
+            attributes = " ".join(
+                f"{k}={_short(v)}" for k, v in sorted(span["attributes"].items()) if k in SHOWN
+            )
             lines.append(
                 f"{'  ' * depth}{span['name']} [{span['service']}] {span['ms']:.2f} ms"
                 + (f"  {attributes}" if attributes else "")
@@ -135,6 +137,24 @@ def render(spans: list[dict[str, Any]]) -> str:
 
     walk("", 0)
     return "\n".join(lines)
+
+
+# The attributes the sample shows (statements cut short, whitespace folded).
+SHOWN = {
+    "conveyor.job.id",
+    "conveyor.job.type",
+    "conveyor.job.outcome",
+    "db.statement",
+    "http.route",
+    "http.status_code",
+    "messaging.destination.name",
+    "messaging.batch.message_count",
+}
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def traced_copy(stack: Any, endpoint: str) -> Any:

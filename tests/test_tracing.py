@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -288,3 +289,32 @@ def test_tracing_is_off_and_the_sdk_unloaded_without_otel_variables(settings: Se
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split()[-2:] == ["False", "False"], out.stderr
+
+
+def test_a_schedules_fire_is_a_trace_of_its_own_that_its_job_keeps(
+    db_session: Session, spans: InMemorySpanExporter
+) -> None:
+    from conveyor.ledger.work import UnitOfWork
+    from conveyor.registry import load_job_types
+    from conveyor.schedules import ScheduleSpec, create_schedule, fire_due_schedules
+    from tests.factories import tenant_factory
+
+    registry = load_job_types(["conveyor.jobtypes.system"])
+    tenant = tenant_factory(db_session).id
+    now = datetime.now(UTC)
+    spec = ScheduleSpec.model_validate(
+        {"name": "traced", "job_type": "system.noop", "interval_seconds": 60}
+    )
+    schedule = create_schedule(db_session, registry, tenant, spec, default_queue="q", now=now)
+    schedule.next_run_at = now - timedelta(seconds=1)
+    (job,) = fire_due_schedules(
+        UnitOfWork.around(db_session), registry, now, default_queue="q", misfire_grace=60
+    )
+    fire = named(spans.get_finished_spans(), "conveyor.schedule.fire")
+    assert fire.parent is None
+    assert (fire.attributes or {})["conveyor.schedule.id"] == str(schedule.id)
+    # The job keeps the fire's context: its run, published after the pass, links to it.
+    assert job.view["trace_id"] == hex_trace(fire)
+    inserts = [s for s in of_trace(spans, hex_trace(fire)) if s.name != fire.name]
+    assert inserts
+    assert all(s.parent is not None and s.parent.span_id == fire.context.span_id for s in inserts)

@@ -230,22 +230,35 @@ def _tracer() -> trace.Tracer:
     return _provider.get_tracer(TRACER)
 
 
-@contextlib.contextmanager
+# What `span` and `publishing` return while tracing is off: nothing to build per call.
+_OFF = contextlib.nullcontext()
+
+
 def span(
     name: str,
     attributes: Mapping[str, str | int] | None = None,
     *,
     root: bool = False,
     kind: SpanKind = SpanKind.INTERNAL,
-) -> Iterator[None]:
+) -> contextlib.AbstractContextManager[None]:
     """Run the block in a span of Conveyor's own (a no-op when not tracing).
 
     `root` starts a new trace whatever span is current. An exception marks the span as an
     error by its type alone: a message may quote a payload, so it is not recorded.
     """
     if _provider is None:
-        yield
-        return
+        return _OFF
+    return _span(name, attributes, root=root, kind=kind)
+
+
+@contextlib.contextmanager
+def _span(
+    name: str,
+    attributes: Mapping[str, str | int] | None,
+    *,
+    root: bool,
+    kind: SpanKind,
+) -> Iterator[None]:
     context = Context() if root else None
     with _tracer().start_as_current_span(
         name,
@@ -309,12 +322,15 @@ def trace_id_of(trace_context: Mapping[str, str] | None) -> str | None:
     return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
 
 
-@contextlib.contextmanager
-def publishing(count: int, queues: Sequence[str]) -> Iterator[None]:
+def publishing(count: int, queues: Sequence[str]) -> contextlib.AbstractContextManager[None]:
     """Run a publish of `count` job messages in a producer span (a no-op when not tracing)."""
     if _provider is None:
-        yield
-        return
+        return _OFF
+    return _publishing(count, queues)
+
+
+@contextlib.contextmanager
+def _publishing(count: int, queues: Sequence[str]) -> Iterator[None]:
     attributes: dict[str, str | int] = {
         "messaging.system": "celery",
         "messaging.operation": "publish",
