@@ -12,6 +12,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,13 +22,14 @@ from opentelemetry.trace import SpanKind
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from bench.tracing import CollectorStub
 from conveyor.auth.bootstrap import Identity
 from conveyor.models import Job
 from conveyor.settings import Settings
 from conveyor.telemetry.logs import configure_logging
 from conveyor.telemetry.tracing import install_tracing, tracing_on, uninstall_tracing
 from tests.conftest import Receiver, wait_for
-from tests.processes import process_env
+from tests.processes import own_queue, process_env, start_worker
 from worker.dispatcher import Dispatcher
 
 pytestmark = pytest.mark.e2e
@@ -318,3 +320,44 @@ def test_a_schedules_fire_is_a_trace_of_its_own_that_its_job_keeps(
     inserts = [s for s in of_trace(spans, hex_trace(fire)) if s.name != fire.name]
     assert inserts
     assert all(s.parent is not None and s.parent.span_id == fire.context.span_id for s in inserts)
+
+
+def test_a_prefork_worker_continues_the_trace_and_exports_it_over_otlp(
+    settings: Settings,
+    make_app: Any,
+    auth: dict[str, str],
+    spans: InMemorySpanExporter,
+    tmp_path: Path,
+) -> None:
+    # The worker as the Procfile runs it (prefork: it installs tracing in its pool child),
+    # its spans sent over OTLP/HTTP to a stub collector; the API's caught in memory.
+    own = own_queue(settings, "traced")
+    with CollectorStub() as collector:
+        collector.keep = True
+        worker = start_worker(
+            own,
+            tmp_path,
+            OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+            OTEL_BSP_SCHEDULE_DELAY="100",
+        )
+        try:
+            client = make_app(default_queue=own.default_queue).test_client()
+            job = client.post("/v1/jobs", json={"type": "system.noop"}, headers=auth).get_json()
+            assert wait_for(lambda: finished(client, auth, job["id"]))["state"] == "succeeded"
+
+            def exported() -> list[dict[str, Any]]:
+                found = collector.spans_of(job["trace_id"])
+                return found if any(s["name"] == "run/system.noop" for s in found) else []
+
+            remote = wait_for(exported)
+        finally:
+            worker.stop()
+    publish = named(of_trace(spans, job["trace_id"]), "conveyor.publish")
+    run = next(s for s in remote if s["name"] == "run/system.noop")
+    assert run["parent"] == format(publish.context.span_id, "016x")
+    assert run["service"] == "conveyor-worker"
+    names = {s["name"] for s in remote}
+    assert {"conveyor.claim", "conveyor.run", "conveyor.finish"} <= names
+    # Every exported span of the worker hangs under its run span.
+    ids = {s["id"] for s in remote}
+    assert all(s["parent"] in ids for s in remote if s is not run)
