@@ -361,3 +361,41 @@ def test_a_prefork_worker_continues_the_trace_and_exports_it_over_otlp(
     # Every exported span of the worker hangs under its run span.
     ids = {s["id"] for s in remote}
     assert all(s["parent"] in ids for s in remote if s is not run)
+
+
+def test_a_callback_delivery_starts_a_trace_linked_to_its_jobs_with_its_http_call(
+    worker: Any, client: Any, auth: dict[str, str], receiver: str, spans: InMemorySpanExporter
+) -> None:
+    from tests.test_webhooks import drive
+
+    url = f"{receiver}?token=callback-secret"
+    job = client.post(
+        "/v1/jobs", json={"type": "system.noop", "callback_url": url}, headers=auth
+    ).get_json()
+    assert wait_for(lambda: finished(client, auth, job["id"]))["state"] == "succeeded"
+    # Deliveries wait in the ledger for beat's promoter: drive it, as beat would.
+    drive(worker, lambda: Receiver.received)
+
+    def delivery_run() -> ReadableSpan | None:
+        for dispatch in spans.get_finished_spans():
+            if dispatch.name != "conveyor.dispatch" or not dispatch.links:
+                continue
+            if format(dispatch.links[0].context.trace_id, "032x") != job["trace_id"]:
+                continue
+            return next(
+                (
+                    s
+                    for s in of_trace(spans, hex_trace(dispatch))
+                    if s.name == "run/webhooks.deliver"
+                ),
+                None,
+            )
+        return None
+
+    run = wait_for(delivery_run)
+    trace = of_trace(spans, hex_trace(run))
+    by_id = {s.context.span_id: s for s in trace}
+    (call,) = [s for s in trace if s.kind == SpanKind.CLIENT and s.name == "POST"]
+    assert run.name in ancestors(call, by_id)
+    assert "callback-secret" not in str(dict(call.attributes or {}))
+    assert Receiver.received[0][0]["traceparent"].split("-")[1] == hex_trace(run)
