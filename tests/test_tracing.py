@@ -126,6 +126,11 @@ def test_one_job_is_one_trace_from_the_request_to_the_workers_queries(
     assert any(request.name in ancestors(r, by_id) for r in redis_calls)
     # Every span of the job nests under the request: one tree, no orphans.
     assert all(s is request or request.name in ancestors(s, by_id) for s in trace)
+    # Queries outside any request or job (the worker's heartbeats) make no traces.
+    orphans = [s.name for s in spans.get_finished_spans() if s.parent is None]
+    assert all(s.kind != SpanKind.CLIENT for s in spans.get_finished_spans() if s.parent is None), (
+        orphans
+    )
 
 
 def test_a_callers_traceparent_is_continued_to_the_worker(

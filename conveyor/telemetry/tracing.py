@@ -4,12 +4,14 @@ Off unless OpenTelemetry's own variables ask for it (`Settings.tracing`: an OTLP
 or `OTEL_TRACES_EXPORTER=console`); then `install_tracing` sets up the SDK once per
 process, with the instrumentations made for our libraries: Flask (per app,
 `instrument_flask`), Celery (the worker's run span), psycopg (every query), redis-py and
-httpx (webhook deliveries, `http.request` jobs). While it is off nothing here builds a span,
-and the SDK is never imported.
+httpx (the Python client, job code). While it is off nothing here builds a span, and the
+SDK is never imported.
 
 Conveyor adds spans of its own only where no instrumentation sees the step: the publish of
-job messages, the dispatch of a job published after its submit, a schedule's fire, and the
-claim, run and finish of a job in the worker. The job's context travels in its Celery
+job messages, the dispatch of a job published after its submit, a schedule's fire, the
+claim, run and finish of a job in the worker, and outbound HTTP through
+`conveyor.outbound` (webhook deliveries, `http.request` jobs: `http.client`, which no
+instrumentation covers). The job's context travels in its Celery
 message headers (`traceparent`, `tracestate`), written by Conveyor's publisher, since it
 publishes by task name in batches: the Celery instrumentor's own publish hook finds no task
 in a process that only publishes by name, and leaves its span open (so it is not used).
