@@ -2,6 +2,8 @@
 
 The API and the worker (thread pool) run in this process, so one in-memory exporter sees
 both sides of a job: the HTTP request, the publish, the worker's run and their queries.
+One test runs the worker as the Procfile does (a prefork subprocess) exporting over
+OTLP/HTTP to a stub collector, and checks its spans continue the API's.
 """
 
 from __future__ import annotations
