@@ -200,6 +200,11 @@ def tracing_rounds(
         modes["on"] = traced
         stop(stack.worker)
         stack.worker = None
+        # Both modes start from an empty ledger and queues (earlier phases leave backlogs,
+        # and a deep queue makes submits wait for the dispatcher instead of publishing).
+        stack.ledger.forget_jobs()
+        for target in modes.values():
+            measure["drain_queue"](r, target.queue)
         try:
             traced.api = start(traced.api_cmd, traced.env, logs / "traced-api.log")
             wait_http(traced.port)
