@@ -34,12 +34,15 @@ from api.services import Services
 from conveyor.plugins import load_domains
 from conveyor.settings import Settings
 from conveyor.telemetry.logs import configure_logging
+from conveyor.telemetry.tracing import install_tracing, instrument_flask
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> Flask:
     """Build the API for `settings` (read from the environment when omitted)."""
     settings = settings or Settings()
     configure_logging(settings)
+    # Off unless OTEL_* variables turn it on (docs/operations/tracing.md).
+    install_tracing(settings, "conveyor-api")
     app = openapi.create_openapi(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -47,6 +50,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     domains = load_domains()
     services = services or Services.from_settings(settings, domains)
     app.extensions["conveyor"] = services
+    # First of the request hooks: a request's span encloses the others (limits, auth).
+    instrument_flask(app, settings)
     requests.init_app(app)
     hygiene.init_app(app, settings)
     metrics.init_app(app)

@@ -50,6 +50,7 @@ from bench.processes import (
     wait_log,
     wait_worker_ready,
 )
+from bench.tracing import tracing_rounds
 from conveyor.auth.keys import Principal, create_api_key
 from conveyor.auth.roles import Role
 from conveyor.broker.inspect import queue_depth, queue_lists
@@ -451,6 +452,9 @@ def run_stacks(
             # Warm up every api worker process (imports, pools, first queries).
             post_json(stack.port, stack.submit_path, stack.job_body, stack.headers)
             load(stack, "POST", [stack.submit_path], stack.job_body, 1.0)
+        if args.tracing_only:
+            _tracing_phase(stacks, r, args, out)
+            return out
         log(f"single submit, {args.rounds} x {args.seconds}s per stack")
         for _ in range(args.rounds):
             for stack in stacks:
@@ -507,6 +511,8 @@ def run_stacks(
                 log(f"CSV import, {args.import_rows:,} rows, once")
                 for key, value in import_csv(stack, args.import_rows, 900).items():
                     out[stack.name][key] = [value]
+        if not args.no_tracing:
+            _tracing_phase(stacks, r, args, out)
     finally:
         for stack in stacks:
             stop(stack.beat)
@@ -569,7 +575,32 @@ REPORT = [
     ("wake_p95_ms", "flow: freed slot to next start p95 ms", "~100 ms"),
     ("fair_p50_ms", "flow: B's wait to start p50 ms (A: 10,000 queued)", ""),
     ("fair_p95_ms", "flow: B's wait to start p95 ms (A: 10,000 queued)", "<= 2,000 ms"),
+    ("tracing_off_submit_rps", "tracing off: single submit req/s (Conveyor only)", ""),
+    ("tracing_on_submit_rps", "tracing on: single submit req/s", ""),
+    ("tracing_off_submit_p50_ms", "tracing off: single submit p50 ms", ""),
+    ("tracing_on_submit_p50_ms", "tracing on: single submit p50 ms", ""),
+    ("tracing_submit_rps_ratio", "tracing: submit on / off", ""),
+    ("tracing_off_e2e_jobs_per_s", "tracing off: end to end jobs/s", ""),
+    ("tracing_on_e2e_jobs_per_s", "tracing on: end to end jobs/s", ""),
+    ("tracing_e2e_jobs_per_s_ratio", "tracing: end to end on / off", ""),
+    ("tracing_otlp_requests", "tracing: OTLP/HTTP export requests", ""),
 ]
+
+
+def _tracing_phase(
+    stacks: list[Stack], r: redis.Redis, args: argparse.Namespace, out: dict[str, Any]
+) -> None:
+    """Measure Conveyor's submit and end to end with tracing on against off (bench/tracing.py)."""
+    for stack in stacks:
+        if stack.name != "conveyor":
+            continue
+        if stack.beat is None:  # --tracing-only: the dispatcher hands out jobs the gate held
+            start_beat(stack)
+        log(f"tracing on/off: {args.rounds} x {args.seconds}s submit, {args.e2e} jobs e2e each")
+        measures = {"load": load, "end_to_end": end_to_end, "drain_queue": drain_queue}
+        rounds, sample = tracing_rounds(stack, r, args, measures)
+        out[stack.name].update(rounds)
+        log(f"sample trace, as exported over OTLP/HTTP:\n{sample}")
 
 
 def summarise(results: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
@@ -579,8 +610,9 @@ def summarise(results: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]
         if key not in results["conveyor"]:
             continue  # the import phase was skipped (--import-rows 0)
         conveyor = statistics.median(results["conveyor"][key])
-        # Conveyor-only measures (the import) have no baseline.
-        bare = statistics.median(results["bare"][key]) if key in results["bare"] else None
+        # Conveyor-only measures (the import, tracing) have no baseline.
+        bare_results = results.get("bare", {})
+        bare = statistics.median(bare_results[key]) if key in bare_results else None
         ratio = conveyor / bare if bare else None
         rows.append(
             {
@@ -652,7 +684,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fan-in", type=int, default=999, help="parents of the fan-in workflow (0 skips it)"
     )
+    parser.add_argument(
+        "--no-tracing", action="store_true", help="skip submit and e2e with tracing on vs off"
+    )
+    parser.add_argument(
+        "--tracing-only",
+        action="store_true",
+        help="measure only Conveyor's submit and e2e with tracing on vs off; print, save nothing",
+    )
     args = parser.parse_args(argv)
+    if args.tracing_only:
+        args.only = "conveyor"
     args.drain = max(1000, args.drain // 1000 * 1000)
     began = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
@@ -685,7 +727,8 @@ def _bench(
     logs = root / "logs"
     logs.mkdir()
     env = {
-        **os.environ,
+        # Tracing is off but in its own phase (bench/tracing.py), whatever this shell has set.
+        **{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(ROOT),
         "CONVEYOR_DATABASE_URL": conveyor_db,
@@ -818,6 +861,9 @@ def _bench(
     finally:
         r.close()
         engine.dispose()
+    if args.tracing_only:
+        print(table(summarise(results)))
+        return 0
     if len(results) < 2:
         print(json.dumps(results, indent=2))
         return 0

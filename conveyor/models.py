@@ -229,6 +229,10 @@ class Job(Base):
     # Grows by one with every ledger write that changes the job's client view: it versions
     # the job's live view in Redis (conveyor.live.store), so an older one never wins.
     version: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
+    # The W3C trace context (`traceparent`, `tracestate`) of the request or span that
+    # submitted the job, while tracing is on: a job published later starts its own trace
+    # linked to this one (conveyor.telemetry.tracing). The view shows its trace id.
+    trace_context: Mapped[dict[str, Any] | None]
 
 
 class JobDependency(Base):

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from conveyor.errors import PermanentError
+from conveyor.telemetry.tracing import annotate, outbound_span
 
 logger = logging.getLogger(__name__)
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -150,9 +151,25 @@ def request(
     else:
         connection = http.client.HTTPConnection(ip, port, timeout=timeout)
     started = time.monotonic()
+    # No instrumentation covers http.client: the call's client span is Conveyor's own.
+    with outbound_span(method, url, send_headers):
+        return _exchange(connection, method, target, body, send_headers, max_bytes, started)
+
+
+def _exchange(
+    connection: http.client.HTTPConnection,
+    method: str,
+    target: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    max_bytes: int,
+    started: float,
+) -> Response:
+    """Send the request on `connection` and read the capped answer."""
     try:
-        connection.request(method, target, body=body, headers=send_headers)
+        connection.request(method, target, body=body, headers=headers)
         answer = connection.getresponse()
+        annotate({"http.response.status_code": answer.status})
         data = answer.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise PermanentError(f"the response is larger than {max_bytes} bytes")

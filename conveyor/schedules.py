@@ -25,6 +25,7 @@ from conveyor.ledger.work import UnitOfWork
 from conveyor.models import Job, Schedule
 from conveyor.quota import count_unfinished
 from conveyor.registry import JobRegistry
+from conveyor.telemetry.tracing import span
 from conveyor.tenancy import owned
 
 logger = logging.getLogger(__name__)
@@ -262,7 +263,12 @@ def fire(
     `None` means this occurrence already has its job: another beat fired it.
     """
     try:
-        with unit.savepoint():
+        # A trace of its own per fire: the job's run, published after the pass commits,
+        # starts its own trace linked to this one (conveyor.telemetry.tracing).
+        with (
+            span("conveyor.schedule.fire", {"conveyor.schedule.id": str(schedule.id)}, root=True),
+            unit.savepoint(),
+        ):
             (job,) = submit_jobs(
                 unit,
                 registry,

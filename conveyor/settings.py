@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from limits import parse_many
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Where `make run` keeps the development secret (devtools/devstack.py writes it, mode 0600).
@@ -216,6 +216,22 @@ class Settings(BaseSettings):
     # Serve Flower under this path (e.g. `flower` for /flower/...) behind a proxy; empty: /.
     flower_url_prefix: str = ""
     data_dir: str = ".conveyor"
+    # Tracing (docs/operations/tracing.md) reads OpenTelemetry's own variables, not CONVEYOR_ ones:
+    # it is on when an OTLP endpoint is set (or OTEL_TRACES_EXPORTER=console), off when
+    # OTEL_SDK_DISABLED=true. The exporter reads the rest (headers, timeout, sampler) itself.
+    otel_endpoint: str | None = Field(default=None, validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT")
+    otel_traces_endpoint: str | None = Field(
+        default=None, validation_alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    )
+    otel_traces_exporter: str = Field(default="otlp", validation_alias="OTEL_TRACES_EXPORTER")
+    otel_sdk_disabled: bool = Field(default=False, validation_alias="OTEL_SDK_DISABLED")
+    # Requests left untraced (regular expressions matched against the URL): probes, scrapes.
+    otel_excluded_urls: str = Field(
+        default="/healthz,/readyz,/metrics",
+        validation_alias=AliasChoices(
+            "OTEL_PYTHON_FLASK_EXCLUDED_URLS", "OTEL_PYTHON_EXCLUDED_URLS"
+        ),
+    )
 
     @field_validator(
         "auth_rate_limit_ip",
@@ -288,6 +304,22 @@ class Settings(BaseSettings):
     def signup_open(self) -> bool:
         """Return whether self-service registration is allowed."""
         return (self.signup or ("invite" if self.env == "production" else "open")) == "open"
+
+    @property
+    def tracing(self) -> bool:
+        """Return whether to trace: an exporter is configured and the SDK is not disabled."""
+        if self.otel_sdk_disabled or self.otel_traces_exporter == "none":
+            return False
+        return bool(self.otlp_traces_url) or self.otel_traces_exporter == "console"
+
+    @property
+    def otlp_traces_url(self) -> str | None:
+        """Return where OTLP/HTTP spans go: the traces endpoint, else the base's /v1/traces."""
+        if self.otel_traces_endpoint:
+            return self.otel_traces_endpoint
+        if self.otel_endpoint:
+            return self.otel_endpoint.rstrip("/") + "/v1/traces"
+        return None
 
     @property
     def sqlalchemy_url(self) -> str:

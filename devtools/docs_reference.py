@@ -25,6 +25,7 @@ import click
 from annotated_types import Ge, Gt, Le, Lt
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import Metric
+from pydantic import AliasChoices
 from pydantic.fields import FieldInfo
 
 from devtools.docs_api import build_app, http_page, permissions_page
@@ -32,7 +33,7 @@ from devtools.docs_markdown import GENERATED, REFERENCE, ROOT
 from devtools.docs_markdown import cell as _cell
 
 ENV_EXAMPLE = ROOT / ".env.example"
-SETTING_LINE = re.compile(r"^#?\s*(CONVEYOR_[A-Z0-9_]+)=(.*)$")
+SETTING_LINE = re.compile(r"^#?\s*((?:CONVEYOR|OTEL)_[A-Z0-9_]+)=(.*)$")
 
 
 # --- configuration -------------------------------------------------------------------
@@ -129,14 +130,29 @@ def _describe_default(info: FieldInfo) -> str:
     return f"`{default}`" if default != "" else "empty"
 
 
+def _variables(name: str, info: FieldInfo) -> list[str]:
+    """Return the environment variables a setting is read from (its aliases, else CONVEYOR_)."""
+    alias = info.validation_alias
+    if isinstance(alias, str):
+        return [alias]
+    if isinstance(alias, AliasChoices):
+        return [str(choice) for choice in alias.choices]
+    return [f"CONVEYOR_{name.upper()}"]
+
+
 def configuration_page() -> str:
     """Return the configuration reference: every setting, its type, default and meaning."""
     from conveyor.settings import Settings
 
     fields = Settings.model_fields
+    by_variable = {v: name for name, info in fields.items() for v in _variables(name, info)}
     blocks = env_blocks(ENV_EXAMPLE.read_text())
     documented = {name for block in blocks for name, _ in block.settings}
-    missing = sorted({f"CONVEYOR_{n.upper()}" for n in fields} - documented)
+    missing = sorted(
+        " or ".join(_variables(name, info))
+        for name, info in fields.items()
+        if not documented & set(_variables(name, info))
+    )
     if missing:
         raise SystemExit(f".env.example does not document {', '.join(missing)}")
     out = [
@@ -157,7 +173,7 @@ def configuration_page() -> str:
         # A block's comment describes all its settings: shown once, beside the first.
         meaning = _cell(" ".join(block.comment))
         for n, (name, _) in enumerate(block.settings):
-            info = fields[name.removeprefix("CONVEYOR_").lower()]
+            info = fields[by_variable[name]]
             shown = meaning if n == 0 else "(with the setting above)"
             out.append(
                 f"| `{name}` | {_cell(_describe_type(info))} | {_describe_default(info)} "

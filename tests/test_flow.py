@@ -34,6 +34,8 @@ NOOP = {"type": "system.noop"}
 @pytest.fixture
 def worker_app(settings: Settings, redis_client: Redis) -> Iterator[Any]:
     """Yield the worker's app (no worker runs: tests claim and run jobs themselves)."""
+    # An earlier test's messages (no worker consumed them) would fill the queue's room.
+    redis_client.delete(*queue_lists(settings.default_queue))
     app = create_celery_app(settings.model_copy(update={"heartbeat_interval": 3600}))
     yield app
     app.conveyor.engine.dispose()

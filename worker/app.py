@@ -12,6 +12,7 @@ from celery.signals import (
     setup_logging,
     task_postrun,
     task_prerun,
+    worker_init,
     worker_process_init,
     worker_ready,
 )
@@ -29,6 +30,7 @@ from conveyor.registry import JobType
 from conveyor.settings import Settings
 from conveyor.telemetry.logs import bind_context, clear_context, configure_logging
 from conveyor.telemetry.metrics import serve_metrics
+from conveyor.telemetry.tracing import install_tracing
 from worker.consumer import install as install_loop_bound_consumer
 from worker.housekeeping import Housekeeper
 from worker.runner import WorkerServices, fail_timed_out, run_job
@@ -68,6 +70,7 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
 
     @beat_init.connect(weak=False)
     def _start_housekeeping(**_: Any) -> None:
+        install_tracing(settings, "conveyor-beat")
         Housekeeper.for_app(app).start()
         if settings.beat_metrics_port:
             serve_metrics(
@@ -91,6 +94,16 @@ def create_celery_app(settings: Settings | None = None) -> Celery:
     def _fresh_pool_after_fork(**_: Any) -> None:
         # Connections must never cross a fork; each pool child opens its own.
         engine.dispose(close=False)
+        # The exporter's thread too: a prefork (or solo) pool's process traces from here.
+        install_tracing(settings, "conveyor-worker")
+
+    @worker_init.connect(weak=False)
+    def _trace_threaded_pool(sender: Any = None, **_: Any) -> None:
+        # Pools that send no worker_process_init (threads, gevent) run jobs in this process.
+        pool = getattr(sender, "pool_cls", None) or ""
+        name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+        if not any(kind in name for kind in ("prefork", "processes", "solo")):
+            install_tracing(settings, "conveyor-worker")
 
     @setup_logging.connect(weak=False)
     def _keep_our_logging(**_: Any) -> None:

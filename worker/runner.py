@@ -52,6 +52,7 @@ from conveyor.registry import JobContext, JobRegistry
 from conveyor.settings import Settings
 from conveyor.telemetry.logs import bind_context
 from conveyor.telemetry.metrics import JOB_QUEUE_WAIT_SECONDS, JOB_RUN_SECONDS, JOBS_FINISHED
+from conveyor.telemetry.tracing import JOB_ATTEMPT, JOB_ID, JOB_OUTCOME, JOB_TYPE, annotate, span
 
 logger = logging.getLogger(__name__)
 # Progress is written at most this often per job, so chatty jobs stay cheap.
@@ -185,12 +186,23 @@ def run_job(services: WorkerServices, raw_job_id: str) -> str:
     except ValueError:
         logger.error("dropping message with malformed job id %r", raw_job_id)
         return "malformed"
-    with services.work.single_statement() as unit:
+    # Spans of the claim, the job's function and the finish, inside the Celery
+    # instrumentor's run span (conveyor.telemetry.tracing); no-ops while tracing is off.
+    with span("conveyor.claim", {JOB_ID: raw_job_id}), services.work.single_statement() as unit:
         claimed = claim(unit, job_id, services.name, utcnow())
     if claimed is None:
         # A redelivery, a duplicate publish, a cancelled or expired job: ack and skip.
         logger.info("job %s is not queued; skipping this delivery", job_id)
+        annotate({JOB_OUTCOME: "skipped"})
         return "skipped"
+    outcome = _run_claimed(services, claimed)
+    annotate({JOB_ID: raw_job_id, JOB_TYPE: claimed.type, JOB_OUTCOME: outcome})
+    return outcome
+
+
+def _run_claimed(services: WorkerServices, claimed: ClaimedJob) -> str:
+    """Run a claimed job and finish it; return what happened."""
+    job_id = claimed.id
     job_type = services.registry.get(claimed.type)
     bind_context(tenant_id=claimed.tenant_id, attempt=claimed.attempt)
     JOB_QUEUE_WAIT_SECONDS.labels(claimed.type).observe(
@@ -204,14 +216,14 @@ def run_job(services: WorkerServices, raw_job_id: str) -> str:
         logger.warning("job %s attempt %s lost its claim; rolled back", job_id, claimed.attempt)
         return "lost"
     except JobCancelled:
-        with services.work.begin() as unit:
+        with span("conveyor.finish", {JOB_OUTCOME: "cancelled"}), services.work.begin() as unit:
             stop(unit, claimed, utcnow())
         JOBS_FINISHED.labels(claimed.type, "cancelled").inc()
         return "cancelled"
     except Exception as exc:
         JOB_RUN_SECONDS.labels(claimed.type).observe(time.monotonic() - started)
         logger.warning("job %s attempt %s raised", job_id, claimed.attempt, exc_info=True)
-        with services.work.begin() as unit:
+        with span("conveyor.finish"), services.work.begin() as unit:
             outcome = fail(
                 unit,
                 claimed,
@@ -220,6 +232,7 @@ def run_job(services: WorkerServices, raw_job_id: str) -> str:
                 policy=job_type.retry,
                 retryable=not isinstance(exc, ValidationFailed | PermanentError),
             )
+            annotate({JOB_OUTCOME: str(outcome)})
         if outcome is not None:
             JOBS_FINISHED.labels(claimed.type, outcome).inc()
         return str(outcome)
@@ -252,34 +265,43 @@ def _run_and_succeed(services: WorkerServices, claimed: ClaimedJob) -> None:
     """
     job_type = services.registry.get(claimed.type)
     payload = job_type.parse_payload(claimed.payload)
+    attributes: dict[str, str | int] = {
+        JOB_ID: str(claimed.id),
+        JOB_TYPE: claimed.type,
+        JOB_ATTEMPT: claimed.attempt,
+    }
     with services.work.begin() as unit:
-        ctx = JobContext(
-            job_id=claimed.id,
-            tenant_id=claimed.tenant_id,
-            attempt=claimed.attempt,
-            session=unit.session,
-            reporter=ProgressWriter(services.live, claimed.id),
-            cancel_requested=partial(services.heartbeats.cancel_requested, claimed.id),
-            after_commit=unit.after_commit,
-            redis=services.live.redis,
-            settings=services.settings,
-            dependency_results=partial(parent_results, unit.session, claimed.id),
-        )
-        result = _as_result(job_type.func(ctx, payload), services.settings.max_result_bytes)
-        unit.session.flush()  # the job's own writes fail its attempt here, before its success
-        if ctx.added:
-            # Added last: the workflow's row is locked from here to the commit, not the run.
-            fan_out(
-                unit,
-                services.registry,
-                claimed,
-                ctx.added,
-                default_queue=services.settings.default_queue,
-                now=utcnow(),
-                gate=services.gate,
+        with span("conveyor.run", attributes):
+            ctx = JobContext(
+                job_id=claimed.id,
+                tenant_id=claimed.tenant_id,
+                attempt=claimed.attempt,
+                session=unit.session,
+                reporter=ProgressWriter(services.live, claimed.id),
+                cancel_requested=partial(services.heartbeats.cancel_requested, claimed.id),
+                after_commit=unit.after_commit,
+                redis=services.live.redis,
+                settings=services.settings,
+                dependency_results=partial(parent_results, unit.session, claimed.id),
             )
-        if not succeed(unit, claimed, result, utcnow()):
-            raise LostOwnership(str(claimed.id))
+            result = _as_result(job_type.func(ctx, payload), services.settings.max_result_bytes)
+            unit.session.flush()  # the job's own writes fail its attempt here, not its success
+        # The success's statement (and the jobs it added); the unit's COMMIT follows, in the
+        # run span.
+        with span("conveyor.finish", {JOB_OUTCOME: "succeeded"}):
+            if ctx.added:
+                # Added last: the workflow's row is locked from here to the commit, not the run.
+                fan_out(
+                    unit,
+                    services.registry,
+                    claimed,
+                    ctx.added,
+                    default_queue=services.settings.default_queue,
+                    now=utcnow(),
+                    gate=services.gate,
+                )
+            if not succeed(unit, claimed, result, utcnow()):
+                raise LostOwnership(str(claimed.id))
 
 
 def fail_timed_out(services: WorkerServices, raw_job_id: str, error: Exception) -> None:

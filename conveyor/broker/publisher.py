@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +22,7 @@ from conveyor.broker.internals import (
     sender_identity,
 )
 from conveyor.errors import PublishFailed
+from conveyor.telemetry.tracing import message_headers, publishing
 
 # Broker commands buffered per round trip when publishing many jobs at once.
 PUBLISH_BATCH = 500
@@ -53,6 +54,8 @@ class Message:
     priority: int = 0
     # The submitting request's id, so the worker's log lines for the job can quote it.
     request_id: str | None = None
+    # The W3C trace context the job was submitted in (stored with the job), if traced.
+    trace_context: Mapping[str, str] | None = None
 
     @classmethod
     def of(cls, job: Publishable, request_id: str | None = None) -> Message:
@@ -65,7 +68,10 @@ REQUEST_ID_HEADER = "conveyor_request_id"
 
 
 def _headers(message: Message) -> dict[str, str] | None:
-    return {REQUEST_ID_HEADER: message.request_id} if message.request_id else None
+    headers = {REQUEST_ID_HEADER: message.request_id} if message.request_id else {}
+    # `traceparent`/`tracestate`, which the worker's run span continues (while tracing).
+    message_headers(headers, str(message.job_id), message.task_name, message.trace_context)
+    return headers or None
 
 
 class CeleryPublisher:
@@ -111,7 +117,10 @@ class CeleryPublisher:
         # message, and kombu binds a copy of the queue and its exchange each time just to
         # find it declared already: a third of a message's publishing cost.
         declared: set[str] = set()
-        with self._app.producer_or_acquire() as producer:
+        with (
+            publishing(len(batch), [m.queue for m in batch]),
+            self._app.producer_or_acquire() as producer,
+        ):
             if redeclare:
                 producer.connection.declared_entities.clear()
             try:

@@ -206,6 +206,7 @@ def _deliveries(moved: CTE, target: JobState) -> tuple[CTE, CTE]:
         moved.c.queue,
         Webhook.url.label("url"),
         Webhook.id.label("webhook_id"),
+        moved.c.trace_context,
     ).join(
         Webhook,
         and_(
@@ -221,6 +222,7 @@ def _deliveries(moved: CTE, target: JobState) -> tuple[CTE, CTE]:
         moved.c.queue,
         moved.c.callback_url,
         cast(null(), UUID(as_uuid=True)),
+        moved.c.trace_context,
     ).where(moved.c.callback_url.is_not(None), undelivered)
     targets = union_all(listening, calling).cte("targets")
     payload = func.jsonb_build_object(
@@ -245,6 +247,8 @@ def _deliveries(moved: CTE, target: JobState) -> tuple[CTE, CTE]:
         "max_attempts": literal(DELIVERY_ATTEMPTS),
         "scheduled_for": NOW,
         "created_at": NOW,
+        # The job's trace: its delivery, published later, starts a trace linked to it.
+        "trace_context": targets.c.trace_context,
     }
     inserted = (
         insert(Job)

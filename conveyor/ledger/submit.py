@@ -28,6 +28,7 @@ from conveyor.ledger.views import job_view
 from conveyor.ledger.work import UnitOfWork
 from conveyor.live.store import LiveView
 from conveyor.registry import JobRegistry
+from conveyor.telemetry.tracing import current_trace_context
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,10 @@ def submit_jobs(
         ours = {row["id"] for row in rows}
         theirs = {parent for wanted in parents for parent in wanted if parent not in ours}
         edges = plan(rows, parents, lock_parents(unit, tenant_id, theirs))
+    # The submitting request's (or schedule fire's) span: its jobs' runs join or link to it.
+    trace_context = current_trace_context()
+    for row in rows:
+        row["trace_context"] = trace_context
     holders = _unique_holders(unit, requests, rows, tenant_id, now)
     new = [row for row in rows if row["id"] not in holders]
     if admit is not None and new:
@@ -245,6 +250,7 @@ _COLUMNS = (
     "dependencies_left",
     "has_dependents",
     "on_dependency_failure",
+    "trace_context",
 )
 
 

@@ -66,7 +66,14 @@ def queue_messages(unit: UnitOfWork, rows: Iterable[JobRow], *, redeclare: bool 
     """Publish the queued jobs among `rows` once the unit commits (they are stamped already)."""
     unit.publish(
         (
-            Message(row["id"], row["type"], row["queue"], row["priority"], unit.request_id)
+            Message(
+                row["id"],
+                row["type"],
+                row["queue"],
+                row["priority"],
+                unit.request_id,
+                row.get("trace_context"),
+            )
             for row in rows
             if row["state"] == JobState.QUEUED
         ),

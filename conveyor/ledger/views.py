@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from conveyor.ledger.states import JobState, Waiting
+from conveyor.telemetry.tracing import trace_id_of
 
 # A job's columns by name, as a statement returned them (a RowMapping) or as a submit
 # built them (a dict).
@@ -51,6 +52,7 @@ class JobOut(BaseModel):
                 "finished_at": None,
                 "expires_at": None,
                 "cancel_requested_at": None,
+                "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
             }
         }
     )
@@ -79,6 +81,8 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     expires_at: datetime | None
     cancel_requested_at: datetime | None
+    # The trace of the request that submitted the job (32 hex digits), when it was traced.
+    trace_id: str | None
 
 
 def json_time(value: datetime | None) -> str | None:
@@ -127,6 +131,7 @@ def job_view(row: JobRow, progress: dict[str, Any] | None = None) -> dict[str, A
         "finished_at": json_time(row.get("finished_at")),
         "expires_at": json_time(row.get("expires_at")),
         "cancel_requested_at": json_time(row.get("cancel_requested_at")),
+        "trace_id": trace_id_of(row.get("trace_context")),
     }
 
 

@@ -2,7 +2,8 @@
 
 Every logger, ours, Celery's, gunicorn's and Python's warnings, goes through one
 structlog formatter on the root logger, so each line carries the context bound with
-`bind_context` (`request_id`, `job_id`, `tenant_id`, `job_type`) wherever it was logged.
+`bind_context` (`request_id`, `job_id`, `tenant_id`, `job_type`) wherever it was logged,
+and, while tracing is on, the current span's `trace_id` and `span_id`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydantic import SecretBytes, SecretStr
 from structlog.typing import Processor
 
 from conveyor.settings import Settings
+from conveyor.telemetry.tracing import add_trace_ids
 
 # Keys whose values never reach a log line, whoever logs them (payloads hold business data).
 SENSITIVE_KEYS = frozenset(
@@ -82,6 +84,8 @@ def configure_logging(settings: Settings) -> None:
     """Route every logger through structlog to stderr at the configured level; idempotent."""
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
+        # trace_id and span_id while tracing is on (conveyor.telemetry.tracing).
+        add_trace_ids,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
