@@ -84,6 +84,11 @@ def read_queues(
 @requires(Permission.SEE_QUEUES)
 def index() -> Response:
     """Show per-queue depth, oldest waiting job and running jobs, and the live workers."""
+    return jsonify(queue_report().model_dump(mode="json"))
+
+
+def queue_report() -> QueuesOut:
+    """Return the caller's view of every queue (with its pause) and of the live workers."""
     svc = services()
     tenant_id = current_principal().tenant_id
     queues, workers = read_queues(svc, tenant_id)
@@ -93,7 +98,7 @@ def index() -> Response:
     # A paused queue with nothing in it is still worth seeing.
     queues += [QueueStats(name, None, 0, None, 0) for name in sorted(paused.keys() - shown)]
     now = datetime.now(UTC)
-    body = QueuesOut(
+    return QueuesOut(
         queues=[
             QueueOut(
                 name=q.name,
@@ -109,4 +114,3 @@ def index() -> Response:
         workers=[WorkerOut(name=w.name, active_job_ids=w.active_job_ids) for w in workers],
         checked_at=now,
     )
-    return jsonify(body.model_dump(mode="json"))
