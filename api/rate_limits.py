@@ -48,7 +48,14 @@ UNGROUPED = frozenset({"health", "metrics", "signin", "docs"})
 # Writes by blueprint; every other write (keys, users, webhooks, schedules, sessions) is admin.
 WRITE_GROUPS = {"jobs": "submit", "files": "submit", "job_control": "control"}
 # Endpoints whose blueprint and method do not tell their group.
-ENDPOINT_GROUPS = {"schedules.trigger": "control"}
+ENDPOINT_GROUPS = {
+    "schedules.trigger": "control",
+    # The console's job actions count as the API's do (api/console/).
+    "console.retry": "control",
+    "console.cancel": "control",
+    "console.bulk": "control",
+    "console.schedule_action": "control",
+}
 READ_METHODS = frozenset({"GET", "HEAD"})
 # After Redis fails, rate limiting stays off this long before trying Redis again.
 OUTAGE_SECONDS = 5.0

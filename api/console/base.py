@@ -36,6 +36,8 @@ bp = Blueprint(
 )
 # Seconds between a page's refreshes of its live part (until the event stream lands).
 REFRESH_SECONDS = 5
+# The workers shown may be a broadcast's answer this old: a page never waits on a broadcast.
+WORKERS_MAX_AGE = 10.0
 # Asks for a page's live part only, for the refresh (static/console.js).
 FRAGMENT_HEADER = "X-Console-Fragment"
 CSRF_FIELD = "csrf_token"

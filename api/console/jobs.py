@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from werkzeug.datastructures import MultiDict
 from werkzeug.wrappers import Response
 
-from api.console.base import bp, may, needs, render
+from api.console.base import WORKERS_MAX_AGE, bp, may, needs, render
 from api.console.charts import finishes_chart
 from api.files import artifact_download
 from api.job_views import shown
@@ -88,7 +88,7 @@ def overview() -> tuple[str, int]:
         running_rows, _ = list_jobs(session, tenant_id, JobFilter(state=JobState.RUNNING), limit=10)
         running_total = sum(r for _, _, r in ledger_queue_stats(session, tenant_id).values())
     # Queue depths and workers are for those who may see queues, as in `GET /v1/queues`.
-    report = queue_report() if may(Permission.SEE_QUEUES) else None
+    report = queue_report(WORKERS_MAX_AGE) if may(Permission.SEE_QUEUES) else None
     return render(
         "console/overview.html",
         chart=finishes_chart(minutes),

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from werkzeug.wrappers import Response
 
 from api.audit import audit_items
-from api.console.base import bp, needs, render
+from api.console.base import WORKERS_MAX_AGE, bp, needs, render
 from api.flow import (
     LimitBounds,
     LimitPath,
@@ -55,7 +55,7 @@ def _blank_none(value: str | None) -> str | None:
 @needs(Permission.SEE_QUEUES)
 def queues() -> tuple[str, int]:
     """Show each queue's depth, oldest wait, running jobs and pause; the live workers."""
-    return render("console/queues.html", report=queue_report())
+    return render("console/queues.html", report=queue_report(WORKERS_MAX_AGE))
 
 
 @bp.post("/queues/<queue>/pause")
