@@ -175,7 +175,7 @@ def explain(settings: Settings, tenant_id: uuid.UUID) -> str:
     for name, job_filter in filters.items():
         capture(name, lambda s, f=job_filter: reads.list_jobs(s, tenant_id, f, limit=50))
     capture("finishes per minute", lambda s: activity.finishes_per_minute(s, tenant_id, now))
-    capture("recent failures", lambda s: activity.recent_failures(s, tenant_id))
+    capture("recent failures", lambda s: activity.recent_failures(s, tenant_id, now))
     capture("queue stats", lambda s: ledger_queue_stats(s, tenant_id))
     out = []
     with engine.connect() as conn:

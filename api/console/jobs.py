@@ -84,7 +84,7 @@ def overview() -> tuple[str, int]:
     now = datetime.now(UTC)
     with svc.work.reading() as session:
         minutes = finishes_per_minute(session, tenant_id, now)
-        failures = recent_failures(session, tenant_id)
+        failures = recent_failures(session, tenant_id, now)
         running_rows, _ = list_jobs(session, tenant_id, JobFilter(state=JobState.RUNNING), limit=10)
         running_total = sum(r for _, _, r in ledger_queue_stats(session, tenant_id).values())
     # Queue depths and workers are for those who may see queues, as in `GET /v1/queues`.

@@ -18,6 +18,9 @@ from sqlalchemy.orm import Session
 from conveyor.ledger.states import JobState
 from conveyor.models import Job
 
+# How far back the overview's recent failures go.
+FAILURES_WINDOW = timedelta(hours=24)
+
 
 @dataclass(frozen=True)
 class Minute:
@@ -54,13 +57,17 @@ def finishes_per_minute(
 
 
 def recent_failures(
-    session: Session, tenant_id: uuid.UUID, limit: int = 10
+    session: Session, tenant_id: uuid.UUID, now: datetime, limit: int = 10
 ) -> Sequence[RowMapping]:
-    """Return the tenant's latest failed jobs: id, type, queue, error and when they failed."""
+    """Return the tenant's latest failed jobs of the last `FAILURES_WINDOW`, newest first.
+
+    The window bounds the walk: a tenant with no failure costs a day of finishes, never
+    its whole history.
+    """
     return (
         session.execute(
             select(Job.id, Job.type, Job.queue, Job.error_type, Job.error_message, Job.finished_at)
-            .where(Job.tenant_id == tenant_id, Job.finished_at.is_not(None))
+            .where(Job.tenant_id == tenant_id, Job.finished_at >= now - FAILURES_WINDOW)
             .where(Job.state == JobState.FAILED)
             .order_by(Job.finished_at.desc())
             .limit(limit)
