@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     # RabbitMQ's `consumer_timeout` (rabbitmq.conf, in ms there; seconds here), 30 minutes
     # unless the broker says otherwise. A delivery unacknowledged that long makes RabbitMQ
     # close the worker's channel and requeue; on an AMQP broker the worker warns at start
-    # about job types whose hard time limit reaches it (README, "Choosing a broker").
+    # about job types whose hard time limit reaches it (docs/operations/brokers.md).
     amqp_consumer_timeout: int = Field(default=1800, ge=1)
     # Hard time limit (seconds) for job types that set none; on Redis it must fit the
     # visibility timeout.

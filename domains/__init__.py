@@ -1,5 +1,5 @@
 """Business domains, each a plugin package found through the `conveyor.domains` entry points.
 
-A domain imports `conveyor` (and third-party packages), never `api` or `worker`; README,
-"Adding a domain", shows how to add one.
+A domain imports `conveyor` (and third-party packages), never `api` or `worker`;
+`docs/guides/domains.md` shows how to add one.
 """

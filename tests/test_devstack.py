@@ -64,10 +64,13 @@ def server_pids(data_dir: Path) -> list[int]:
 
 
 @contextmanager
-def devstack(data_dir: Path, api_port: int, flower_port: int) -> Iterator[list[str]]:
+def devstack(
+    data_dir: Path, api_port: int, flower_port: int, up_within: float = 90, **extra_env: str
+) -> Iterator[list[str]]:
     """Run `python -m devtools.devstack run` as `make run` does; SIGTERM it on the way out
     and check that every process it started, directly or not, is gone."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
+    env.update(extra_env)
     env.update(
         CONVEYOR_DATA_DIR=str(data_dir),
         CONVEYOR_API_BIND=f"127.0.0.1:{api_port}",
@@ -88,7 +91,7 @@ def devstack(data_dir: Path, api_port: int, flower_port: int) -> Iterator[list[s
     reader.start()
     started: list[psutil.Process] = []
     try:
-        wait_for(lambda: any("Conveyor is up" in line for line in lines), timeout=90)
+        wait_for(lambda: any("Conveyor is up" in line for line in lines), timeout=up_within)
         launcher = psutil.Process(proc.pid)
         started = [*launcher.children(recursive=True), *map(psutil.Process, server_pids(data_dir))]
         # api, worker (parent and child), beat, flower, honcho, both servers at the least

@@ -18,7 +18,7 @@ def create_celery(settings: Settings, *, name: str) -> Celery:
 
     No result backend: results live in the ledger and live views in Conveyor's own Redis
     keys (`conveyor.live.store`). A backend would cost a worker round trips per job and a
-    publishing process ~20% of its enqueue rate (PITFALLS.md).
+    publishing process ~20% of its enqueue rate (measured on our 2-core machines).
     """
     app = Celery(name, broker=settings.broker, set_as_current=False)
     app.conf.update(
@@ -83,7 +83,7 @@ def _amqp_conf() -> dict[str, Any]:
         # Conveyor has ten. Every process declares every queue with the same
         # `x-max-priority`, as RabbitMQ refuses a redeclaration with other arguments.
         # The price is no replication: a lost RabbitMQ disk loses messages, and the
-        # reconciler re-drives those jobs from the ledger (README, "Choosing a broker").
+        # reconciler re-drives those jobs from the ledger (docs/operations/brokers.md).
         "task_default_queue_type": "classic",
         "task_create_missing_queue_type": "classic",
         "task_queue_max_priority": max(PRIORITY_LEVELS),

@@ -1,7 +1,8 @@
 """Sign-up tells whether an email is registered; acceptable only because production keeps it shut.
 
-Answering uniformly would need email verification, which Conveyor does not have (README,
-"Sign-up and email enumeration"). These tests pin what makes the oracle acceptable.
+Answering uniformly would need email verification, which Conveyor does not have
+(docs/guides/authentication.md, "Sign-up and email enumeration"). These tests pin what
+makes the oracle acceptable.
 """
 
 from __future__ import annotations
