@@ -9,6 +9,7 @@ from api import (
     admission,
     audit,
     auth,
+    console,
     errors,
     files,
     flow,
@@ -59,7 +60,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     # Request hooks run in this order: limits per IP (and per principal), then the caller's
     # permission, then the body's syntax; flask-openapi3 validates the input last, and the
     # views that add jobs hold them to the tenant's quota once they are valid (admission).
-    rate_limits.init_app(app, settings, identity.signin)
+    rate_limits.init_app(app, settings, identity.signin, console.SIGN_IN_FORMS)
     auth.init_app(app, settings)
     requests.init_body_checks(app)
     admission.init_app(app, settings)
@@ -85,4 +86,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         # Each blueprint's operations go into the OpenAPI document as it is registered.
         assert isinstance(blueprint, APIBlueprint), f"{blueprint.name}: use an APIBlueprint"
         app.register_api(blueprint)
+    # The operator console: server-rendered pages, outside the OpenAPI document.
+    console.init_app(app, settings)
     return app

@@ -49,12 +49,15 @@ class AuditList(BaseModel):
 @requires(Permission.SEE_AUDIT)
 def index(query: AuditQuery) -> Response:
     """List who did what and when, newest first."""
+    return jsonify(items=audit_items(query.limit, query.before_id))
+
+
+def audit_items(limit: int, before_id: int | None = None) -> list[dict[str, Any]]:
+    """Return the caller's tenant's audit entries, newest first, as JSON-ready dicts."""
     principal = current_principal()
     with services().sessions() as session:
-        entries = list_audit(
-            session, principal.tenant_id, limit=query.limit, before_id=query.before_id
-        )
-        items = [
+        entries = list_audit(session, principal.tenant_id, limit=limit, before_id=before_id)
+        return [
             {
                 "id": e.id,
                 "at": e.created_at.isoformat(),
@@ -67,4 +70,3 @@ def index(query: AuditQuery) -> Response:
             }
             for e in entries
         ]
-    return jsonify(items=items)

@@ -129,9 +129,13 @@ def upload() -> tuple[Response, int]:
 @requires(Permission.READ)
 def artifact(path: JobPath) -> Response:
     """Download the file a job produced, streamed from the database."""
+    return artifact_download(parse_id(path.job_id, "job"))
+
+
+def artifact_download(key: uuid.UUID) -> Response:
+    """Stream the file the caller's job produced, as an attachment (`NotFound` if none)."""
     principal = current_principal()
     svc = services()
-    key = parse_id(path.job_id, "job")
     with svc.sessions() as session:
         job_row(session, key, principal.tenant_id)
         found = get_artifact(session, key)

@@ -90,22 +90,56 @@ class PauseOut(BaseModel):
     paused: bool
 
 
-@limits.put("/<key>", responses=responses({200: LimitOut}, *JSON_BODY))
-@requires(Permission.MANAGE_LIMITS)
-def put(path: LimitPath, body: LimitBounds) -> Response:
-    """Create or change a limit; jobs that name it wait in the ledger for room."""
+def put_limit(key: str, bounds: LimitBounds) -> LimitState:
+    """Create or change the caller's limit `key`, audited."""
     principal = current_principal()
     with services().work.begin() as unit:
         state = set_limit(
             unit,
             principal.tenant_id,
-            path.key,
-            max_running=body.max_running,
-            per_second=body.per_second,
+            key,
+            max_running=bounds.max_running,
+            per_second=bounds.per_second,
             now=datetime.now(UTC),
         )
-        audit(unit.session, principal, "limit.set", "limit", path.key, body.model_dump())
-    return jsonify(LimitOut.of(state).model_dump(mode="json"))
+        audit(unit.session, principal, "limit.set", "limit", key, bounds.model_dump())
+    return state
+
+
+def remove_limit(key: str) -> None:
+    """Remove the caller's limit `key`, audited (`NotFound` when it has none)."""
+    principal = current_principal()
+    with services().work.begin() as unit:
+        delete_limit(unit, principal.tenant_id, key)
+        audit(unit.session, principal, "limit.delete", "limit", key)
+
+
+def pause_queue_of_caller(queue: str) -> bool:
+    """Hold the caller's tenant's jobs in `queue`, audited; return True (it is paused)."""
+    principal = current_principal()
+    with services().work.begin() as unit:
+        pause(unit, principal.tenant_id, queue)
+        audit(unit.session, principal, "queue.pause", "queue", queue)
+    return True
+
+
+def resume_queue_of_caller(queue: str) -> bool:
+    """Let the caller's jobs in `queue` start again, audited; return whether it stays paused.
+
+    A deployment-wide pause outlives the tenant's resume.
+    """
+    principal = current_principal()
+    with services().work.begin() as unit:
+        resume(unit, principal.tenant_id, queue)
+        audit(unit.session, principal, "queue.resume", "queue", queue)
+        return queue in paused_queues(unit.session, principal.tenant_id)
+
+
+@limits.put("/<key>", responses=responses({200: LimitOut}, *JSON_BODY))
+@requires(Permission.MANAGE_LIMITS)
+def put(path: LimitPath, body: LimitBounds) -> Response:
+    """Create or change a limit; jobs that name it wait in the ledger for room."""
+    return jsonify(LimitOut.of(put_limit(path.key, body)).model_dump(mode="json"))
 
 
 @limits.get("", responses=responses({200: LimitList}))
@@ -130,10 +164,7 @@ def show(path: LimitPath) -> Response:
 @requires(Permission.MANAGE_LIMITS)
 def remove(path: LimitPath) -> tuple[str, int]:
     """Remove a limit: jobs that name it run unlimited."""
-    principal = current_principal()
-    with services().work.begin() as unit:
-        delete_limit(unit, principal.tenant_id, path.key)
-        audit(unit.session, principal, "limit.delete", "limit", path.key)
+    remove_limit(path.key)
     return "", 204
 
 
@@ -141,20 +172,14 @@ def remove(path: LimitPath) -> tuple[str, int]:
 @requires(Permission.PAUSE_QUEUES)
 def pause_queue(path: QueuePath) -> Response:
     """Hold the tenant's jobs in the queue: none starts until resumed (running ones finish)."""
-    principal = current_principal()
-    with services().work.begin() as unit:
-        pause(unit, principal.tenant_id, path.queue)
-        audit(unit.session, principal, "queue.pause", "queue", path.queue)
-    return jsonify(PauseOut(queue=path.queue, paused=True).model_dump())
+    return jsonify(
+        PauseOut(queue=path.queue, paused=pause_queue_of_caller(path.queue)).model_dump()
+    )
 
 
 @queues.post("/<queue>/resume", responses=responses({200: PauseOut}, 422))
 @requires(Permission.PAUSE_QUEUES)
 def resume_queue(path: QueuePath) -> Response:
     """Let the tenant's jobs in the queue start again (a deployment-wide pause stays)."""
-    principal = current_principal()
-    with services().work.begin() as unit:
-        resume(unit, principal.tenant_id, path.queue)
-        audit(unit.session, principal, "queue.resume", "queue", path.queue)
-        still = path.queue in paused_queues(unit.session, principal.tenant_id)
+    still = resume_queue_of_caller(path.queue)
     return jsonify(PauseOut(queue=path.queue, paused=still).model_dump())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
 from flask import Response, jsonify
 
@@ -13,21 +12,11 @@ from api.openapi import JSON_BODY, described, responses, secured_blueprint
 from api.requests import parse_id
 from api.schemas import BulkRetry, CancelAnswer, JobPath, Retried
 from api.services import services
-from conveyor.audit import audit
-from conveyor.auth.keys import Principal
 from conveyor.auth.roles import Permission
-from conveyor.ledger import transitions
+from conveyor.control import cancel_job, retry_job, retry_matching_jobs
 from conveyor.ledger.views import JobOut
 
 bp = secured_blueprint("job_control", __name__, "jobs", "/v1/jobs")
-
-
-def actor(principal: Principal) -> dict[str, Any]:
-    """Who did it, for the job's history."""
-    return {
-        "user_id": str(principal.user_id) if principal.user_id else None,
-        "api_key_id": str(principal.api_key_id) if principal.api_key_id else None,
-    }
 
 
 @bp.post(
@@ -48,10 +37,7 @@ def cancel(path: JobPath) -> tuple[Response, int]:
     svc = services()
     job_id = parse_id(path.job_id, "job")
     with svc.work.begin() as unit:
-        view, outcome = transitions.cancel(
-            unit, svc.registry, principal.tenant_id, job_id, datetime.now(UTC), actor(principal)
-        )
-        audit(unit.session, principal, "job.cancel", "job", job_id, {"outcome": outcome})
+        view, outcome = cancel_job(unit, svc.registry, principal, job_id, datetime.now(UTC))
     return jsonify(outcome=outcome, job=shown(view)), 200 if outcome == "cancelled" else 202
 
 
@@ -63,10 +49,7 @@ def retry(path: JobPath) -> tuple[Response, int]:
     svc = services()
     job_id = parse_id(path.job_id, "job")
     with svc.work.begin() as unit:
-        view = transitions.retry(
-            unit, svc.registry, principal.tenant_id, job_id, datetime.now(UTC), actor(principal)
-        )
-        audit(unit.session, principal, "job.retry", "job", job_id)
+        view = retry_job(unit, svc.registry, principal, job_id, datetime.now(UTC))
     return jsonify(shown(view)), 202
 
 
@@ -77,17 +60,13 @@ def retry_many(body: BulkRetry) -> Response:
     principal = current_principal()
     svc = services()
     with svc.work.begin() as unit:
-        views = transitions.retry_matching(
+        views = retry_matching_jobs(
             unit,
             svc.registry,
-            principal.tenant_id,
+            principal,
             body.filters(),
             datetime.now(UTC),
-            actor(principal),
             limit=body.limit,
-        )
-        filters = body.model_dump(mode="json", exclude_none=True)
-        audit(
-            unit.session, principal, "job.retry_many", "jobs", "*", {**filters, "count": len(views)}
+            described=body.model_dump(mode="json", exclude_none=True),
         )
     return jsonify(retried=len(views), ids=[view["id"] for view in views])

@@ -23,6 +23,7 @@ from conveyor.queues import (
     WorkerInfo,
     online_workers,
     queue_overview,
+    recent_workers,
     tenant_workers,
 )
 
@@ -63,16 +64,22 @@ class QueuesOut(BaseModel):
 
 
 def read_queues(
-    svc: Services, tenant_id: uuid.UUID | None = None
+    svc: Services, tenant_id: uuid.UUID | None = None, workers_max_age: float | None = None
 ) -> tuple[list[QueueStats], list[WorkerInfo]]:
     """Return every known queue's stats and the workers that answered a broadcast.
 
     With `tenant_id`, every row the ledger is asked about is that tenant's: its jobs'
     counts and, among the workers' running ids, its jobs' only. Without, the deployment's
-    (`/metrics`, behind the operators' token).
+    (`/metrics`, behind the operators' token). With `workers_max_age`, the workers may be
+    a broadcast's answer that old (`conveyor.queues.recent_workers`), so nobody waits on one.
     """
     known = {svc.settings.default_queue} | {jt.queue for jt in svc.registry if jt.queue}
-    workers = online_workers(svc.publisher.app, svc.settings.inspect_timeout)
+    if workers_max_age is None:
+        workers = online_workers(svc.publisher.app, svc.settings.inspect_timeout)
+    else:
+        workers = recent_workers(
+            svc.publisher.app, svc.redis, svc.settings.inspect_timeout, workers_max_age
+        )
     with svc.sessions() as session:
         queues = queue_overview(session, svc.publisher.app, known, tenant_id)
         if tenant_id is not None:
@@ -84,16 +91,21 @@ def read_queues(
 @requires(Permission.SEE_QUEUES)
 def index() -> Response:
     """Show per-queue depth, oldest waiting job and running jobs, and the live workers."""
+    return jsonify(queue_report().model_dump(mode="json"))
+
+
+def queue_report(workers_max_age: float | None = None) -> QueuesOut:
+    """Return the caller's view of every queue (with its pause) and of the live workers."""
     svc = services()
     tenant_id = current_principal().tenant_id
-    queues, workers = read_queues(svc, tenant_id)
+    queues, workers = read_queues(svc, tenant_id, workers_max_age)
     with svc.work.reading() as session:
         paused = paused_queues(session, tenant_id)
     shown = {q.name for q in queues}
     # A paused queue with nothing in it is still worth seeing.
     queues += [QueueStats(name, None, 0, None, 0) for name in sorted(paused.keys() - shown)]
     now = datetime.now(UTC)
-    body = QueuesOut(
+    return QueuesOut(
         queues=[
             QueueOut(
                 name=q.name,
@@ -109,4 +121,3 @@ def index() -> Response:
         workers=[WorkerOut(name=w.name, active_job_ids=w.active_job_ids) for w in workers],
         checked_at=now,
     )
-    return jsonify(body.model_dump(mode="json"))

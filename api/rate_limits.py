@@ -3,7 +3,8 @@
 - Every endpoint group (`endpoint_group`) has a rate limit per client IP, counted before
   anything else, and one per verified principal (API key or user), counted once the caller
   is authenticated, so nobody can pick a bucket with a made-up token.
-- Sign-in and sign-up are limited per client IP and per email instead.
+- Sign-in and sign-up are limited per client IP and per email instead, and so is each
+  sign-in form (the console's: `forms`, counted on POST only).
 
 The counters are fixed windows (api/rate_windows.py) whose increment also answers its count
 and expiry, so the `X-RateLimit-*` headers and a 429's `Retry-After` cost no Redis round
@@ -47,7 +48,14 @@ UNGROUPED = frozenset({"health", "metrics", "signin", "docs"})
 # Writes by blueprint; every other write (keys, users, webhooks, schedules, sessions) is admin.
 WRITE_GROUPS = {"jobs": "submit", "files": "submit", "job_control": "control"}
 # Endpoints whose blueprint and method do not tell their group.
-ENDPOINT_GROUPS = {"schedules.trigger": "control"}
+ENDPOINT_GROUPS = {
+    "schedules.trigger": "control",
+    # The console's job actions count as the API's do (api/console/).
+    "console.retry": "control",
+    "console.cancel": "control",
+    "console.bulk": "control",
+    "console.schedule_action": "control",
+}
 READ_METHODS = frozenset({"GET", "HEAD"})
 # After Redis fails, rate limiting stays off this long before trying Redis again.
 OUTAGE_SECONDS = 5.0
@@ -105,12 +113,15 @@ def ip_key() -> str:
 
 
 def email_key() -> str:
-    """Key a request by the email in its JSON body (or its IP when there is none)."""
-    try:
-        body = request.get_json(silent=True)
-    except RecursionError:  # absurdly deep JSON; the view refuses it
-        body = None
-    email = body.get("email") if isinstance(body, dict) else None
+    """Key a request by the email in its JSON body or form (or its IP when there is none)."""
+    if request.mimetype == "application/x-www-form-urlencoded":
+        email = request.form.get("email")
+    else:
+        try:
+            body = request.get_json(silent=True)
+        except RecursionError:  # absurdly deep JSON; the view refuses it
+            body = None
+        email = body.get("email") if isinstance(body, dict) else None
     return f"email:{normalise_email(email)}" if isinstance(email, str) else ip_key()
 
 
@@ -262,8 +273,16 @@ def _add_headers(outage: _Outage) -> Callable[[Response], Response]:
     return add_headers
 
 
-def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
-    """Limit every endpoint group per IP and per principal, `throttled` per IP and email."""
+def init_app(
+    app: Flask, settings: Settings, throttled: Blueprint, forms: Mapping[str, str] | None = None
+) -> None:
+    """Limit every endpoint group per IP and per principal; `throttled` per IP and email.
+
+    `forms` maps the endpoints of sign-in forms outside `throttled` to the sign-in endpoint
+    whose windows they share: a form's POST counts as that sign-in, per IP and per email,
+    so an attacker gets no more guesses by switching between the two.
+    """
+    form_scopes: Mapping[str, str] = forms or {}
     ip_limits: Mapping[str, tuple[RateLimitItem, ...]] = {
         group: parse_limits(getattr(settings, f"rate_limit_{group}_ip")) for group in GROUPS
     }
@@ -283,9 +302,15 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
     def counting() -> bool:
         return settings.rate_limits_enabled and not outage.active()
 
+    def signing_in() -> bool:
+        if request.blueprint == throttled.name:
+            return True
+        return request.endpoint in form_scopes and request.method == "POST"
+
     def admit_signin() -> None:
         # Per route, by IP and by email, shortest window first.
-        scope = request.endpoint or ""
+        endpoint = request.endpoint or ""
+        scope = form_scopes.get(endpoint, endpoint)
         counters = sorted(
             [
                 *limits.counters(signin_ip, ip_key(), scope),
@@ -298,9 +323,14 @@ def init_app(app: Flask, settings: Settings, throttled: Blueprint) -> None:
 
     @app.before_request
     def _admit() -> None:
+        if request.endpoint in form_scopes:
+            # A sign-in form counts as a sign-in (its GET, the empty form, not at all).
+            if signing_in() and counting():
+                admit_signin()
+            return
         group = _group()
         if group is None:
-            if request.blueprint == throttled.name and counting():
+            if signing_in() and counting():
                 admit_signin()
             return
         if not counting():

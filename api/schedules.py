@@ -96,6 +96,62 @@ def _out(schedule: Schedule, states: dict[uuid.UUID, JobState]) -> dict[str, Any
     }
 
 
+def schedules_out() -> list[dict[str, Any]]:
+    """Return the caller's tenant's schedules with their next run and last job's state."""
+    with services().sessions() as session:
+        schedules = list_schedules(session, current_principal().tenant_id)
+        states = last_job_states(session, schedules)
+        return [_out(schedule, states) for schedule in schedules]
+
+
+def change_schedule(schedule_id: uuid.UUID, body: ScheduleChange) -> dict[str, Any]:
+    """Change the caller's schedule, audited; a new timing recomputes the next run."""
+    principal = current_principal()
+    svc = services()
+    with svc.sessions.begin() as session:
+        schedule = get_schedule(session, principal.tenant_id, schedule_id)
+        update_schedule(
+            session,
+            svc.registry,
+            schedule,
+            body,
+            default_queue=svc.settings.default_queue,
+            now=datetime.now(UTC),
+        )
+        changed = body.model_dump(mode="json", exclude_unset=True)
+        audit(session, principal, "schedule.change", "schedule", schedule.id, changed)
+        return _out(schedule, last_job_states(session, [schedule]))
+
+
+def trigger_schedule(schedule_id: uuid.UUID) -> dict[str, Any]:
+    """Fire the caller's schedule's job now, audited; return the job as the caller sees it."""
+    principal = current_principal()
+    svc = services()
+    with svc.work.begin() as unit:
+        schedule = get_schedule(unit.session, principal.tenant_id, schedule_id)
+        job = fire(
+            unit,
+            svc.registry,
+            schedule,
+            default_queue=svc.settings.default_queue,
+            now=datetime.now(UTC),
+            occurrence=None,
+            gate=svc.gate,
+            admit=admitting(unit, principal.tenant_id),
+        )
+        if job is None:  # only occurrences have a unique key; a trigger has none
+            raise Conflict("the schedule fired no job")
+        audit(
+            unit.session,
+            principal,
+            "schedule.trigger",
+            "schedule",
+            schedule.id,
+            {"job": str(job.id)},
+        )
+    return shown(job.view)
+
+
 @bp.post(
     "",
     responses=responses({201: described(ScheduleOut, "Created.", LOCATION)}, 404, 409, *JSON_BODY),
@@ -123,12 +179,7 @@ def create(body: ScheduleSpec) -> tuple[Response, int, dict[str, str]]:
 @requires(Permission.READ)
 def index() -> Response:
     """List the tenant's schedules with their next run and last job."""
-    principal = current_principal()
-    with services().sessions() as session:
-        schedules = list_schedules(session, principal.tenant_id)
-        states = last_job_states(session, schedules)
-        items = [_out(schedule, states) for schedule in schedules]
-    return jsonify(items=items)
+    return jsonify(items=schedules_out())
 
 
 @bp.get("/<schedule_id>", responses=responses({200: ScheduleOut}, 404))
@@ -147,23 +198,7 @@ def show(path: SchedulePath) -> Response:
 @requires(Permission.MANAGE_SCHEDULES)
 def change(path: SchedulePath, body: ScheduleChange) -> Response:
     """Change any field of a schedule; a new timing recomputes the next run."""
-    principal = current_principal()
-    svc = services()
-    with svc.sessions.begin() as session:
-        schedule = get_schedule(
-            session, principal.tenant_id, parse_id(path.schedule_id, "schedule")
-        )
-        update_schedule(
-            session,
-            svc.registry,
-            schedule,
-            body,
-            default_queue=svc.settings.default_queue,
-            now=datetime.now(UTC),
-        )
-        changed = body.model_dump(mode="json", exclude_unset=True)
-        audit(session, principal, "schedule.change", "schedule", schedule.id, changed)
-        return jsonify(_out(schedule, last_job_states(session, [schedule])))
+    return jsonify(change_schedule(parse_id(path.schedule_id, "schedule"), body))
 
 
 @bp.delete("/<schedule_id>", responses=responses({204: empty("Deleted.")}, 404))
@@ -192,30 +227,4 @@ def delete(path: SchedulePath) -> tuple[str, int]:
 @requires(Permission.MANAGE_SCHEDULES)
 def trigger(path: SchedulePath) -> tuple[Response, int]:
     """Run the schedule's job now, outside its timing; 202 with the job."""
-    principal = current_principal()
-    svc = services()
-    with svc.work.begin() as unit:
-        schedule = get_schedule(
-            unit.session, principal.tenant_id, parse_id(path.schedule_id, "schedule")
-        )
-        job = fire(
-            unit,
-            svc.registry,
-            schedule,
-            default_queue=svc.settings.default_queue,
-            now=datetime.now(UTC),
-            occurrence=None,
-            gate=svc.gate,
-            admit=admitting(unit, principal.tenant_id),
-        )
-        if job is None:  # only occurrences have a unique key; a trigger has none
-            raise Conflict("the schedule fired no job")
-        audit(
-            unit.session,
-            principal,
-            "schedule.trigger",
-            "schedule",
-            schedule.id,
-            {"job": str(job.id)},
-        )
-    return jsonify(shown(job.view)), 202
+    return jsonify(trigger_schedule(parse_id(path.schedule_id, "schedule"))), 202

@@ -8,7 +8,6 @@ from typing import Any
 
 from flask import Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import select
 
 from api.auth import current_principal, requires
 from api.openapi import JSON_BODY, ObjectId, empty, responses, secured_blueprint
@@ -17,9 +16,14 @@ from api.schemas import JobPath
 from api.services import services
 from conveyor.audit import audit
 from conveyor.auth.roles import Permission, sees_internal_payloads
-from conveyor.ledger.reads import job_row
-from conveyor.models import Job, JobEvent, Webhook
-from conveyor.webhooks import DELIVER_TYPE, EVENTS, create_webhook, get_webhook, list_webhooks
+from conveyor.deliveries import job_deliveries
+from conveyor.models import Webhook
+from conveyor.webhooks import (
+    EVENTS,
+    create_webhook,
+    get_webhook,
+    list_webhooks,
+)
 
 bp = secured_blueprint("webhooks", __name__, "webhooks")
 
@@ -105,36 +109,49 @@ def _out(webhook: Webhook) -> dict[str, Any]:
     }
 
 
-@bp.post("/v1/webhooks", responses=responses({201: CreatedWebhook}, *JSON_BODY))
-@requires(Permission.MANAGE_WEBHOOKS)
-def create(body: NewWebhook) -> tuple[Response, int]:
-    """Register an endpoint; the signing secret is in this answer and never again."""
+def add_endpoint(body: NewWebhook) -> dict[str, Any]:
+    """Register the caller's endpoint, audited; the answer holds its secret, shown this once."""
     principal = current_principal()
     with services().sessions.begin() as session:
         webhook = create_webhook(session, principal.tenant_id, body.url, body.events)
         audit(session, principal, "webhook.create", "webhook", webhook.id, {"url": body.url})
-        out = {**_out(webhook), "secret": webhook.secret}
-    return jsonify(out), 201
+        return {**_out(webhook), "secret": webhook.secret}
+
+
+def remove_endpoint(webhook_id: uuid.UUID) -> None:
+    """Remove one of the caller's endpoints, audited (`NotFound` for another tenant's)."""
+    principal = current_principal()
+    with services().sessions.begin() as session:
+        webhook = get_webhook(session, principal.tenant_id, webhook_id)
+        session.delete(webhook)
+        audit(session, principal, "webhook.delete", "webhook", webhook.id)
+
+
+def endpoints() -> list[dict[str, Any]]:
+    """Return the caller's endpoints (without secrets)."""
+    with services().sessions() as session:
+        return [_out(w) for w in list_webhooks(session, current_principal().tenant_id)]
+
+
+@bp.post("/v1/webhooks", responses=responses({201: CreatedWebhook}, *JSON_BODY))
+@requires(Permission.MANAGE_WEBHOOKS)
+def create(body: NewWebhook) -> tuple[Response, int]:
+    """Register an endpoint; the signing secret is in this answer and never again."""
+    return jsonify(add_endpoint(body)), 201
 
 
 @bp.get("/v1/webhooks", responses=responses({200: WebhookList}))
 @requires(Permission.MANAGE_WEBHOOKS)
 def index() -> Response:
     """List the tenant's endpoints (without secrets)."""
-    principal = current_principal()
-    with services().sessions() as session:
-        return jsonify(items=[_out(w) for w in list_webhooks(session, principal.tenant_id)])
+    return jsonify(items=endpoints())
 
 
 @bp.delete("/v1/webhooks/<webhook_id>", responses=responses({204: empty("Removed.")}, 404))
 @requires(Permission.MANAGE_WEBHOOKS)
 def delete(path: WebhookPath) -> tuple[str, int]:
     """Remove an endpoint; deliveries still queued for it are skipped."""
-    principal = current_principal()
-    with services().sessions.begin() as session:
-        webhook = get_webhook(session, principal.tenant_id, parse_id(path.webhook_id, "webhook"))
-        session.delete(webhook)
-        audit(session, principal, "webhook.delete", "webhook", webhook.id)
+    remove_endpoint(parse_id(path.webhook_id, "webhook"))
     return "", 204
 
 
@@ -147,34 +164,5 @@ def deliveries(path: JobPath) -> Response:
     # Webhook URLs are for those who manage webhooks, as in the delivery jobs' own views.
     show_url = sees_internal_payloads(principal.role)
     with services().sessions() as session:
-        job_row(session, key, principal.tenant_id)
-        rows = session.execute(
-            select(Job.id, Job.payload, JobEvent.to_state, JobEvent.attempt, JobEvent.detail)
-            .join(JobEvent, JobEvent.job_id == Job.id)
-            .where(
-                Job.tenant_id == principal.tenant_id,
-                Job.type == DELIVER_TYPE,
-                Job.payload["job_id"].astext == str(key),
-                JobEvent.from_state == "running",
-            )
-            .order_by(JobEvent.id)
-        ).all()
-        found = session.execute(select(Job.id, Job.result).where(Job.id.in_({r.id for r in rows})))
-        results: dict[uuid.UUID, Any] = {delivery: result for delivery, result in found}
-    items = []
-    for delivery_id, payload, outcome, attempt, detail in rows:
-        detail = detail or {}
-        result = results.get(delivery_id) or {}
-        items.append(
-            {
-                "delivery_id": str(delivery_id),
-                "url": payload["url"] if show_url else None,
-                "event": payload["event"],
-                "attempt": attempt,
-                "outcome": outcome,
-                "status_code": detail.get("status_code", result.get("status")),
-                "seconds": detail.get("seconds"),
-                "error": detail.get("error_message"),
-            }
-        )
+        items = job_deliveries(session, principal.tenant_id, key, show_url=show_url)
     return jsonify(items=items)

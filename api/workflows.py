@@ -12,13 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.admission import admitting
 from api.auth import current_principal, requires
-from api.job_control import actor
 from api.jobs import idempotency_key
 from api.openapi import JSON_BODY, LOCATION, ObjectId, described, responses, secured_blueprint
 from api.requests import parse_id
 from api.services import services
 from conveyor.audit import audit
 from conveyor.auth.roles import Permission
+from conveyor.control import actor
 from conveyor.ledger.idempotency import claim_idempotency_key
 from conveyor.ledger.reads import MAX_PAGE
 from conveyor.ledger.views import JobOut

@@ -124,6 +124,15 @@ class Job(Base):
         CheckConstraint("priority BETWEEN 0 AND 9", name="priority"),
         # Keyset pagination of a tenant's jobs, newest first.
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        # The same, by state: a list filtered by a rare state must not scan the history.
+        Index("ix_jobs_tenant_state_created", "tenant_id", "state", "created_at", "id"),
+        # A tenant's queued and running jobs per queue (queue stats): small, unfinished only.
+        Index(
+            "ix_jobs_tenant_active_queue",
+            "tenant_id",
+            "queue",
+            postgresql_where="state IN ('queued', 'running')",
+        ),
         Index("ix_jobs_tags", "tags", postgresql_using="gin"),
         Index(
             "uq_jobs_schedule_occurrence",

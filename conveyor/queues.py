@@ -7,7 +7,10 @@ costs a few broker round trips, one or two queries and one broadcast.
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,14 +18,21 @@ from datetime import datetime
 
 from celery import Celery
 from kombu.exceptions import ChannelError, OperationalError
+from redis import Redis
 from redis.exceptions import RedisError
-from sqlalchemy import func, select
+from sqlalchemy import func, literal_column, select
 from sqlalchemy.orm import Session
 
 from conveyor.ledger.states import JobState
 from conveyor.models import Job
 
 logger = logging.getLogger(__name__)
+# The latest broadcast's answer, shared by every API instance, and who is refreshing it.
+WORKERS_KEY = "conveyor:workers:latest"
+WORKERS_LOCK = "conveyor:workers:refreshing"
+# Literal states, not parameters: a prepared statement's generic plan can then still prove
+# the partial index `ix_jobs_tenant_active_queue` applies.
+_ACTIVE = Job.state.in_([literal_column("'queued'"), literal_column("'running'")])
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,7 @@ def ledger_queue_stats(
         func.count().filter(queued),
         func.min(since).filter(queued),
         func.count().filter(Job.state == JobState.RUNNING),
-    ).where(Job.state.in_((JobState.QUEUED, JobState.RUNNING)))
+    ).where(_ACTIVE)
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id)
     rows = session.execute(query.group_by(Job.queue)).all()
@@ -108,6 +118,48 @@ def online_workers(app: Celery, timeout: float) -> list[WorkerInfo]:
         WorkerInfo(name, sorted(str(task["id"]) for task in tasks or []))
         for name, tasks in sorted(replies.items())
     ]
+
+
+def recent_workers(app: Celery, redis: Redis, timeout: float, max_age: float) -> list[WorkerInfo]:
+    """Return the workers of a broadcast at most `max_age` seconds old, without waiting on one.
+
+    A broadcast waits its whole `timeout` for answers, too long for a page that refreshes
+    every few seconds. The latest answer is kept in Redis for every API instance; when it
+    is older than `max_age`, one caller (a Redis lock) asks again in the background while
+    everyone is shown the previous answer. Only the very first caller waits. Without
+    Redis, every call broadcasts.
+    """
+    try:
+        raw = redis.get(WORKERS_KEY)
+        latest = json.loads(raw) if raw else None
+        if latest is not None and time.time() - latest["at"] < max_age:
+            return _workers_of(latest)
+        if not redis.set(WORKERS_LOCK, "1", nx=True, ex=max(1, int(timeout) + 2)):
+            return _workers_of(latest) if latest else []
+    except (RedisError, ValueError, KeyError, TypeError):
+        logger.warning("the workers' latest answer is unavailable", exc_info=True)
+        return online_workers(app, timeout)
+
+    def refresh() -> list[WorkerInfo]:
+        workers = online_workers(app, timeout)
+        answer = {"at": time.time(), "workers": [[w.name, w.active_job_ids] for w in workers]}
+        try:
+            redis.set(WORKERS_KEY, json.dumps(answer), ex=300)
+            redis.delete(WORKERS_LOCK)
+        except RedisError:
+            logger.warning("could not keep the workers' answer", exc_info=True)
+        return workers
+
+    if latest is None:
+        return refresh()
+    threading.Thread(target=refresh, name="conveyor-workers", daemon=True).start()
+    return _workers_of(latest)
+
+
+def _workers_of(latest: dict[str, object]) -> list[WorkerInfo]:
+    listed = latest["workers"]
+    assert isinstance(listed, list)
+    return [WorkerInfo(str(name), [str(i) for i in ids]) for name, ids in listed]
 
 
 def _job_id(task_id: str) -> uuid.UUID | None:

@@ -122,6 +122,7 @@ def banner(
     return f"""
 ================================ Conveyor is up ================================
   API      {api_url}   (/healthz, /readyz)
+  Console  {api_url}/console/   sign in with the Admin email and password below
   Flower   {flower_url}   user admin, password {creds.flower_password}
   Tenant   {creds.tenant_id} ({first})
   Admin    {creds.email}, password {creds.password}

@@ -42,6 +42,9 @@ def test_dev_credentials_are_created_once_and_reused(
     text = banner(first, created, "http://127.0.0.1:9", 5555)
     assert f"Bearer {first.api_key}" in text
     assert "http://127.0.0.1:9/v1/jobs" in text
+    # The console's address, and the login it takes, are printed beside the API's.
+    assert "Console  http://127.0.0.1:9/console/" in text
+    assert f"Admin    {first.email}, password {first.password}" in text
 
 
 def request(url: str, headers: dict[str, str], body: dict[str, Any] | None = None) -> Any:

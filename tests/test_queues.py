@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis import Redis
@@ -72,3 +73,38 @@ def test_queues_show_depth_waits_running_jobs_and_workers(
     assert queue["oldest_queued_at"] is not None
     workers = {w["name"]: w["active_job_ids"] for w in body["workers"]}
     assert workers[worker.node] == [running_id]
+
+
+def test_recent_workers_answers_from_redis_and_asks_again_in_the_background(
+    redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from conveyor import queues
+    from conveyor.queues import WORKERS_KEY, WORKERS_LOCK, WorkerInfo, recent_workers
+
+    redis_client.delete(WORKERS_KEY, WORKERS_LOCK)
+    asked: list[int] = []
+    answered = threading.Event()
+
+    def broadcast(app: Any, timeout: float) -> list[WorkerInfo]:
+        asked.append(1)
+        answered.set()
+        return [WorkerInfo(f"w{len(asked)}", ["job"])]
+
+    monkeypatch.setattr(queues, "online_workers", broadcast)
+    # The very first caller waits for the broadcast; the next ones within max_age do not ask.
+    assert recent_workers(None, redis_client, 1.0, 60) == [WorkerInfo("w1", ["job"])]  # type: ignore[arg-type]
+    assert recent_workers(None, redis_client, 1.0, 60) == [WorkerInfo("w1", ["job"])]  # type: ignore[arg-type]
+    assert len(asked) == 1
+    # Once stale, the previous answer is shown at once while one caller asks again.
+    answered.clear()
+    assert recent_workers(None, redis_client, 1.0, 0) == [WorkerInfo("w1", ["job"])]  # type: ignore[arg-type]
+    assert answered.wait(5)
+
+    def refreshed() -> bool:
+        return recent_workers(None, redis_client, 1.0, 60) == [WorkerInfo("w2", ["job"])]  # type: ignore[arg-type]
+
+    wait_for(refreshed, timeout=5)
+    assert len(asked) == 2
+    redis_client.delete(WORKERS_KEY, WORKERS_LOCK)
