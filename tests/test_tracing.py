@@ -21,7 +21,7 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.tracing import CollectorStub
@@ -41,12 +41,15 @@ CALLER_SPAN = "00f067aa0ba902b7"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def exporter(settings: Settings) -> Iterator[InMemorySpanExporter]:
+def exporter(settings: Settings, engine: Engine) -> Iterator[InMemorySpanExporter]:
     """Trace this module's API and worker into memory (before either is built)."""
     memory = InMemorySpanExporter()
     assert install_tracing(settings, "conveyor-test", exporter=memory)
+    # psycopg is instrumented per connection: the session's pool may hold older ones.
+    engine.dispose()
     yield memory
     uninstall_tracing()
+    engine.dispose()
 
 
 @pytest.fixture
