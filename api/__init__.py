@@ -26,6 +26,7 @@ from api import (
     rate_limits,
     requests,
     schedules,
+    streams,
     users,
     webhooks,
 )
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         keys.bp,
         job_types.bp,
         jobs.bp,
+        streams.bp,
         job_control.bp,
         schedules.bp,
         files.bp,

@@ -22,7 +22,7 @@ from werkzeug.wrappers import Response as ResponseBase
 
 from api.admission import admitting
 from api.auth import current_principal, requires
-from api.job_views import shown
+from api.job_views import shown, shown_to_caller
 from api.openapi import (
     JSON_BODY,
     LOCATION,
@@ -32,8 +32,18 @@ from api.openapi import (
 )
 from api.rate_limits import Receiver, ride_along
 from api.requests import parse_id
-from api.schemas import EventList, EventOut, JobBatch, JobList, JobListQuery, JobPage, JobPath
+from api.schemas import (
+    EventList,
+    EventOut,
+    JobBatch,
+    JobList,
+    JobListQuery,
+    JobPage,
+    JobPath,
+    JobWait,
+)
 from api.services import services
+from api.streams import hold
 from conveyor.auth.roles import Permission
 from conveyor.errors import ValidationFailed
 from conveyor.ledger.idempotency import claim_idempotency_key, point_idempotency_key
@@ -180,27 +190,45 @@ def index(query: JobListQuery) -> Response:
 @bp.get(
     "/<job_id>",
     responses=responses(
-        {200: JobOut, 304: {"description": "Unchanged since the `ETag` sent in `If-None-Match`."}},
+        {
+            200: JobOut,
+            304: {
+                "description": "Unchanged since the `ETag` sent in `If-None-Match` (with "
+                "`?wait=N`: for N seconds)."
+            },
+        },
         404,
     ),
 )
 @requires(Permission.READ)
-def show(path: JobPath) -> ResponseBase:
-    """Read a job, with live progress while it runs (from Redis when it can); `ETag`, 304."""
+def show(path: JobPath, query: JobWait) -> ResponseBase:
+    """Read a job, with live progress while it runs; `ETag`, 304; `?wait=N` waits for a change."""
     principal = current_principal()
     svc = services()
-    with svc.work.reading() as session:
-        view = read_view(
-            svc.live,
-            session,
-            parse_id(path.job_id, "job"),
-            principal.tenant_id,
-            _take_polled(),
-        )
-    bind_context(job_id=view["id"], job_type=view["type"])
-    response = jsonify(shown(view))
-    response.add_etag()
+    job_id = parse_id(path.job_id, "job")
+    show_view = shown_to_caller()
+
+    def read(prefetched: Prefetched | None = None) -> Response:
+        with svc.work.reading() as session:
+            view = read_view(svc.live, session, job_id, principal.tenant_id, prefetched)
+        bind_context(job_id=view["id"], job_type=view["type"])
+        response = jsonify(show_view(view))
+        response.add_etag()
+        return response
+
+    response = read(_take_polled())
+    known, _ = response.get_etag()
+    if query.wait and known is not None and known in request.if_none_match:
+        # The caller has this view: hold the request until it changes or the wait ends.
+        changed = hold(svc, job_id, query.wait, lambda: _tagged(read()), known)
+        if changed is not None:
+            return changed
     return response.make_conditional(request)
+
+
+def _tagged(response: Response) -> tuple[str, Response]:
+    tag, _ = response.get_etag()
+    return tag or "", response
 
 
 def _read_with_the_counters(pipe: Pipeline) -> Receiver | None:
