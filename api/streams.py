@@ -160,14 +160,14 @@ class JobStream:
         self._done = False
 
     def events(self, resume: int | None) -> Iterator[str]:
-        """Yield the stream's frames until the job finishes (or the client leaves)."""
+        """Yield frames until the job finishes, the client leaves or the server stops."""
         with self._svc.hub.subscribe(job_id=self._job_id) as subscription:
             if resume is None:
                 yield from self._current()
             else:
                 self._last = resume
                 yield from self._catch_up({})
-            while not self._done:
+            while not self._done and not self._svc.hub.closing:
                 yield from self._next(subscription)
 
     def _current(self) -> Iterator[str]:
@@ -262,7 +262,7 @@ class TenantStream:
         self._sent: deque[int] = deque(maxlen=10_000)
 
     def events(self, resume: int | None) -> Iterator[str]:
-        """Yield the stream's frames until the client leaves."""
+        """Yield the stream's frames until the client leaves or the server stops."""
         with self._svc.hub.subscribe(tenant_id=self._tenant_id) as subscription:
             if resume is None:
                 with self._svc.work.reading() as session:
@@ -270,7 +270,7 @@ class TenantStream:
             else:
                 self._last = resume
                 yield from self._catch_up()
-            while True:
+            while not self._svc.hub.closing:
                 wait = HEARTBEAT_SECONDS if self._svc.hub.listening else FALLBACK_SECONDS
                 changes = subscription.get(wait)
                 if subscription.behind or not self._svc.hub.listening:
@@ -343,7 +343,7 @@ def hold(
             if tag != known:
                 return response
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or svc.hub.closing:
                 return None
             wait = left if svc.hub.listening else min(left, FALLBACK_SECONDS)
             subscription.get(wait)

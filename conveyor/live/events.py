@@ -144,11 +144,22 @@ class Hub:
         self._by_tenant: dict[uuid.UUID, set[Subscription]] = {}
         self._thread: threading.Thread | None = None
         self._listening = threading.Event()
+        self._closing = False
 
     @property
     def listening(self) -> bool:
         """Return whether the subscription is up (else subscribers must read the ledger)."""
         return self._listening.is_set()
+
+    @property
+    def closing(self) -> bool:
+        """Return whether the process is stopping: streams end, clients resume elsewhere."""
+        return self._closing
+
+    def close(self) -> None:
+        """End every stream and long poll of this process (it was asked to stop)."""
+        self._closing = True
+        self._everyone_behind()
 
     @contextlib.contextmanager
     def subscribe(
