@@ -198,6 +198,7 @@ def index(query: JobListQuery) -> Response:
             },
         },
         404,
+        422,
     ),
 )
 @requires(Permission.READ)

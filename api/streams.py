@@ -120,7 +120,7 @@ def _prefixed(first: str, rest: Iterator[str]) -> Iterator[str]:
 
 @bp.get(
     "/jobs/<job_id>/stream",
-    responses=responses({200: EVENT_STREAM}, 404),
+    responses=responses({200: EVENT_STREAM}, 404, 422),
 )
 @requires(Permission.READ)
 def job_stream(path: JobPath, query: JobStreamQuery) -> Response:
