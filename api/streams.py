@@ -19,6 +19,7 @@ from typing import Any
 
 from flask import Response, request
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
 from sqlalchemy.engine import RowMapping
 
 from api.auth import current_principal, requires
@@ -28,7 +29,7 @@ from api.requests import parse_id
 from api.schemas import JobPath
 from api.services import Services, services
 from conveyor.auth.roles import Permission
-from conveyor.errors import ValidationFailed
+from conveyor.errors import NotFound, ValidationFailed
 from conveyor.ledger.reads import (
     JobFilter,
     job_events_after,
@@ -214,7 +215,11 @@ class JobStream:
             events = job_events_after(session, self._job_id, self._last)
             if not events:
                 return
-            current = job_view(job_row(session, self._job_id, self._tenant_id))
+            try:
+                current = job_view(job_row(session, self._job_id, self._tenant_id))
+            except NotFound:
+                self._done = True  # pruned meanwhile: its events went with it
+                return
         for n, event in enumerate(events):
             # The view the transition made, when the hub carried it; for one read back from
             # the ledger, the job as it is now in the state the transition moved it to.
@@ -236,7 +241,7 @@ class JobStream:
             return view
         try:
             progress = self._svc.live.progress(self._job_id)
-        except Exception:  # progress is best effort, as in the poll
+        except RedisError:  # progress is best effort, as in the poll
             return view
         if progress is None:
             return view
