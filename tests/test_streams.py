@@ -319,3 +319,30 @@ def test_the_long_poll_answers_on_change_or_304_after_the_wait(
     # Without a matching ETag it answers at once.
     assert client.get(f"/v1/jobs/{job_id}?wait=20", headers=auth).status_code == 200
     assert client.get(f"/v1/jobs/{job_id}?wait=61", headers=auth).status_code == 422
+
+
+def test_a_stream_resumes_from_job_events_when_the_subscription_was_lost(
+    client: Any, auth: dict[str, str], engine: Any, redis_client: Any, sessions: Any
+) -> None:
+    job_id = submit(client, auth)
+    with opened(client, f"/v1/jobs/{job_id}/stream", auth) as frames:
+        assert frames.next() is not None
+        # A transition whose message is lost (this unit publishes nothing, as if Redis had
+        # dropped it): the stream hears nothing...
+        with Work(engine, None).single_statement() as unit:
+            assert claim(unit, uuid.UUID(job_id), "w1", datetime.now(UTC)) is not None
+        frames.assert_quiet(0.5)
+        # ...until the hub's subscription drops and comes back: then it reads job_events.
+        db = redis_client.connection_pool.connection_kwargs.get("db", 0)
+        hubs = [
+            c["id"]
+            for c in redis_client.client_list()
+            if c.get("name") == events.HUB_CLIENT and int(c.get("db", -1)) == db
+        ]
+        assert hubs
+        for client_id in hubs:
+            redis_client.client_kill_filter(_id=client_id)
+        running = frames.next()
+    assert running is not None
+    assert running["data"]["state"] == "running"
+    assert int(running["id"]) == event_ids(sessions, job_id)[1]

@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 # Changes a subscriber may hold unread; past that it is `behind` and reads the ledger.
 BUFFER = 1000
+# The name of the hub's connection in Redis's CLIENT LIST.
+HUB_CLIENT = "conveyor-events"
 
 
 def events_channel(redis: Redis) -> str:
@@ -241,6 +243,11 @@ class Hub:
                 elif message.get("type") == "message":
                     quiet = 0.0
                     self._deliver(decode(message["data"]))
+                elif message.get("type") == "subscribe":
+                    # redis-py reconnected and subscribed again by itself: what was
+                    # published in between is lost to pub/sub, so everyone reads the ledger.
+                    logger.info("job change subscription restored")
+                    self._everyone_behind()
         finally:
             pubsub.close()
 
