@@ -15,7 +15,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from flask import Response, request
 from pydantic import BaseModel, ConfigDict, Field
@@ -157,6 +156,8 @@ class JobStream:
         self._tenant_id = tenant_id
         self._show = show
         self._last = 0
+        # The job row's version this stream has shown (views carry it, each one higher).
+        self._version = 0
         self._view: View = {}
         self._done = False
 
@@ -167,7 +168,7 @@ class JobStream:
                 yield from self._current()
             else:
                 self._last = resume
-                yield from self._catch_up({})
+                yield from self._catch_up()
             while not self._done and not self._svc.hub.closing:
                 yield from self._next(subscription)
 
@@ -176,6 +177,7 @@ class JobStream:
         with self._svc.work.reading() as session:
             row = job_row(session, self._job_id, self._tenant_id)
             self._last = latest_event_id(session, self._job_id) or 0
+        self._version = row["version"]
         self._view = self._with_progress(job_view(row))
         self._done = JobState(row["state"]) in FINISHED
         yield frame("state", self._last, self._show(self._view))
@@ -185,48 +187,60 @@ class JobStream:
         changes = subscription.get(wait)
         if subscription.behind or not self._svc.hub.listening:
             subscription.behind = False
-            yield from self._catch_up({})
-        live = {c.event_id: c.view for c in changes if c.event_id is not None and c.view}
+            yield from self._catch_up()
         sent = False
         for change in changes:
             if self._done:
                 return
-            if change.event_id is not None and change.event_id > self._last:
-                # Read the ledger after the last id rather than trust the message alone:
-                # a publish may overtake an earlier commit's, the ledger's order cannot.
-                for text in self._catch_up(live):
+            if change.progress is not None:
+                if self._view.get("state") == JobState.RUNNING:
+                    progress = with_started(change.progress, self._view.get("started_at"))
+                    self._view = {**self._view, "progress": progress}
                     sent = True
-                    yield text
-            elif change.progress is not None and self._view.get("state") == JobState.RUNNING:
-                progress = with_started(change.progress, self._view.get("started_at"))
-                self._view = {**self._view, "progress": progress}
+                    yield frame("progress", self._last, self._show(self._view))
+            elif change.version is None or change.version <= self._version:
+                continue  # a view already seen (a refill from the ledger, a late duplicate)
+            elif change.version == self._version + 1:
+                # The next version of the job: nothing can have happened in between, so the
+                # message is the change itself (no database read on the hot path).
+                sent |= change.event_id is not None
+                yield from self._apply(change)
+            else:
+                # A version skipped: its message was lost or overtaken (a publish may pass
+                # an earlier commit's). The ledger has the order and every event.
                 sent = True
-                yield frame("progress", self._last, self._show(self._view))
-            elif change.view is not None and change.event_id is None:
-                # Not a transition (a cancel request, a new wait reason): the next frame's
-                # view shows it.
-                self._view = {**change.view, "progress": self._view.get("progress")}
+                yield from self._catch_up()
         if not changes and not sent:
             yield ": ping\n\n"
 
-    def _catch_up(self, live: dict[int, dict[str, Any]]) -> Iterator[str]:
-        """Send the job's events after the last one sent, in id order."""
+    def _apply(self, change: Change) -> Iterator[str]:
+        """Take the job's next version from its message."""
+        self._version = change.version or self._version
+        if change.view is None:
+            return  # a tombstone: the view is unchanged for clients
+        progress = self._view.get("progress") if change.event_id is None else None
+        self._view = {**change.view, "progress": progress}
+        if change.event_id is None:
+            return  # not a transition (a cancel request, a new wait reason): shown next frame
+        self._last = change.event_id
+        self._done = JobState(change.view["state"]) in FINISHED
+        yield frame("state", change.event_id, self._show(self._view))
+
+    def _catch_up(self) -> Iterator[str]:
+        """Send the job's events after the last one sent, in id order, from the ledger."""
         with self._svc.work.reading() as session:
             events = job_events_after(session, self._job_id, self._last)
-            if not events:
-                return
             try:
-                current = job_view(job_row(session, self._job_id, self._tenant_id))
+                row = job_row(session, self._job_id, self._tenant_id)
             except NotFound:
                 self._done = True  # pruned meanwhile: its events went with it
                 return
+        self._version = row["version"]
+        current = job_view(row)
         for n, event in enumerate(events):
-            # The view the transition made, when the hub carried it; for one read back from
-            # the ledger, the job as it is now in the state the transition moved it to.
-            found = live.get(event.id)
-            if found is not None:
-                self._view = found
-            elif n == len(events) - 1 and current["state"] == event.to_state:
+            # A transition read back from the ledger: the job as it is now, in the state
+            # the transition moved it to.
+            if n == len(events) - 1 and current["state"] == event.to_state:
                 self._view = self._with_progress(current)
             else:
                 self._view = {**current, "state": JobState(event.to_state).value}

@@ -29,6 +29,7 @@ from conveyor.ledger.work import Work
 from conveyor.live.store import LiveStore
 
 STREAMS = 1000
+HEARTBEAT_SECONDS = 15  # api.streams.HEARTBEAT_SECONDS (the bench imports no api module)
 LATENCY_SAMPLES = 200
 
 
@@ -142,6 +143,9 @@ def live_rounds(
             add("live_open_streams_s", time.monotonic() - began)
             during = {"submit": submit(), "poll": poll()}
             latencies = transition_latency(engine, r, streams, LATENCY_SAMPLES)
+        # The server notices a closed stream at its next heartbeat write: until then the
+        # streams are still open there.
+        time.sleep(HEARTBEAT_SECONDS + 1)
         after = {"submit": submit(), "poll": poll()}
         for name in ("submit", "poll"):
             without = (before[name].rps + after[name].rps) / 2
