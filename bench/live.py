@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
+import psutil
 import redis
 from sqlalchemy import Engine
 
@@ -115,6 +116,28 @@ def transition_latency(
     return latencies
 
 
+def api_cpu_seconds(api_pid: int) -> float:
+    """Return the CPU time the API's processes (gunicorn master and workers) have used."""
+    parent = psutil.Process(api_pid)
+    total = 0.0
+    for proc in [parent, *parent.children(recursive=True)]:
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+def _metered(load: Callable[[], LoadResult], api_pid: int) -> tuple[LoadResult, float]:
+    """Run a load; return it and the API's CPU milliseconds per request it served.
+
+    CPU per request barely moves with a busy machine, unlike req/s: it is the figure that
+    shows what the open streams cost each request.
+    """
+    cpu, began = api_cpu_seconds(api_pid), time.monotonic()
+    result = load()
+    cpu, took = api_cpu_seconds(api_pid) - cpu, time.monotonic() - began
+    return result, 1000 * cpu / max(1.0, result.rps * took)
+
+
 def live_rounds(
     port: int,
     headers: dict[str, str],
@@ -124,30 +147,44 @@ def live_rounds(
     submit: Callable[[], LoadResult],
     poll: Callable[[], LoadResult],
     log: Callable[[str], None],
+    api_pid: int,
 ) -> dict[str, list[float]]:
     """Measure submit and poll without and with 1,000 open streams, and transition latency."""
     out: dict[str, list[float]] = {}
+    loads = {"submit": submit, "poll": poll}
 
     def add(key: str, value: float) -> None:
         out.setdefault(key, []).append(value)
+
+    def measure(phase: str) -> dict[str, LoadResult]:
+        results = {}
+        for name, load in loads.items():
+            results[name], cpu_ms = _metered(load, api_pid)
+            add(f"live_{name}_cpu_ms_{phase}", cpu_ms)
+        return results
 
     for n in range(rounds):
         # Without, with, without again: the ratio compares the middle to the mean of its
         # neighbours, so a machine getting busier or quieter meanwhile does not pass for the
         # streams' cost.
-        before = {"submit": submit(), "poll": poll()}
+        before = measure("before")
         watched = queued_jobs(port, headers, STREAMS)
         log(f"live status round {n + 1}: opening {STREAMS} streams")
         began = time.monotonic()
         with open_streams(port, headers, watched) as streams:
             add("live_open_streams_s", time.monotonic() - began)
-            during = {"submit": submit(), "poll": poll()}
+            during = measure("with")
+            idle = api_cpu_seconds(api_pid)
+            time.sleep(5)
+            add("live_idle_cpu_percent_with", (api_cpu_seconds(api_pid) - idle) / 5 * 100)
             latencies = transition_latency(engine, r, streams, LATENCY_SAMPLES)
         # The server notices a closed stream at its next heartbeat write: until then the
         # streams are still open there.
         time.sleep(HEARTBEAT_SECONDS + 1)
-        after = {"submit": submit(), "poll": poll()}
+        after = measure("after")
         for name in ("submit", "poll"):
+            add(f"live_{name}_rps_before", before[name].rps)
+            add(f"live_{name}_rps_after", after[name].rps)
             without = (before[name].rps + after[name].rps) / 2
             add(f"live_{name}_rps_without", without)
             add(f"live_{name}_rps_with", during[name].rps)

@@ -440,6 +440,7 @@ def run_stacks(
                             load, stack, "GET", paths[stack.name], None, args.seconds
                         ),
                         log=log,
+                        api_pid=stack.api.pid if stack.api else 0,
                     )
                 )
         log(f"batch submit, {args.rounds} x {args.batches} batches of 1000 per stack")
@@ -539,6 +540,11 @@ REPORT = [
     ("live_poll_ratio", "live: poll req/s with / without 1,000 streams", ">= 0.9"),
     ("live_submit_rps_with", "live: submit req/s, 1,000 streams open", ""),
     ("live_poll_rps_with", "live: poll req/s, 1,000 streams open", ""),
+    ("live_submit_cpu_ms_with", "live: API CPU ms per submit, 1,000 streams open", ""),
+    ("live_submit_cpu_ms_before", "live: API CPU ms per submit, no streams", ""),
+    ("live_poll_cpu_ms_with", "live: API CPU ms per poll, 1,000 streams open", ""),
+    ("live_poll_cpu_ms_before", "live: API CPU ms per poll, no streams", ""),
+    ("live_idle_cpu_percent_with", "live: API CPU % with 1,000 idle streams", ""),
     ("live_transition_p50_ms", "live: commit to stream frame p50 ms", ""),
     ("live_transition_p99_ms", "live: commit to stream frame p99 ms", "<= 50 ms"),
 ]
