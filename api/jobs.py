@@ -7,6 +7,8 @@ costs one Redis round trip and no database one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import uuid
 from collections import Counter
@@ -213,8 +215,9 @@ def show(path: JobPath, query: JobWait) -> ResponseBase:
         with svc.work.reading() as session:
             view = read_view(svc.live, session, job_id, principal.tenant_id, prefetched)
         bind_context(job_id=view["id"], job_type=view["type"])
-        response = jsonify(show_view(view))
-        response.add_etag()
+        shown_view = show_view(view)
+        response = jsonify(shown_view)
+        response.set_etag(etag_of(shown_view))
         return response
 
     response = read(_take_polled())
@@ -225,6 +228,19 @@ def show(path: JobPath, query: JobWait) -> ResponseBase:
         if changed is not None:
             return changed
     return response.make_conditional(request)
+
+
+def etag_of(view: dict[str, Any]) -> str:
+    """Return a job view's ETag: its content, less the ETA that moves with the clock.
+
+    `progress.eta_seconds` is extrapolated at each read: in the ETag it would make every
+    read of a running job a change, and a long poll could never wait.
+    """
+    progress = view.get("progress")
+    if progress:
+        view = {**view, "progress": {k: v for k, v in progress.items() if k != "eta_seconds"}}
+    digest = hashlib.sha1(json.dumps(view, sort_keys=True).encode(), usedforsecurity=False)
+    return digest.hexdigest()
 
 
 def _tagged(response: Response) -> tuple[str, Response]:

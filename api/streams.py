@@ -211,7 +211,18 @@ class JobStream:
                 sent = True
                 yield from self._catch_up()
         if not changes and not sent:
+            if self._newer_view():
+                # A message lost without the hub noticing: the view moved on without us.
+                yield from self._catch_up()
             yield ": ping\n\n"
+
+    def _newer_view(self) -> bool:
+        """Return whether the job's live view is newer than what this stream has shown."""
+        try:
+            version = self._svc.live.version(self._job_id)
+        except RedisError:
+            return False  # the hub's own fallback reads the ledger while Redis is away
+        return version is not None and version > self._version
 
     def _apply(self, change: Change) -> Iterator[str]:
         """Take the job's next version from its message."""

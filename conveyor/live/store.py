@@ -221,6 +221,11 @@ class LiveStore:
             pipe.publish(self._channel, encode_progress(job_id, document))
             pipe.execute()
 
+    def version(self, job_id: uuid.UUID) -> int | None:
+        """Return the version of a job's live view, if it has one (`RedisError` if unreachable)."""
+        raw = self._redis.hget(view_key(job_id), "v")
+        return int(raw) if raw is not None else None
+
     def progress(self, job_id: uuid.UUID) -> dict[str, Any] | None:
         """Return a job's latest progress report, if any (raises `RedisError` when it cannot)."""
         return _parse_progress(self._redis.get(progress_key(job_id)))
