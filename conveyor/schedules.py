@@ -18,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from conveyor.errors import Conflict, ValidationFailed
-from conveyor.ledger.requests import JobRequest, LimitKey, check_request
+from conveyor.ledger.requests import RUN_AT_HORIZON, JobRequest, LimitKey, check_request
 from conveyor.ledger.states import UNFINISHED, JobState
 from conveyor.ledger.submit import Gate, Submitted, submit_jobs
 from conveyor.ledger.work import UnitOfWork
@@ -40,7 +40,8 @@ class ScheduleOptions(BaseModel):
     priority: int | None = Field(default=None, ge=0, le=9)
     queue: str | None = Field(default=None, min_length=1, max_length=100)
     max_attempts: int | None = Field(default=None, ge=1, le=100)
-    ttl_seconds: float | None = Field(default=None, gt=0)
+    # The bounds of a job's own options (JobOptions): the fired jobs are built from these.
+    ttl_seconds: float | None = Field(default=None, gt=0, le=RUN_AT_HORIZON.total_seconds())
     limit_key: LimitKey | None = None
 
 

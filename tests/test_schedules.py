@@ -201,6 +201,7 @@ def test_schedule_api_round_trip(client: Any, auth: dict[str, str], settings: Se
         ),
         ({"interval_seconds": 5, "options": {"queue": "elsewhere"}}, 422, "options.queue"),
         ({"interval_seconds": 5, "options": {"priority": 12}}, 422, "options.priority"),
+        ({"interval_seconds": 5, "options": {"ttl_seconds": 1e308}}, 422, "options.ttl_seconds"),
         ({"interval_seconds": 5, "misfire_policy": "later"}, 422, "misfire_policy"),
     ],
 )
