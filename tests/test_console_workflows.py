@@ -86,6 +86,9 @@ def test_a_workflow_page_draws_its_jobs_by_state_linked_and_an_operator_cancels_
     assert page.count('class="edge"') == 4  # a→b, a→c, b→d, c→d
     assert "4 jobs in 3 levels" in page
     assert ">Cancel workflow<" in page
+    # Each job's page leads back to its workflow.
+    job_page = operator.get(f"/console/jobs/{ids['d']}").get_data(as_text=True)
+    assert f'href="{page_url}"' in job_page
 
     done = post_form(operator, f"{page_url}/cancel", page=page_url)
     assert done.status_code == 302
