@@ -175,11 +175,13 @@ def show(path: WorkflowPath) -> Response:
 @requires(Permission.CANCEL)
 def cancel(path: WorkflowPath) -> tuple[Response, int]:
     """Cancel every unfinished job of a workflow (running ones are asked to stop)."""
+    return jsonify(cancel_workflow_of_caller(parse_id(path.workflow_id, "workflow"))), 202
+
+
+def cancel_workflow_of_caller(workflow_id: uuid.UUID) -> dict[str, Any]:
+    """Cancel the caller's workflow, audited, and return its view (the API's and the console's)."""
     principal = current_principal()
-    svc = services()
-    workflow_id = parse_id(path.workflow_id, "workflow")
-    with svc.work.begin() as unit:
+    with services().work.begin() as unit:
         cancel_workflow(unit, principal.tenant_id, workflow_id, datetime.now(UTC), actor(principal))
         audit(unit.session, principal, "workflow.cancel", "workflow", workflow_id, {})
-        view = workflow_view(unit.session, workflow_id, principal.tenant_id)
-    return jsonify(view), 202
+        return workflow_view(unit.session, workflow_id, principal.tenant_id)

@@ -19,6 +19,7 @@ from tests.console import PASSWORD, add_people, csrf_of, post_form, sign_in, sig
 PAGES = (
     "/console/",
     "/console/jobs",
+    "/console/workflows",
     "/console/queues",
     "/console/limits",
     "/console/schedules",

@@ -2,8 +2,9 @@
 
 One bounded walk through what an operator does: sign in, find a failed job by filter, retry
 it and watch it succeed without reloading, cancel a running job; a viewer finds no buttons;
-another tenant gets a 404 page; a forged form post is refused. Screenshots of the overview,
-the job list and a job page go to test-artifacts/.
+a workflow's graph, whose failed box leads to its job; another tenant gets a 404 page; a
+forged form post is refused. Screenshots of the overview, the job list, a job page and a
+workflow go to test-artifacts/.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tests.browser import ARTIFACTS, CHROMIUM_FLAGS, chromium
 from tests.conftest import wait_for
 from tests.console import PASSWORD, add_people
 from tests.factories import other_tenant
+from worker.dispatcher import Dispatcher
 
 # The whole walk must end well within a minute; each wait is bounded by this much.
 STEP_MS = 20_000
@@ -48,6 +50,32 @@ def _submit(client: Any, auth: dict[str, str], body: dict[str, Any]) -> str:
 
 def _state(client: Any, auth: dict[str, str], job_id: str) -> str:
     state: str = client.get(f"/v1/jobs/{job_id}", headers=auth).get_json()["state"]
+    return state
+
+
+def _workflow(client: Any, auth: dict[str, str]) -> dict[str, Any]:
+    """Submit extract → (transform, check) → report where `check` fails: report is cancelled."""
+    jobs = [
+        {"ref": "extract", "type": "system.noop"},
+        {"ref": "transform", "type": "system.noop", "depends_on": ["extract"]},
+        {
+            "ref": "check",
+            "type": "system.fail",
+            "payload": {"message": "no source"},
+            "depends_on": ["extract"],
+        },
+        {"ref": "report", "type": "system.noop", "depends_on": ["transform", "check"]},
+    ]
+    answer = client.post(
+        "/v1/workflows", json={"name": "nightly-report", "jobs": jobs}, headers=auth
+    )
+    assert answer.status_code == 202, answer.get_json()
+    view = answer.get_json()
+    return {"id": view["id"], "refs": {job["ref"]: job["id"] for job in view["jobs"]}}
+
+
+def _workflow_state(client: Any, auth: dict[str, str], workflow_id: str) -> str:
+    state: str = client.get(f"/v1/workflows/{workflow_id}", headers=auth).get_json()["state"]
     return state
 
 
@@ -82,7 +110,16 @@ def test_an_operator_signs_in_retries_a_failure_and_cancels_a_running_job(
         auth,
         {"type": "system.fail", "payload": {"message": "boom", "succeed_on_attempt": 2}},
     )
+    flow = _workflow(client, auth)
     running = _submit(client, auth, {"type": "system.sleep", "payload": {"seconds": 60}})
+    # A workflow's released jobs are the dispatcher's to publish: its passes run here.
+    dispatcher = Dispatcher.for_app(worker)
+
+    def settled() -> bool:
+        dispatcher.run_once()
+        return _workflow_state(client, auth, flow["id"]) == "failed"
+
+    wait_for(settled)
     wait_for(lambda: _state(client, auth, done) == "succeeded")
     wait_for(lambda: _state(client, auth, failing) == "failed")
     wait_for(lambda: _state(client, auth, running) == "running")
@@ -127,6 +164,22 @@ def test_an_operator_signs_in_retries_a_failure_and_cancels_a_running_job(
             expect(page.get_by_role("status")).to_contain_text("Asked the running job to stop")
             expect(page.locator("#live .state").first).to_have_text("cancelled")
 
+            # The workflow drawn as a graph: a box per job, coloured by state, each a link.
+            page.get_by_role("link", name="Workflows", exact=True).click()
+            page.get_by_label("Name").fill("nightly-report")
+            page.get_by_role("button", name="Filter").click()
+            page.locator("tr", has_text=flow["id"][:8]).get_by_role("link").click()
+            page.wait_for_url(f"**/console/workflows/{flow['id']}")
+            graph = page.locator("svg.graph")
+            expect(graph.locator("a.node")).to_have_count(4)
+            expect(graph.locator("a.node.state-succeeded")).to_have_count(2)
+            expect(graph.locator("a.node.state-cancelled")).to_have_count(1)
+            expect(page.get_by_role("button", name="Cancel workflow")).to_have_count(0)
+            page.screenshot(path=str(ARTIFACTS / "console-workflow.png"), full_page=True)
+            graph.locator("a.node.state-failed").click()
+            page.wait_for_url(f"**/console/jobs/{flow['refs']['check']}")
+            expect(page.locator("#live")).to_contain_text("no source")
+
             # A forged form post (no session token) is refused.
             status = page.evaluate(
                 """url => fetch(url, {method: 'POST', body: new URLSearchParams(
@@ -162,6 +215,7 @@ def test_an_operator_signs_in_retries_a_failure_and_cancels_a_running_job(
             expect(outsider.get_by_role("heading", name="Not found")).to_be_visible()
         finally:
             browser.close()
-    for name in ("console-overview.png", "console-jobs.png", "console-job.png"):
+    shots = ("console-overview.png", "console-jobs.png", "console-job.png", "console-workflow.png")
+    for name in shots:
         assert (ARTIFACTS / name).stat().st_size > 10_000, name
     assert time.monotonic() - started < 60

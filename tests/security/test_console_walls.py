@@ -27,6 +27,7 @@ from tests.security.test_tenant_matrix import (
     _key,
     _schedule,
     _webhook,
+    _workflow,
 )
 
 # Per path argument: how the owner makes one.
@@ -35,6 +36,7 @@ KINDS: dict[str, Make] = {
     "schedule_id": _schedule,
     "key_id": _key,
     "webhook_id": _webhook,
+    "workflow_id": _workflow,
 }
 # Path arguments that are names within the caller's own tenant, or a file, not objects.
 NAMES = frozenset({"queue", "key", "filename"})
@@ -80,7 +82,9 @@ def test_another_tenants_object_is_a_404_page_on_every_console_route(
     routes = console_id_routes(app)
     assert {argument for *_, argument in routes} <= KINDS.keys(), "a new kind of id: add it"
     named = {"console.job", "console.retry", "console.cancel", "console.artifact"}
-    assert named | {"console.revoke", "console.delete_webhook"} <= {r[2] for r in routes}
+    named |= {"console.revoke", "console.delete_webhook"}
+    named |= {"console.workflow", "console.cancel_workflow"}
+    assert named <= {r[2] for r in routes}
     for method, rule, endpoint, argument in routes:
         for action in ACTIONS.get(endpoint, ("",)):
             object_id = STATES.get(endpoint, KINDS[argument])(client, auth, sessions)
