@@ -8,7 +8,7 @@ same transaction.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -105,15 +105,10 @@ def cancel_jobs(
     Each job goes through `cancel_job`, so each has its own guarded transition and audit
     entry; an id that is not the caller's is skipped as not found, telling nothing more.
     """
-    outcome = BulkOutcome()
-    for job_id in list(job_ids)[:MAX_BULK_CANCEL]:
-        try:
-            cancel_job(unit, registry, principal, job_id, now)
-        except (Conflict, NotFound) as exc:
-            outcome.skipped[str(job_id)] = exc.detail
-        else:
-            outcome.done.append(str(job_id))
-    return outcome
+    return _each(
+        list(job_ids)[:MAX_BULK_CANCEL],
+        lambda job_id: cancel_job(unit, registry, principal, job_id, now),
+    )
 
 
 def retry_jobs(
@@ -124,10 +119,18 @@ def retry_jobs(
     now: datetime,
 ) -> BulkOutcome:
     """Retry each of the caller's jobs (at most `MAX_BULK_RETRY`); one that cannot be is skipped."""
+    return _each(
+        list(job_ids)[:MAX_BULK_RETRY],
+        lambda job_id: retry_job(unit, registry, principal, job_id, now),
+    )
+
+
+def _each(job_ids: list[uuid.UUID], act: Callable[[uuid.UUID], object]) -> BulkOutcome:
+    """Act on each job; one the action refuses (not found, wrong state) is skipped, with why."""
     outcome = BulkOutcome()
-    for job_id in list(job_ids)[:MAX_BULK_RETRY]:
+    for job_id in job_ids:
         try:
-            retry_job(unit, registry, principal, job_id, now)
+            act(job_id)
         except (Conflict, NotFound) as exc:
             outcome.skipped[str(job_id)] = exc.detail
         else:
