@@ -7,6 +7,8 @@ costs one Redis round trip and no database one.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import uuid
 from collections import Counter
@@ -22,7 +24,7 @@ from werkzeug.wrappers import Response as ResponseBase
 
 from api.admission import admitting
 from api.auth import current_principal, requires
-from api.job_views import shown
+from api.job_views import shown, shown_to_caller
 from api.openapi import (
     JSON_BODY,
     LOCATION,
@@ -32,8 +34,18 @@ from api.openapi import (
 )
 from api.rate_limits import Receiver, ride_along
 from api.requests import parse_id
-from api.schemas import EventList, EventOut, JobBatch, JobList, JobListQuery, JobPage, JobPath
+from api.schemas import (
+    EventList,
+    EventOut,
+    JobBatch,
+    JobList,
+    JobListQuery,
+    JobPage,
+    JobPath,
+    JobWait,
+)
 from api.services import services
+from api.streams import hold
 from conveyor.auth.roles import Permission
 from conveyor.errors import ValidationFailed
 from conveyor.ledger.idempotency import claim_idempotency_key, point_idempotency_key
@@ -180,27 +192,60 @@ def index(query: JobListQuery) -> Response:
 @bp.get(
     "/<job_id>",
     responses=responses(
-        {200: JobOut, 304: {"description": "Unchanged since the `ETag` sent in `If-None-Match`."}},
+        {
+            200: JobOut,
+            304: {
+                "description": "Unchanged since the `ETag` sent in `If-None-Match` (with "
+                "`?wait=N`: for N seconds)."
+            },
+        },
         404,
+        422,
     ),
 )
 @requires(Permission.READ)
-def show(path: JobPath) -> ResponseBase:
-    """Read a job, with live progress while it runs (from Redis when it can); `ETag`, 304."""
+def show(path: JobPath, query: JobWait) -> ResponseBase:
+    """Read a job, with live progress while it runs; `ETag`, 304; `?wait=N` waits for a change."""
     principal = current_principal()
     svc = services()
-    with svc.work.reading() as session:
-        view = read_view(
-            svc.live,
-            session,
-            parse_id(path.job_id, "job"),
-            principal.tenant_id,
-            _take_polled(),
-        )
-    bind_context(job_id=view["id"], job_type=view["type"])
-    response = jsonify(shown(view))
-    response.add_etag()
+    job_id = parse_id(path.job_id, "job")
+    show_view = shown_to_caller()
+
+    def read(prefetched: Prefetched | None = None) -> Response:
+        with svc.work.reading() as session:
+            view = read_view(svc.live, session, job_id, principal.tenant_id, prefetched)
+        bind_context(job_id=view["id"], job_type=view["type"])
+        shown_view = show_view(view)
+        response = jsonify(shown_view)
+        response.set_etag(etag_of(shown_view))
+        return response
+
+    response = read(_take_polled())
+    known, _ = response.get_etag()
+    if query.wait and known is not None and known in request.if_none_match:
+        # The caller has this view: hold the request until it changes or the wait ends.
+        changed = hold(svc, job_id, query.wait, lambda: _tagged(read()), known)
+        if changed is not None:
+            return changed
     return response.make_conditional(request)
+
+
+def etag_of(view: dict[str, Any]) -> str:
+    """Return a job view's ETag: its content, less the ETA that moves with the clock.
+
+    `progress.eta_seconds` is extrapolated at each read: in the ETag it would make every
+    read of a running job a change, and a long poll could never wait.
+    """
+    progress = view.get("progress")
+    if progress:
+        view = {**view, "progress": {k: v for k, v in progress.items() if k != "eta_seconds"}}
+    digest = hashlib.sha1(json.dumps(view, sort_keys=True).encode(), usedforsecurity=False)
+    return digest.hexdigest()
+
+
+def _tagged(response: Response) -> tuple[str, Response]:
+    tag, _ = response.get_etag()
+    return tag or "", response
 
 
 def _read_with_the_counters(pipe: Pipeline) -> Receiver | None:

@@ -39,6 +39,18 @@ class JobPath(BaseModel):
     job_id: ObjectId
 
 
+class JobWait(BaseModel):
+    """`GET /v1/jobs/{id}`: `?wait=N` holds the request up to N seconds for a change."""
+
+    # Not "forbid": the poll ignored unknown parameters before, and clients send some.
+    wait: float | None = Field(
+        default=None,
+        ge=0,
+        le=60,
+        description="With `If-None-Match`: seconds to wait for the job to change (else 304).",
+    )
+
+
 class JobQuery(BaseModel):
     """The filters shared by `GET /v1/jobs` and `POST /v1/jobs/retry`."""
 

@@ -17,6 +17,7 @@ from conveyor.broker.publisher import CeleryPublisher
 from conveyor.db import create_db_engine, create_session_factory
 from conveyor.ledger.gate import SubmitGate
 from conveyor.ledger.work import Work
+from conveyor.live.events import HUB_CLIENT, Hub
 from conveyor.live.store import LiveStore
 from conveyor.plugins import Domain, job_registry
 from conveyor.registry import JobRegistry
@@ -39,6 +40,8 @@ class Services:
     key_cache: PrincipalCache
     # Whether a submitted job may go straight to the broker (flow control).
     gate: SubmitGate
+    # This process's one subscription to committed job changes (streams, long polls).
+    hub: Hub
 
     @property
     def live(self) -> LiveStore:
@@ -64,6 +67,12 @@ class Services:
             registry=job_registry(settings, domains),
             key_cache=PrincipalCache(settings.api_key_cache_seconds),
             gate=SubmitGate.for_settings(settings, redis, work.reading),
+            # Its own client: a subscription blocks on its socket longer than socket_timeout.
+            hub=Hub(
+                Redis.from_url(
+                    settings.result_backend, socket_connect_timeout=2, client_name=HUB_CLIENT
+                )
+            ),
         )
 
 

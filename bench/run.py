@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import http.client
 import json
 import os
@@ -36,6 +37,7 @@ from sqlalchemy import Engine, create_engine, text
 
 from bench import orders_csv
 from bench.flow import FlowTarget, fair_share, put_limit, wake_latency
+from bench.live import live_rounds
 from bench.loadgen import LoadResult, http_load, post_json, wrk_available, wrk_load
 from bench.processes import (
     BIN,
@@ -472,6 +474,26 @@ def run_stacks(
         for _ in range(args.rounds):
             for stack in stacks:
                 record(stack, "poll", load(stack, "GET", paths[stack.name], None, args.seconds))
+        for stack in stacks:
+            if stack.name == "conveyor" and stack.ledger is not None and not args.no_live:
+                log(f"live status: {args.rounds} x submit and poll without/with 1,000 streams")
+                out[stack.name].update(
+                    live_rounds(
+                        stack.port,
+                        stack.headers,
+                        stack.ledger.engine,
+                        r,
+                        args.rounds,
+                        submit=functools.partial(
+                            load, stack, "POST", [stack.submit_path], stack.job_body, args.seconds
+                        ),
+                        poll=functools.partial(
+                            load, stack, "GET", paths[stack.name], None, args.seconds
+                        ),
+                        log=log,
+                        api_pid=stack.api.pid if stack.api else 0,
+                    )
+                )
         log(f"batch submit, {args.rounds} x {args.batches} batches of 1000 per stack")
         for _ in range(args.rounds):
             for stack in stacks:
@@ -584,6 +606,17 @@ REPORT = [
     ("tracing_on_e2e_jobs_per_s", "tracing on: end to end jobs/s", ""),
     ("tracing_e2e_jobs_per_s_ratio", "tracing: end to end on / off", ""),
     ("tracing_otlp_requests", "tracing: OTLP/HTTP export requests", ""),
+    ("live_submit_ratio", "live: submit req/s with / without 1,000 streams", ">= 0.9"),
+    ("live_poll_ratio", "live: poll req/s with / without 1,000 streams", ">= 0.9"),
+    ("live_submit_rps_with", "live: submit req/s, 1,000 streams open", ""),
+    ("live_poll_rps_with", "live: poll req/s, 1,000 streams open", ""),
+    ("live_submit_cpu_ms_with", "live: API CPU ms per submit, 1,000 streams open", ""),
+    ("live_submit_cpu_ms_before", "live: API CPU ms per submit, no streams", ""),
+    ("live_poll_cpu_ms_with", "live: API CPU ms per poll, 1,000 streams open", ""),
+    ("live_poll_cpu_ms_before", "live: API CPU ms per poll, no streams", ""),
+    ("live_idle_cpu_percent_with", "live: API CPU % with 1,000 idle streams", ""),
+    ("live_transition_p50_ms", "live: commit to stream frame p50 ms", ""),
+    ("live_transition_p99_ms", "live: commit to stream frame p99 ms", "<= 50 ms"),
 ]
 
 
@@ -692,6 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="measure only Conveyor's submit and e2e with tracing on vs off; print, save nothing",
     )
+    parser.add_argument("--no-live", action="store_true", help="skip the live-status measures")
     args = parser.parse_args(argv)
     if args.tracing_only:
         args.only = "conveyor"
@@ -786,7 +820,15 @@ def _bench(
                 name="conveyor",
                 env=env,
                 port=port,
-                api_cmd=[*gunicorn, "--bind", f"127.0.0.1:{port}", "api:create_app()"],
+                # As the Procfile runs it: gevent workers, keep-alive, multiprocess metrics.
+                api_cmd=[
+                    *gunicorn,
+                    "--config",
+                    "python:api.gunicorn_config",
+                    "--bind",
+                    f"127.0.0.1:{port}",
+                    "api:create_app()",
+                ],
                 worker_cmd=[
                     *celery,
                     "-A",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:
+    import httpx
 
 TERMINAL = frozenset({"succeeded", "failed", "cancelled", "expired"})
 
@@ -56,6 +58,17 @@ _ERRORS: dict[int, type[ApiError]] = {
 }
 
 
+def _raise_for_problem(response: httpx.Response) -> None:
+    """Raise the `ApiError` of a problem+json answer (any status from 400)."""
+    if response.status_code < 400:
+        return
+    problem = response.json() if "json" in response.headers.get("content-type", "") else {}
+    error = _ERRORS.get(response.status_code, ApiError)(response.status_code, problem)
+    if isinstance(error, RateLimited):
+        error.retry_after = float(response.headers.get("Retry-After", "1"))
+    raise error
+
+
 class Client:
     """Conveyor's API: jobs, schedules and keys, with `Authorization: Bearer <key>`."""
 
@@ -67,6 +80,9 @@ class Client:
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        # Imported here: httpx costs a quarter second, which `conveyor --help` need not pay.
+        import httpx
+
         self._http = httpx.Client(
             base_url=url.rstrip("/"),
             headers={"Authorization": f"Bearer {key}"},
@@ -88,12 +104,7 @@ class Client:
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._http.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            problem = response.json() if "json" in response.headers.get("content-type", "") else {}
-            error = _ERRORS.get(response.status_code, ApiError)(response.status_code, problem)
-            if isinstance(error, RateLimited):
-                error.retry_after = float(response.headers.get("Retry-After", "1"))
-            raise error
+        _raise_for_problem(response)
         return response.json() if response.content else None
 
     def submit(
@@ -122,19 +133,102 @@ class Client:
         timeout: float = 300.0,
         on_update: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll until the job finishes, backing off from 0.1 s to 2 s; raise `TimeoutError`."""
+        """Wait for the job to finish, calling `on_update` at each change; raise `TimeoutError`.
+
+        Follows the job's event stream, so each transition and progress report arrives as it
+        happens; if the stream is unavailable or breaks, long-polls (`?wait=`) instead.
+        """
+        import httpx
+
         deadline = time.monotonic() + timeout
-        delay = 0.1
+        try:
+            job = self._follow_stream(job_id, deadline, on_update)
+        except (httpx.HTTPError, ApiError, ValueError):
+            job = None  # a proxy that cuts streams, an older server: the long poll still works
+        if job is not None:
+            return job
+        return self._long_poll(job_id, deadline, on_update)
+
+    def events(
+        self, job_id: str, *, last_event_id: int | None = None, read_timeout: float = 60.0
+    ) -> Iterator[tuple[str, int | None, dict[str, Any]]]:
+        """Yield a job's stream as (event, id, job view) until it finishes (SSE, resumable)."""
+        import httpx
+
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        # Heartbeats arrive every 15 s: a read that waits longer means a dead connection.
+        timeout = httpx.Timeout(10.0, read=read_timeout)
+        with self._http.stream(
+            "GET", f"/v1/jobs/{job_id}/stream", headers=headers, timeout=timeout
+        ) as response:
+            if response.status_code >= 400:
+                response.read()
+                _raise_for_problem(response)
+            kind, event_id, data = "message", None, ""
+            for line in response.iter_lines():
+                if line == "":
+                    if data:
+                        yield kind, event_id, json.loads(data)
+                    kind, event_id, data = "message", None, ""
+                elif line.startswith(":"):
+                    yield "ping", event_id, {}
+                else:
+                    name, _, value = line.partition(":")
+                    value = value.removeprefix(" ")
+                    if name == "event":
+                        kind = value
+                    elif name == "id":
+                        event_id = int(value)
+                    elif name == "data":
+                        data += value
+
+    def _follow_stream(
+        self,
+        job_id: str,
+        deadline: float,
+        on_update: Callable[[dict[str, Any]], None] | None,
+    ) -> dict[str, Any] | None:
+        """Return the finished job from its stream, or None if the stream ended before that."""
+        for kind, _, job in self.events(job_id):
+            if kind in ("state", "progress"):
+                if on_update is not None:
+                    on_update(job)
+                if kind == "state" and job["state"] in TERMINAL:
+                    return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} unfinished after the wait")
+        return None
+
+    def _long_poll(
+        self,
+        job_id: str,
+        deadline: float,
+        on_update: Callable[[dict[str, Any]], None] | None,
+    ) -> dict[str, Any]:
+        """Return the finished job, asking the API to hold each poll until the job changes."""
+        etag: str | None = None
         while True:
-            job = self.get(job_id)
-            if on_update is not None:
-                on_update(job)
-            if job["state"] in TERMINAL:
-                return job
-            if time.monotonic() + delay > deadline:
-                raise TimeoutError(f"job {job_id} still {job['state']} after {timeout}s")
-            time.sleep(delay)
-            delay = min(2.0, delay * 1.5)
+            left = deadline - time.monotonic()
+            hold = max(0, min(30, int(left)))
+            headers = {"If-None-Match": etag} if etag else {}
+            params = {"wait": hold} if etag and hold else {}
+            response = self._http.get(
+                f"/v1/jobs/{job_id}", params=params, headers=headers, timeout=hold + 10.0
+            )
+            if response.status_code != 304:
+                _raise_for_problem(response)
+                job: dict[str, Any] = response.json()
+                etag = response.headers.get("ETag")
+                if on_update is not None:
+                    on_update(job)
+                if job["state"] in TERMINAL:
+                    return job
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} unfinished after the wait")
+            if not etag:
+                time.sleep(min(1.0, max(0.0, left)))  # a server without ETags: plain polls
 
     def jobs(self, *, limit: int = 50, **filters: str) -> Iterator[dict[str, Any]]:
         """Iterate over jobs matching the filters, newest first, fetching page by page."""

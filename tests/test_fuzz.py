@@ -52,6 +52,9 @@ def fuzzed_app(settings: Settings, redis_client: Redis) -> Iterator[Any]:
         update={"rate_limit_prefix": f"fuzz-{uuid.uuid4().hex[:8]}"}
     )
     app = create_app(own)
+    # As in a stopping server: event streams end after what they have to send, and long
+    # polls answer at once, so each fuzzed call returns (a tenant's stream never ends).
+    app.extensions["conveyor"].hub.close()
     yield app
     app.extensions["conveyor"].engine.dispose()
     # Jobs it accepted were published with no worker to take them: drop them.

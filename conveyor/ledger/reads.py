@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from redis.exceptions import RedisError
-from sqlalchemy import Select, select, tuple_
+from sqlalchemy import Select, func, select, tuple_
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.orm import Session
 
@@ -152,3 +152,55 @@ def list_events(session: Session, job_id: uuid.UUID, tenant_id: uuid.UUID) -> Se
     return session.scalars(
         select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
     ).all()
+
+
+def latest_event_id(session: Session, job_id: uuid.UUID) -> int | None:
+    """Return the id of a job's latest event (the `id:` a stream of it starts from)."""
+    found: int | None = session.scalar(
+        select(JobEvent.id).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc()).limit(1)
+    )
+    return found
+
+
+def newest_event_id(session: Session) -> int:
+    """Return the id of the newest event of any job (a new tenant stream starts after it)."""
+    found: int | None = session.scalar(select(func.max(JobEvent.id)))
+    return found or 0
+
+
+def job_events_after(
+    session: Session, job_id: uuid.UUID, after: int, *, limit: int = 1000
+) -> Sequence[JobEvent]:
+    """Return a job's events after the event `after`, oldest first (the caller owns the job).
+
+    A job's events are written under its row lock, so their ids grow in commit order: reading
+    by id after the last one sent misses none and repeats none.
+    """
+    return session.scalars(
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.id > after)
+        .order_by(JobEvent.id)
+        .limit(limit)
+    ).all()
+
+
+def tenant_events_after(
+    session: Session,
+    tenant_id: uuid.UUID,
+    after: int,
+    filters: JobFilter,
+    *,
+    limit: int = 500,
+) -> Sequence[RowMapping]:
+    """Return the tenant's transitions after the event `after`, oldest first, with their jobs.
+
+    Each row is the job's columns plus `event_id` and `to_state`; `filters.state` matches the
+    transition's target state, the other filters the job.
+    """
+    query = select(*ROW, JobEvent.id.label("event_id"), JobEvent.to_state.label("to_state"))
+    query = query.join_from(JobEvent, Job, Job.id == JobEvent.job_id)
+    query = query.where(Job.tenant_id == tenant_id, JobEvent.id > after)
+    if filters.state is not None:
+        query = query.where(JobEvent.to_state == filters.state)
+    query = JobFilter(type=filters.type, queue=filters.queue, tag=filters.tag).apply(query)
+    return session.execute(query.order_by(JobEvent.id).limit(limit)).mappings().all()

@@ -138,15 +138,18 @@ def submit_jobs(
         # per-row, per-column parameter processing of a multi-row insert cost a quarter of
         # a millisecond a job.
         document = json.dumps([_ledger_values(row) for row in new], separators=(",", ":"))
-        versions = {
-            job_id: version
-            for job_id, version in unit.session.execute(_insert_statement(), {"rows": document})
+        inserted = {
+            job_id: (version, event_id)
+            for job_id, version, event_id in unit.session.execute(
+                _insert_statement(), {"rows": document}
+            )
         }
         link(unit, edges)
         for row in new:
             view = job_view(row)
             views[row["id"]] = Submitted(row["id"], row["type"], row["queue"], row["state"], view)
-            unit.show([LiveView.of(row["id"], versions[row["id"]], tenant_id, view)])
+            version, event_id = inserted[row["id"]]
+            unit.show([LiveView.of(row["id"], version, tenant_id, view, event_id)])
         queue_messages(unit, [row for row in new if row["published_at"] is not None])
         if any(row["published_at"] is None and row["state"] == JobState.QUEUED for row in new):
             wake_dispatcher(unit)
@@ -258,7 +261,7 @@ _COLUMNS = (
 def _insert_statement() -> TextClause:
     """Build, once, the statement inserting jobs from a JSON array, and their first events."""
     columns = ", ".join(f'"{name}"' for name in _COLUMNS)
-    # Each job comes back with its version, which its live view carries.
+    # Each job comes back with its version and first event's id, which its live view carries.
     return text(
         f"""
         WITH inserted AS (
@@ -268,7 +271,9 @@ def _insert_statement() -> TextClause:
         ), first_events AS (
             INSERT INTO job_events (job_id, from_state, to_state, attempt)
             SELECT id, NULL, state, 0 FROM inserted
+            RETURNING job_id, id
         )
-        SELECT id, version FROM inserted
+        SELECT inserted.id, inserted.version, first_events.id
+        FROM inserted JOIN first_events ON first_events.job_id = inserted.id
         """  # noqa: S608 - the columns are the model's own names, not input
     ).bindparams(bindparam("rows", type_=String()))

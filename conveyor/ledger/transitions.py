@@ -58,7 +58,9 @@ def _note(unit: UnitOfWork, rows: Sequence[JobRow]) -> list[dict[str, Any]]:
     for row in rows:
         view = job_view(row)
         views.append(view)
-        unit.show([LiveView.of(row["id"], row["version"], row["tenant_id"], view)])
+        # A transition's row carries its event's id (a stream's `id:`); other writes none.
+        event_id = row.get("event_id")
+        unit.show([LiveView.of(row["id"], row["version"], row["tenant_id"], view, event_id)])
     return views
 
 

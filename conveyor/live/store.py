@@ -32,6 +32,8 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import NoScriptError, RedisError
 
+from conveyor.live.events import encode_progress, encode_views, events_channel
+
 logger = logging.getLogger(__name__)
 
 VIEW_PREFIX = "conveyor:view:"
@@ -79,13 +81,21 @@ class LiveView:
     version: int
     tenant_id: uuid.UUID | None = None
     doc: str | None = None
+    # The `job_events` row of the transition that made this view, if a transition did.
+    event_id: int | None = None
 
     @classmethod
     def of(
-        cls, job_id: uuid.UUID, version: int, tenant_id: uuid.UUID, view: dict[str, Any]
+        cls,
+        job_id: uuid.UUID,
+        version: int,
+        tenant_id: uuid.UUID,
+        view: dict[str, Any],
+        event_id: int | None = None,
     ) -> LiveView:
         """Return the live view of a job's client view (`ledger.views.job_view`) at `version`."""
-        return cls(job_id, version, tenant_id, json.dumps(view, separators=(",", ":")))
+        doc = json.dumps(view, separators=(",", ":"))
+        return cls(job_id, version, tenant_id, doc, event_id)
 
 
 def queue_read(pipe: Pipeline, job_id: uuid.UUID) -> None:
@@ -138,6 +148,7 @@ class LiveStore:
     def __init__(self, redis: Redis, ttl: int) -> None:
         self._redis = redis
         self._ttl = ttl
+        self._channel = events_channel(redis)
         self._write = redis.register_script(_WRITE)
         # Views whose write failed while Redis was unreachable, retried later.
         self._retries: list[LiveView] = []
@@ -187,6 +198,9 @@ class LiveStore:
                     str(view.tenant_id or ""),
                     view.doc or "",
                 )
+            # The changes go to the API's streams and long polls in the same round trip
+            # (after the commit, like the views): `conveyor.live.events`.
+            pipe.publish(self._channel, encode_views(batch))
             pipe.execute()
 
     def _take_retries(self) -> list[LiveView]:
@@ -200,10 +214,17 @@ class LiveStore:
         self._retries = kept[-MAX_RETRIES:]
 
     def set_progress(self, job_id: uuid.UUID, progress: dict[str, Any]) -> None:
-        """Store a running job's latest progress report (raises `RedisError` when it cannot)."""
-        self._redis.set(
-            progress_key(job_id), json.dumps(progress, separators=(",", ":")), ex=self._ttl
-        )
+        """Store a running job's latest progress report and announce it (`RedisError` if not)."""
+        document = json.dumps(progress, separators=(",", ":"))
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.set(progress_key(job_id), document, ex=self._ttl)
+            pipe.publish(self._channel, encode_progress(job_id, document))
+            pipe.execute()
+
+    def version(self, job_id: uuid.UUID) -> int | None:
+        """Return the version of a job's live view, if it has one (`RedisError` if unreachable)."""
+        raw = self._redis.hget(view_key(job_id), "v")
+        return int(raw) if raw is not None else None
 
     def progress(self, job_id: uuid.UUID) -> dict[str, Any] | None:
         """Return a job's latest progress report, if any (raises `RedisError` when it cannot)."""
