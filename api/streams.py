@@ -58,7 +58,20 @@ SSE_HEADERS = {
 EVENT_STREAM = {
     "description": "`text/event-stream`: `event: state` or `event: progress`, `id:` the job "
     "event's id, `data:` the job's view; `: ping` comments while idle.",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    # The schema of one event (how OpenAPI 3.1 tools such as Schemathesis read a stream's).
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "event": {"type": "string", "enum": ["state", "progress"]},
+                    "id": {"type": "string"},
+                    "data": {"type": "string", "description": "the job's view, as JSON"},
+                },
+                "required": ["event", "id", "data"],
+            }
+        }
+    },
 }
 
 
