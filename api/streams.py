@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 from flask import Response, request
 from pydantic import BaseModel, ConfigDict, Field
@@ -55,6 +55,9 @@ SSE_HEADERS = {
     # nginx buffers responses unless told not to; an event would wait for the buffer.
     "X-Accel-Buffering": "no",
 }
+# A stream's first frame, sent once it listens: a reconnecting EventSource waits this long
+# (ms) before it resumes.
+RETRY = "retry: 1000\n\n"
 EVENT_STREAM = {
     "description": "`text/event-stream`: `event: state` or `event: progress`, `id:` the job "
     "event's id, `data:` the job's view; `: ping` comments while idle.",
@@ -120,15 +123,20 @@ def _last_event_id(query_value: int | None) -> int | None:
     return value
 
 
-def _stream(events: Iterator[str]) -> Response:
-    # A reconnecting EventSource waits this long (ms) before it resumes.
-    body = _prefixed("retry: 1000\n\n", events)
-    return Response(body, mimetype="text/event-stream", headers=SSE_HEADERS)
+def _stream(events: Generator[str]) -> Response:
+    """Answer with the stream, subscribed already: its first frame comes once it listens."""
+    # Run up to that first frame here, not when the server first reads the body: a change
+    # committed after the client has its 200 is then never missed.
+    first = next(events)
+    return Response(_prefixed(first, events), mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
-def _prefixed(first: str, rest: Iterator[str]) -> Iterator[str]:
-    yield first
-    yield from rest
+def _prefixed(first: str, rest: Generator[str]) -> Iterator[str]:
+    try:
+        yield first
+        yield from rest
+    finally:
+        rest.close()  # leaves the subscription even if the body was never read past `first`
 
 
 @bp.get(
@@ -174,9 +182,10 @@ class JobStream:
         self._view: View = {}
         self._done = False
 
-    def events(self, resume: int | None) -> Iterator[str]:
+    def events(self, resume: int | None) -> Generator[str]:
         """Yield frames until the job finishes, the client leaves or the server stops."""
         with self._svc.hub.subscribe(job_id=self._job_id) as subscription:
+            yield RETRY
             if resume is None:
                 yield from self._current()
             else:
@@ -304,7 +313,7 @@ class TenantStream:
         # Ids sent lately: a transition read back from the ledger may also arrive live.
         self._sent: deque[int] = deque(maxlen=10_000)
 
-    def events(self, resume: int | None) -> Iterator[str]:
+    def events(self, resume: int | None) -> Generator[str]:
         """Yield the stream's frames until the client leaves or the server stops."""
         with self._svc.hub.subscribe(tenant_id=self._tenant_id) as subscription:
             if resume is None:
@@ -312,6 +321,8 @@ class TenantStream:
                     self._last = newest_event_id(session)
             else:
                 self._last = resume
+            yield RETRY
+            if resume is not None:
                 yield from self._catch_up()
             while not self._svc.hub.closing:
                 wait = HEARTBEAT_SECONDS if self._svc.hub.listening else FALLBACK_SECONDS
