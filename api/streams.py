@@ -146,23 +146,31 @@ def _prefixed(first: str, rest: Generator[str]) -> Iterator[str]:
 @requires(Permission.READ)
 def job_stream(path: JobPath, query: JobStreamQuery) -> Response:
     """Stream a job's transitions and progress until it finishes; resumes from Last-Event-ID."""
-    svc = services()
-    tenant_id = current_principal().tenant_id
-    job_id = parse_id(path.job_id, "job")
-    resume = _last_event_id(query.last_event_id)
-    with svc.work.reading() as session:
-        job_row(session, job_id, tenant_id)  # 404 for another tenant's job, before streaming
-    return _stream(JobStream(svc, job_id, tenant_id, shown_to_caller()).events(resume))
+    return open_job_stream(parse_id(path.job_id, "job"), query.last_event_id)
 
 
 @bp.get("/events/stream", responses=responses({200: EVENT_STREAM}, 422))
 @requires(Permission.READ)
 def tenant_stream(query: EventStreamQuery) -> Response:
     """Stream the tenant's transitions that match the filters; resumes from Last-Event-ID."""
+    return open_tenant_stream(query.filters(), query.last_event_id)
+
+
+def open_job_stream(job_id: uuid.UUID, last_event_id: int | None) -> Response:
+    """Answer with the caller's job's stream (the API's and the console's); 404 for another's."""
     svc = services()
     tenant_id = current_principal().tenant_id
-    resume = _last_event_id(query.last_event_id)
-    stream = TenantStream(svc, tenant_id, query.filters(), shown_to_caller())
+    resume = _last_event_id(last_event_id)
+    with svc.work.reading() as session:
+        job_row(session, job_id, tenant_id)  # 404 for another tenant's job, before streaming
+    return _stream(JobStream(svc, job_id, tenant_id, shown_to_caller()).events(resume))
+
+
+def open_tenant_stream(filters: JobFilter, last_event_id: int | None) -> Response:
+    """Answer with the caller's tenant's stream of matching transitions (API and console)."""
+    svc = services()
+    resume = _last_event_id(last_event_id)
+    stream = TenantStream(svc, current_principal().tenant_id, filters, shown_to_caller())
     return _stream(stream.events(resume))
 
 
@@ -196,7 +204,9 @@ class JobStream:
 
     def _current(self) -> Iterator[str]:
         """Start a new stream with the job as it is, under its latest event's id."""
-        with self._svc.work.reading() as session:
+        # One snapshot: the row and its latest event must agree (a transition may commit
+        # between two autocommit reads).
+        with self._svc.work.snapshot() as session:
             row = job_row(session, self._job_id, self._tenant_id)
             self._last = latest_event_id(session, self._job_id) or 0
         self._version = row["version"]
@@ -261,7 +271,9 @@ class JobStream:
 
     def _catch_up(self) -> Iterator[str]:
         """Send the job's events after the last one sent, in id order, from the ledger."""
-        with self._svc.work.reading() as session:
+        # One snapshot: were the row read after a transition the events read missed, its
+        # version would mark that transition seen and the stream would never send it.
+        with self._svc.work.snapshot() as session:
             events = job_events_after(session, self._job_id, self._last)
             try:
                 row = job_row(session, self._job_id, self._tenant_id)

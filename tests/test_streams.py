@@ -7,12 +7,9 @@ ledger's units of work, and every change reaches the streams through Redis pub/s
 from __future__ import annotations
 
 import contextlib
-import json
-import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,91 +18,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import streams
-from conveyor.ledger.transitions import claim, succeed
+from conveyor.ledger.transitions import claim
 from conveyor.ledger.work import Work
 from conveyor.live import events
-from conveyor.live.store import LiveStore, progress_document
+from conveyor.live.store import LiveStore
 from conveyor.models import JobEvent
 from conveyor.settings import Settings
 from tests.factories import other_tenant
-
-TIMEOUT = 10.0
-
-
-class Frames:
-    """The frames of one open stream, read by a thread, taken one at a time with a timeout."""
-
-    def __init__(self, response: Any) -> None:
-        self.response = response
-        self._frames: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-
-    def _read(self) -> None:
-        buffer = ""
-        try:
-            for chunk in self.response.response:
-                buffer += chunk.decode() if isinstance(chunk, bytes) else chunk
-                while "\n\n" in buffer:
-                    block, buffer = buffer.split("\n\n", 1)
-                    self._frames.put(parse(block))
-                if self._stop.is_set():
-                    break
-        finally:
-            self._frames.put(None)  # the stream ended
-            # Closed by the thread that iterates it (a generator cannot be closed from
-            # another thread while it runs): the stream's subscription ends with it.
-            self.response.close()
-
-    def next(self, *, skip_pings: bool = True) -> dict[str, Any] | None:
-        """Return the next frame (None when the stream ended); fail after TIMEOUT."""
-        while True:
-            frame = self._frames.get(timeout=TIMEOUT)
-            if frame is not None and skip_pings and ("ping" in frame or "retry" in frame):
-                continue
-            return frame
-
-    def assert_quiet(self, seconds: float) -> None:
-        """Fail if anything but a heartbeat arrives within `seconds`."""
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                frame = self._frames.get(timeout=left)
-            except queue.Empty:
-                return
-            assert frame is not None
-            assert "ping" in frame, frame
-
-    def close(self) -> None:
-        """Leave the stream, as a client that disconnects (noticed at the next heartbeat)."""
-        self._stop.set()
-        self._thread.join(TIMEOUT)
-        assert not self._thread.is_alive()
-
-
-def parse(block: str) -> dict[str, Any]:
-    frame: dict[str, Any] = {}
-    for line in block.splitlines():
-        if line.startswith(":"):
-            frame["ping"] = True
-            continue
-        name, _, value = line.partition(": ")
-        frame[name] = json.loads(value) if name == "data" else value
-    return frame
-
-
-@contextlib.contextmanager
-def opened(client: Any, url: str, headers: dict[str, str]) -> Iterator[Frames]:
-    response = client.get(url, headers=headers, buffered=False)
-    assert response.status_code == 200, response.get_data(as_text=True)
-    assert response.mimetype == "text/event-stream"
-    assert response.headers["X-Accel-Buffering"] == "no"
-    frames = Frames(response)
-    try:
-        yield frames
-    finally:
-        frames.close()
+from tests.sse import opened, run_to_success
 
 
 def submit(client: Any, headers: dict[str, str], **body: Any) -> str:
@@ -124,16 +44,6 @@ def event_ids(sessions: sessionmaker[Session], job_id: str) -> list[int]:
                 .order_by(JobEvent.id)
             )
         )
-
-
-def run_to_success(work: Work, job_id: str, store: LiveStore | None = None) -> None:
-    with work.single_statement() as unit:
-        claimed = claim(unit, uuid.UUID(job_id), "w1", datetime.now(UTC))
-    assert claimed is not None
-    if store is not None:
-        store.set_progress(uuid.UUID(job_id), progress_document(5, 10, "half"))
-    with work.begin() as unit:
-        assert succeed(unit, claimed, {"ok": True}, datetime.now(UTC))
 
 
 @pytest.fixture(autouse=True)
@@ -346,3 +256,47 @@ def test_a_stream_resumes_from_job_events_when_the_subscription_was_lost(
     assert running is not None
     assert running["data"]["state"] == "running"
     assert int(running["id"]) == event_ids(sessions, job_id)[1]
+
+
+def test_a_transition_committed_while_a_stream_catches_up_is_still_sent(
+    client: Any, auth: dict[str, str], work: Work, sessions: Any, monkeypatch: Any
+) -> None:
+    job_id = submit(client, auth)
+    (queued,) = event_ids(sessions, job_id)
+    read_events = streams.job_events_after
+
+    def then_a_claim_commits(*args: Any, **kwargs: Any) -> Any:
+        # The catch-up has read the events; the job moves on before it reads the job's row.
+        found = read_events(*args, **kwargs)
+        if len(event_ids(sessions, job_id)) == 1:
+            with work.single_statement() as unit:
+                assert claim(unit, uuid.UUID(job_id), "w1", datetime.now(UTC)) is not None
+        return found
+
+    monkeypatch.setattr(streams, "job_events_after", then_a_claim_commits)
+    with opened(
+        client, f"/v1/jobs/{job_id}/stream", {**auth, "Last-Event-ID": str(queued)}
+    ) as frames:
+        running = frames.next()
+    assert running is not None
+    assert (int(running["id"]), running["data"]["state"]) == (
+        event_ids(sessions, job_id)[1],
+        "running",
+    )
+
+
+def test_the_first_subscribers_of_a_new_hub_are_not_sent_back_to_the_ledger(
+    redis_client: Any,
+) -> None:
+    # They read the ledger after the hub listens: nothing can have been missed before.
+    # (A subscriber that had read it when the subscription dropped is sent back: the test
+    # of a lost subscription above.)
+    hub = events.Hub(redis_client)
+    with (
+        hub.subscribe(job_id=uuid.uuid4()) as first,
+        hub.subscribe(tenant_id=uuid.uuid4()) as second,
+    ):
+        assert hub.listening
+        time.sleep(0.3)
+        assert (first.behind, second.behind) == (False, False)
+    hub.close()

@@ -103,6 +103,10 @@ class Work:
         self._autocommit = sessionmaker(
             engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
         )
+        self._snapshots = sessionmaker(
+            engine.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True),
+            expire_on_commit=False,
+        )
         self._live = live
         self._publisher = publisher
         # The id of the request a unit serves (the API's), carried in its messages.
@@ -133,6 +137,12 @@ class Work:
     def reading(self) -> Iterator[Session]:
         """Open an autocommit session for reads (each statement its own consistent snapshot)."""
         with self._autocommit() as session:
+            yield session
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Session]:
+        """Open a read-only transaction whose statements all see one snapshot (reads that agree)."""
+        with self._snapshots.begin() as session:
             yield session
 
     def _committed(self, unit: UnitOfWork) -> None:

@@ -110,6 +110,9 @@ class Subscription:
         self._ready = threading.Event()
         # Set when changes may have been missed: the stream reads the ledger, then clears it.
         self.behind = False
+        # Set once the subscriber has read (or may have read) the ledger: from then on a
+        # reconnection of the hub can hide changes from it.
+        self.settled = False
 
     def put(self, change: Change) -> None:
         """Hand a change over (the hub's thread); a full buffer makes the subscriber `behind`."""
@@ -179,9 +182,11 @@ class Hub:
                 self._by_job.setdefault(job_id, set()).add(subscription)
             if tenant_id is not None:
                 self._by_tenant.setdefault(tenant_id, set()).add(subscription)
-        # A subscriber that starts while the hub connects reads the ledger once it is up.
+        # A subscriber that starts while the hub connects reads the ledger once it is up;
+        # if the hub is not up in time, it reads the ledger again when it is.
         if not self._listening.wait(2.0):
             subscription.behind = True
+        subscription.settled = True
         try:
             yield subscription
         finally:
@@ -228,9 +233,11 @@ class Hub:
             ) != "subscribe":
                 if time.monotonic() > deadline:
                     raise RedisError("no confirmation of the job change subscription")
+            # Whoever read the ledger while the hub was down may have missed changes; marked
+            # before `listening` is set, so a subscriber still waiting for it (it reads the
+            # ledger only after) is not sent back to the ledger for nothing.
+            self._everyone_behind(settled_only=True)
             self._listening.set()
-            # Whoever subscribed while the hub was down may have missed changes.
-            self._everyone_behind()
             quiet = 0.0
             while True:
                 message = pubsub.get_message(timeout=5.0)
@@ -264,9 +271,10 @@ class Hub:
             for subscriber in subscribers:
                 subscriber.put(change)
 
-    def _everyone_behind(self) -> None:
+    def _everyone_behind(self, *, settled_only: bool = False) -> None:
         with self._lock:
             everyone = {s for subs in self._by_job.values() for s in subs}
             everyone |= {s for subs in self._by_tenant.values() for s in subs}
         for subscriber in everyone:
-            subscriber.fell_behind()
+            if subscriber.settled or not settled_only:
+                subscriber.fell_behind()
