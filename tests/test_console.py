@@ -11,10 +11,14 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from api import streams
 from conveyor.auth.bootstrap import Identity
+from conveyor.ledger.work import Work
 from conveyor.models import AuditEntry, Job
 from conveyor.settings import Settings
 from tests.console import PASSWORD, add_people, csrf_of, post_form, sign_in, signed_in
+from tests.factories import other_tenant
+from tests.sse import opened, run_to_success
 
 PAGES = (
     "/console/",
@@ -498,3 +502,47 @@ def test_another_tenants_job_is_a_404_page(
     assert job_id not in stranger.get("/console/jobs").get_data(as_text=True)
     with sessions() as session:
         assert session.get(Job, uuid.UUID(job_id)) is not None
+
+
+def test_pages_listen_to_their_tenants_stream_and_a_job_page_to_its_job(
+    app: Any,
+    client: Any,
+    auth: dict[str, str],
+    people: dict[str, str],
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    work: Work,
+    monkeypatch: Any,
+) -> None:
+    # Heartbeats often: a stream notices its client left at the next one.
+    monkeypatch.setattr(streams, "HEARTBEAT_SECONDS", 0.2)
+    operator = signed_in(app, people["operator"])
+    outsider = other_tenant(sessions, settings).tenant.id
+    stranger = signed_in(app, add_people(sessions, outsider)["admin"])
+    answer = client.post("/v1/jobs", json={"type": "system.noop"}, headers=auth)
+    job_id = answer.get_json()["id"]
+    assert 'data-stream="/console/events"' in operator.get("/console/jobs").get_data(as_text=True)
+    page = operator.get(f"/console/jobs/{job_id}").get_data(as_text=True)
+    assert f'data-stream="/console/jobs/{job_id}/events"' in page
+    assert stranger.get(f"/console/jobs/{job_id}/events").status_code == 404
+    with (
+        opened(operator, "/console/events", {}) as tenant,
+        opened(operator, f"/console/jobs/{job_id}/events", {}) as job,
+        opened(stranger, "/console/events", {}) as theirs,
+    ):
+        first = job.next()
+        assert first is not None
+        assert first["data"]["state"] == "queued"
+        run_to_success(work, job_id)
+        seen = [tenant.next(), tenant.next()]
+        followed = [job.next(), job.next()]
+        assert job.next() is None  # a job page's stream ends with its job
+        theirs.assert_quiet(0.5)
+    assert [(f["data"]["id"], f["data"]["state"]) for f in seen if f] == [
+        (job_id, "running"),
+        (job_id, "succeeded"),
+    ]
+    assert [f["data"]["state"] for f in followed if f] == ["running", "succeeded"]
+    # A finished job's page listens to the tenant's stream instead (a retry brings it back).
+    page = operator.get(f"/console/jobs/{job_id}").get_data(as_text=True)
+    assert 'data-stream="/console/events"' in page

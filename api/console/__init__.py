@@ -16,7 +16,13 @@ from flask import Flask, redirect, request, url_for
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response
 
-from api.console import jobs, operations, signin, workflows  # noqa: F401 - their views join the blueprint
+from api.console import (  # noqa: F401 - their views join the blueprint
+    events,
+    jobs,
+    operations,
+    signin,
+    workflows,
+)
 from api.console.base import bp, render
 from api.errors import problem_type
 from api.requests import request_id

@@ -34,7 +34,7 @@ bp = Blueprint(
     template_folder="templates",
     static_folder="static",
 )
-# Seconds between a page's refreshes of its live part (until the event stream lands).
+# Seconds between a page's refreshes of its live part while its event stream is down.
 REFRESH_SECONDS = 5
 # The workers shown may be a broadcast's answer this old: a page never waits on a broadcast.
 WORKERS_MAX_AGE = 10.0

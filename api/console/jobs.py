@@ -235,6 +235,7 @@ def job(job_id: str) -> tuple[str, int]:
             can_retry=state in RETRYABLE and may(Permission.RETRY),
             can_cancel=state in UNFINISHED and may(Permission.CANCEL),
             finished=state in FINISHED,
+            final_states=" ".join(sorted(FINISHED)),
         )
 
 
