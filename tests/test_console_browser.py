@@ -9,6 +9,7 @@ workflow go to test-artifacts/.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -153,6 +154,8 @@ def test_an_operator_signs_in_retries_a_failure_and_cancels_a_running_job(
             expect(page.get_by_role("status")).to_contain_text("Retried")
             page.evaluate("window.__sameDocument = true")
             expect(page.locator("#live .state").first).to_have_text("succeeded")
+            # Shown from the job's stream: the page heard its transitions.
+            expect(page.locator("#live")).to_have_attribute("data-last-event", re.compile(r"^\d+$"))
             assert page.evaluate("window.__sameDocument") is True
             expect(page.locator("#live")).to_contain_text('"attempt": 2')
             page.screenshot(path=str(ARTIFACTS / "console-job.png"), full_page=True)
@@ -160,6 +163,7 @@ def test_an_operator_signs_in_retries_a_failure_and_cancels_a_running_job(
             # Cancel a running job: asked to stop, then cancelled.
             page.goto(f"{served}/console/jobs/{running}")
             expect(page.locator("#live progress")).to_be_visible()
+            expect(page.locator("#live")).to_have_attribute("data-stream-open", "1")
             page.get_by_role("button", name="Cancel").click()
             expect(page.get_by_role("status")).to_contain_text("Asked the running job to stop")
             expect(page.locator("#live .state").first).to_have_text("cancelled")

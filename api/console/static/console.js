@@ -83,8 +83,12 @@
       delete live.dataset.streamOpen;
       startTimer();
     });
-    source.addEventListener("progress", soon);
+    source.addEventListener("progress", function (event) {
+      live.dataset.lastEvent = event.lastEventId;
+      soon();
+    });
     source.addEventListener("state", function (event) {
+      live.dataset.lastEvent = event.lastEventId;
       soon();
       let state = null;
       try {
