@@ -78,10 +78,18 @@ def test_quickstart_and_first_job_type_work_on_make_run(tmp_path: Path) -> None:
         submitted = (tmp_path / "submit.txt").read_text()
         location = next(line for line in submitted.splitlines() if line.startswith("Location:"))
         job_id = location.strip().rsplit("/", 1)[-1]
-        polls = [json.loads(line) for line in quick.stdout.splitlines() if line.startswith("{")]
-        # the submit's body, then the two polls, all of the same job
-        assert [poll["id"] for poll in polls] == [job_id] * 3
+        lines = quick.stdout.splitlines()
+        polls = [json.loads(line) for line in lines if line.startswith("{")]
+        # the submit's body, then the poll, both of the same job
+        assert [poll["id"] for poll in polls] == [job_id] * 2
         assert polls[-1]["state"] in {"queued", "running", "succeeded"}
+        # then the stream, which ended by itself after the job's last state
+        streamed = [
+            json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")
+        ]
+        assert {view["id"] for view in streamed} == {job_id}
+        assert streamed[-1]["state"] == "succeeded"
+        assert streamed[-1]["result"]["slept"] >= 2
         key = json.loads((tmp_path / ".conveyor" / "dev-credentials.json").read_text())["api_key"]
         auth = {"Authorization": f"Bearer {key}"}
         url = f"{api}/v1/jobs/{job_id}"
