@@ -300,3 +300,22 @@ def test_the_first_subscribers_of_a_new_hub_are_not_sent_back_to_the_ledger(
         time.sleep(0.3)
         assert (first.behind, second.behind) == (False, False)
     hub.close()
+
+
+def test_a_hub_outlives_any_failure_of_its_subscription(
+    redis_client: Any, monkeypatch: Any
+) -> None:
+    hub = events.Hub(redis_client, retry_seconds=0.05)
+    listen = hub._listen
+    failures = [ValueError("I/O operation on closed file.")]  # redis-py's, not a RedisError
+
+    def fails_once() -> None:
+        if failures:
+            raise failures.pop()
+        listen()
+
+    monkeypatch.setattr(hub, "_listen", fails_once)
+    with hub.subscribe(job_id=uuid.uuid4()):
+        assert hub.listening
+    assert not failures
+    hub.close()

@@ -215,7 +215,10 @@ class Hub:
         while True:
             try:
                 self._listen()
-            except (RedisError, OSError):
+            except Exception:
+                # Whatever broke the subscription (redis-py raises ValueError, not a
+                # RedisError, on a socket closed under it), the thread must live on: a dead
+                # hub would leave every stream of this process silent.
                 logger.warning("job change subscription lost; reconnecting", exc_info=True)
             self._listening.clear()
             self._everyone_behind()
