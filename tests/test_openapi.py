@@ -197,3 +197,28 @@ def test_swagger_ui_renders_offline_in_headless_chromium(
     assert elsewhere == []
     assert not [m for m in console if "Content Security Policy" in m], console
     assert shot.stat().st_size > 20_000
+
+
+def test_a_query_model_builds_its_schema_once_and_still_validates(
+    client: Any, auth: dict[str, str]
+) -> None:
+    """flask-openapi3 reads a query model's schema per request: it must come from the cache."""
+    from unittest import mock
+
+    from pydantic import BaseModel
+
+    from api.schemas import JobListQuery
+
+    assert JobListQuery.model_json_schema() is JobListQuery.model_json_schema()
+    # Other arguments (the OpenAPI document's) are never served from the default's cache.
+    assert JobListQuery.model_json_schema(mode="serialization") is not (
+        JobListQuery.model_json_schema()
+    )
+    headers = auth
+    with mock.patch.object(
+        BaseModel, "model_json_schema", side_effect=AssertionError("built per request")
+    ):
+        assert client.get("/v1/jobs?limit=1", headers=headers).status_code == 200
+        refused = client.get("/v1/jobs?limit=0", headers=headers)
+    assert refused.status_code == 422
+    assert refused.get_json()["errors"][0]["field"] == "limit"
