@@ -157,6 +157,19 @@ def submit_jobs(
     return [_answer(unit, row, holders, views, tenant_id) for row in rows]
 
 
+def one_statement(requests: Sequence[JobOptions]) -> bool:
+    """Return whether submitting `requests` writes nothing but its one insert statement.
+
+    Unique keys and dependencies lock and write rows of their own first, in the same
+    transaction; without them the insert (the jobs, their first events, the dispatcher's
+    wake-up) is atomic alone and may run in autocommit (`Work.single_statement`), which
+    saves the BEGIN and COMMIT round trips. The quota's count, when due, is a read.
+    """
+    return all(
+        r.unique_key is None and not (isinstance(r, JobRequest) and r.depends_on) for r in requests
+    )
+
+
 def _held(registry: JobRegistry, row: dict[str, Any], gate: Gate | None) -> Waiting | None:
     """Return why a queued job must wait for the dispatcher, or None to publish it at once."""
     if row["limit_key"] is not None or registry.get(row["type"]).limit is not None:
