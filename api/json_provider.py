@@ -22,8 +22,10 @@ _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_NON_STR_KEYS
 class OrjsonProvider(JSONProvider):
     """Serialise with orjson, as `flask.json.provider.DefaultJSONProvider` would."""
 
-    def dumps(self, obj: Any, **_options: Any) -> str:
-        """Serialise `obj` to a JSON string (options of `json.dumps` do not apply)."""
+    def dumps(self, obj: Any, **options: Any) -> str:
+        """Serialise `obj` to a JSON string; with `json.dumps` options (`indent`), by json."""
+        if options:  # the templates' `tojson(indent=2)`: rare, and formatted as asked
+            return json.dumps(obj, default=_default, **options)
         return orjson.dumps(obj, default=_default, option=_OPTIONS).decode()
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
