@@ -19,6 +19,7 @@ from api import (
     job_control,
     job_types,
     jobs,
+    json_provider,
     keys,
     metrics,
     openapi,
@@ -47,7 +48,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     install_tracing(settings, "conveyor-api")
     app = openapi.create_openapi(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    json_provider.init_app(app)
     # Installed business domains bring job types and routes (conveyor.plugins).
     domains = load_domains()
     services = services or Services.from_settings(settings, domains)

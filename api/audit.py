@@ -10,7 +10,7 @@ from flask import Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.auth import current_principal, requires
-from api.openapi import responses, secured_blueprint
+from api.openapi import QueryModel, responses, secured_blueprint
 from api.services import services
 from conveyor.audit import list_audit
 from conveyor.auth.roles import Permission
@@ -18,7 +18,7 @@ from conveyor.auth.roles import Permission
 bp = secured_blueprint("audit", __name__, "audit")
 
 
-class AuditQuery(BaseModel):
+class AuditQuery(QueryModel):
     """Paging of the audit trail."""
 
     model_config = ConfigDict(extra="forbid")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from importlib.metadata import version
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import flask_openapi3_swagger
 from flask import Blueprint, Flask, Response, current_app, jsonify, send_from_directory
@@ -25,6 +25,11 @@ from flask_openapi3.models.tag import Tag
 from flask_openapi3.openapi import OpenAPI
 from flask_openapi3.types import ResponseDict
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
+from pydantic.json_schema import (
+    DEFAULT_REF_TEMPLATE,
+    GenerateJsonSchema,
+    JsonSchemaMode,
+)
 
 from api.errors import problem_of
 from conveyor.errors import ValidationFailed
@@ -81,6 +86,44 @@ _DOCS_ASSETS = Path(__file__).parent / "docs"
 # A path segment that names an object; anything else is simply an object that does not
 # exist (404), so the schema says uuid and the view parses it.
 ObjectId = Annotated[str, WithJsonSchema({"type": "string", "format": "uuid"})]
+# Each query model's JSON Schema with pydantic's default arguments, built once (QueryModel).
+_QUERY_SCHEMAS: dict[type[BaseModel], dict[str, Any]] = {}
+
+
+class QueryModel(BaseModel):
+    """A query-string model whose default JSON Schema is built once per class, not per request.
+
+    flask-openapi3 reads a query model's `model_json_schema()` on every request to tell
+    list parameters from scalars; building it took ~0.6 ms of a 2.5 ms status poll. The
+    schema of a class never changes, so the default one is kept; callers only read it.
+    """
+
+    @classmethod
+    def model_json_schema(
+        cls,
+        by_alias: bool | None = None,
+        ref_template: str = DEFAULT_REF_TEMPLATE,
+        schema_generator: type[GenerateJsonSchema] = GenerateJsonSchema,
+        mode: JsonSchemaMode = "validation",
+        *,
+        union_format: Literal["any_of", "primitive_type_array"] = "any_of",
+    ) -> dict[str, Any]:
+        """Return the model's JSON Schema; the default-argument one from a per-class cache."""
+        default = (
+            by_alias is None
+            and ref_template == DEFAULT_REF_TEMPLATE
+            and schema_generator is GenerateJsonSchema
+            and mode == "validation"
+            and union_format == "any_of"
+        )
+        if default and cls in _QUERY_SCHEMAS:
+            return _QUERY_SCHEMAS[cls]
+        schema = super().model_json_schema(
+            by_alias, ref_template, schema_generator, mode, union_format=union_format
+        )
+        if default:
+            _QUERY_SCHEMAS[cls] = schema
+        return schema
 
 
 class FieldError(BaseModel):

@@ -33,6 +33,7 @@ from redis.client import Pipeline
 from redis.exceptions import RedisError
 
 from api.auth import authenticate, cached_principal
+from api.rate_leases import Leases
 from api.rate_windows import Counter, RateWindows, Window, parse_limits
 from api.services import services
 from conveyor.auth.identity import normalise_email
@@ -205,6 +206,8 @@ class _Limits:
     windows: RateWindows
     outage: _Outage
     prefix: str
+    # Hits leased per process (api/rate_leases.py), for the endpoint groups' limits.
+    leases: Leases
     # By endpoint: commands sent with the counters of a caller counted in one round trip.
     passengers: dict[str, Passenger] = field(default_factory=dict)
 
@@ -213,19 +216,28 @@ class _Limits:
         return [Counter.of(item, self.prefix, who, scope) for item in items]
 
     def count(
-        self, counters: Sequence[Counter], shown: int = 0, passenger: Passenger | None = None
+        self,
+        counters: Sequence[Counter],
+        shown: int = 0,
+        passenger: Passenger | None = None,
+        *,
+        lease: bool = False,
     ) -> None:
         """Count the request in one round trip; without a breach the headers show `shown`.
 
         With a `passenger`, its commands go in that round trip too, and their replies to its
-        receiver only when the request is admitted. Raises `RateLimited` at the first
-        breached window (the later ones are not counted); when Redis fails, starts an
-        outage and lets the request through without headers (and without replies).
+        receiver only when the request is admitted. Without one, `lease` lets the count come
+        from this process's lease of hits (api/rate_leases.py), with no round trip at all.
+        Raises `RateLimited` at the first breached window (the later ones are not counted);
+        when Redis fails, starts an outage and lets the request through without headers
+        (and without replies).
         """
         receiver: Receiver | None = None
         replies: list[Any] = []
         try:
-            if passenger is None:
+            if passenger is None and lease and self.leases.leasable(counters):
+                windows = self.leases.hit(counters)
+            elif passenger is None:
                 windows = self.windows.hit(counters)
             else:
                 windows, receiver, replies = self.windows.hit_along(counters, passenger)
@@ -296,7 +308,9 @@ def init_app(
     redis = Redis.from_url(
         settings.redis_url.get_secret_value(), socket_connect_timeout=1, socket_timeout=1
     )
-    limits = _Limits(RateWindows(redis), outage, settings.rate_limit_prefix)
+    windows = RateWindows(redis)
+    leases = Leases(windows, settings.rate_limit_lease)
+    limits = _Limits(windows, outage, settings.rate_limit_prefix, leases)
     app.extensions[EXTENSION] = limits
 
     def counting() -> bool:
@@ -346,15 +360,16 @@ def init_app(
                 by_principal, principal_key(principal), f"principal-{group}"
             )
             passenger = limits.passengers.get(request.endpoint or "")
-            limits.count(counters, shown, passenger)
+            limits.count(counters, shown, passenger, lease=True)
             return
         if counters:
-            limits.count(counters)
+            limits.count(counters, lease=True)
         if by_principal:
             principal = _verified_principal()
             if principal is not None and counting():
                 limits.count(
-                    limits.counters(by_principal, principal_key(principal), f"principal-{group}")
+                    limits.counters(by_principal, principal_key(principal), f"principal-{group}"),
+                    lease=True,
                 )
 
     if settings.rate_limit_headers:

@@ -44,6 +44,31 @@ end
 return out
 """
 
+# `_HIT`, but when every counter has room for `ARGV[1]` more hits (the lease), it counts
+# that many at once; else one, exactly as `_HIT`. The reply starts with the step counted.
+_LEASE = b"""
+local step = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  if tonumber(redis.call('GET', key) or '0') + step > tonumber(ARGV[2 * i + 1]) then
+    step = 1
+    break
+  end
+end
+local out = {step}
+for i, key in ipairs(KEYS) do
+  local current = redis.call('INCRBY', key, step)
+  if current == step then
+    redis.call('EXPIRE', key, ARGV[2 * i])
+  end
+  out[#out + 1] = current
+  out[#out + 1] = redis.call('TTL', key)
+  if current > tonumber(ARGV[2 * i + 1]) then
+    break
+  end
+end
+return out
+"""
+
 
 def parse_limits(text: str) -> tuple[RateLimitItem, ...]:
     """Parse `100/second;5000/hour` (or "" for none), shortest window first."""
@@ -102,6 +127,7 @@ class RateWindows:
         self._redis = redis
         # EVALSHA, loading the script only when Redis does not have it (a restart, a flush).
         self._hit = redis.register_script(_HIT)
+        self._lease = redis.register_script(_LEASE)
 
     def hit(self, counters: Sequence[Counter]) -> list[Window]:
         """Count one request against `counters` in order, up to and including the first breach.
@@ -110,6 +136,16 @@ class RateWindows:
         """
         keys, args = self._script_input(counters)
         return self._windows(counters, self._hit(keys=keys, args=args))
+
+    def lease(self, counters: Sequence[Counter], size: int) -> tuple[list[Window], int]:
+        """Count `size` hits against `counters` when all have room for them, else one as `hit`.
+
+        Returns the windows as the count left them and the hits counted (1 or `size`); the
+        caller holds the rest for its next requests. Raises redis-py's `RedisError`.
+        """
+        keys, args = self._script_input(counters)
+        step, *replies = self._lease(keys=keys, args=[size, *args])
+        return self._windows(counters, replies), int(step)
 
     @property
     def redis(self) -> Redis:

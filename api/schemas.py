@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from api.openapi import ObjectId
+from api.openapi import ObjectId, QueryModel
 from conveyor.ledger.reads import MAX_PAGE, JobFilter
 from conveyor.ledger.requests import MAX_BATCH, JobRequest
 from conveyor.ledger.states import JobState
@@ -39,7 +39,7 @@ class JobPath(BaseModel):
     job_id: ObjectId
 
 
-class JobWait(BaseModel):
+class JobWait(QueryModel):
     """`GET /v1/jobs/{id}`: `?wait=N` holds the request up to N seconds for a change."""
 
     # Not "forbid": the poll ignored unknown parameters before, and clients send some.
@@ -51,7 +51,7 @@ class JobWait(BaseModel):
     )
 
 
-class JobQuery(BaseModel):
+class JobQuery(QueryModel):
     """The filters shared by `GET /v1/jobs` and `POST /v1/jobs/retry`."""
 
     model_config = ConfigDict(extra="forbid")

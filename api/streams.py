@@ -17,13 +17,13 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterator
 
 from flask import Response, request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from redis.exceptions import RedisError
 from sqlalchemy.engine import RowMapping
 
 from api.auth import current_principal, requires
 from api.job_views import View, shown_to_caller
-from api.openapi import responses, secured_blueprint
+from api.openapi import QueryModel, responses, secured_blueprint
 from api.requests import parse_id
 from api.schemas import JobPath
 from api.services import Services, services
@@ -78,7 +78,7 @@ EVENT_STREAM = {
 }
 
 
-class EventStreamQuery(BaseModel):
+class EventStreamQuery(QueryModel):
     """`GET /v1/events/stream`: the job list's filters, and where to resume."""
 
     model_config = ConfigDict(extra="forbid")
@@ -94,7 +94,7 @@ class EventStreamQuery(BaseModel):
         return JobFilter(state=self.state, type=self.type, queue=self.queue, tag=self.tag)
 
 
-class JobStreamQuery(BaseModel):
+class JobStreamQuery(QueryModel):
     """`GET /v1/jobs/{id}/stream`: where to resume."""
 
     model_config = ConfigDict(extra="forbid")

@@ -13,7 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.admission import admitting
 from api.auth import current_principal, requires
 from api.jobs import idempotency_key
-from api.openapi import JSON_BODY, LOCATION, ObjectId, described, responses, secured_blueprint
+from api.openapi import (
+    JSON_BODY,
+    LOCATION,
+    ObjectId,
+    QueryModel,
+    described,
+    responses,
+    secured_blueprint,
+)
 from api.requests import parse_id
 from api.services import services
 from conveyor.audit import audit
@@ -77,7 +85,7 @@ class WorkflowPage(BaseModel):
     links: dict[str, str]
 
 
-class WorkflowListQuery(BaseModel):
+class WorkflowListQuery(QueryModel):
     """`GET /v1/workflows` query parameters."""
 
     model_config = ConfigDict(extra="forbid")

@@ -42,7 +42,10 @@ INSERT INTO jobs (id, tenant_id, type, queue, state, payload, tags, metadata, at
                   max_attempts, created_at, published_at, started_at, finished_at,
                   error_type, error_message, result)
 SELECT gen_random_uuid(), :tenant, 'bench.type' || (g % 5), 'bench-q' || (g % 3), s.state,
-       jsonb_build_object('n', g), ARRAY['t' || (g % 100)], '{}'::jsonb,
+       jsonb_build_object('n', g),
+       CASE WHEN g % :tag_every = 0 THEN ARRAY['t' || (g / :tag_every % 100)]
+            ELSE '{}'::varchar(64)[] END,
+       '{}'::jsonb,
        1, 3, c.created, c.created,
        CASE WHEN s.state IN ('queued') THEN NULL ELSE c.created + interval '1 second' END,
        CASE WHEN s.state IN ('queued', 'running') THEN NULL
@@ -79,7 +82,7 @@ def _fresh_database(url: str) -> None:
         conn.execute(f'CREATE DATABASE "{name}"')
 
 
-def seed(settings: Settings, jobs: int) -> tuple[uuid.UUID, str]:
+def seed(settings: Settings, jobs: int, tag_every: int = 1) -> tuple[uuid.UUID, str]:
     """Create two tenants and their jobs; return the first tenant and its admin's email."""
     engine = create_db_engine(settings)
     sessions = create_session_factory(engine)
@@ -94,7 +97,8 @@ def seed(settings: Settings, jobs: int) -> tuple[uuid.UUID, str]:
     with engine.begin() as conn:
         for tenant, count in tenants:
             started = time.monotonic()
-            conn.execute(text(SEED), {"tenant": tenant, "count": count, "span": span})
+            params = {"tenant": tenant, "count": count, "span": span, "tag_every": tag_every}
+            conn.execute(text(SEED), params)
             print(f"seeded {count:,} jobs in {time.monotonic() - started:.1f}s", flush=True)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE jobs"))
@@ -193,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--jobs", type=int, default=1_000_000)
     parser.add_argument("--plans", type=Path, default=Path("bench/results/console-plans.txt"))
+    parser.add_argument(
+        "--tag-every", type=int, default=1, help="tag one job in N (the others have no tags)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     args = parser.parse_args(argv)
     _fresh_database(args.database_url)
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         secret_key=secrets.token_urlsafe(32),
     )
     upgrade(alembic_config(url=settings.database_url.get_secret_value()))
-    tenant_id, email = seed(settings, args.jobs)
+    tenant_id, email = seed(settings, args.jobs, args.tag_every)
     print(f"\n{'page':52} {'median ms':>10} status")
     for path, ms, status in time_pages(settings, email):
         print(f"{path:52} {ms:10.1f} {status}")

@@ -133,7 +133,8 @@ class Job(Base):
             "queue",
             postgresql_where="state IN ('queued', 'running')",
         ),
-        Index("ix_jobs_tags", "tags", postgresql_using="gin"),
+        # The job list's tag filter; most jobs have no tags, and only tagged ones are indexed.
+        Index("ix_jobs_tags", "tags", postgresql_using="gin", postgresql_where="tags <> '{}'"),
         Index(
             "uq_jobs_schedule_occurrence",
             "schedule_id",
@@ -141,9 +142,14 @@ class Job(Base):
             unique=True,
             postgresql_where="schedule_occurrence IS NOT NULL",
         ),
-        # A tenant's unfinished jobs (finished_at IS NULL) and its recent finishes: the
-        # quota counts the first and measures its drain rate from the second.
-        Index("ix_jobs_tenant_finished", "tenant_id", "finished_at"),
+        # A tenant's recent finishes: the quota's drain rate and the console's activity. Only
+        # finished jobs, so a job enters it once (the quota counts unfinished ones by state).
+        Index(
+            "ix_jobs_tenant_finished",
+            "tenant_id",
+            "finished_at",
+            postgresql_where="finished_at IS NOT NULL",
+        ),
         # Retention pruning walks finished jobs oldest first.
         Index("ix_jobs_finished", "finished_at", postgresql_where="finished_at IS NOT NULL"),
         # The promoter scans only unfinished work, so the index holds only that.

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from conveyor.errors import QuotaExceeded, ValidationFailed
 from conveyor.ledger.requests import MAX_BATCH
+from conveyor.ledger.states import UNFINISHED
 from conveyor.models import Job
 
 # Bounds of a quota refusal's Retry-After, in seconds, and the answer when nothing of the
@@ -44,9 +45,15 @@ class DrainRate:
 
 def count_unfinished(session: Session, tenant_id: uuid.UUID, cap: int) -> int:
     """Count the tenant's unfinished jobs, stopping at `cap` so the cost stays bounded."""
+    # By state, so it reads ix_jobs_tenant_state_created: the finish-time index holds only
+    # finished jobs (a job's finished_at is set exactly while its state is terminal).
     capped = (
         select(Job.id)
-        .where(Job.tenant_id == tenant_id, Job.finished_at.is_(None))
+        .where(
+            Job.tenant_id == tenant_id,
+            Job.state.in_(sorted(UNFINISHED)),
+            Job.finished_at.is_(None),
+        )
         .limit(cap)
         .subquery()
     )

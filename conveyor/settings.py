@@ -180,6 +180,11 @@ class Settings(BaseSettings):
     rate_limits_enabled: bool = True
     # X-RateLimit-* headers on every limited response, from the counter's own hit (no extra read).
     rate_limit_headers: bool = True
+    # Hits of an endpoint group's limit each API process counts in Redis at once and then
+    # admits without a round trip (api/rate_leases.py); 1 counts every request in Redis.
+    # Never admits past a limit; may refuse up to processes * (lease - 1) requests early,
+    # and only limits of at least 100 leases' worth are leased.
+    rate_limit_lease: int = Field(default=16, ge=1, le=1000)
     rate_limit_submit_principal: str = "60000/minute"
     rate_limit_submit_ip: str = "120000/minute"
     rate_limit_read_principal: str = "120000/minute"

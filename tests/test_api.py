@@ -173,3 +173,29 @@ def test_health_and_readiness(client: Any) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.get_json()["checks"] == {"database": "ok", "broker": "ok", "result_backend": "ok"}
+
+
+def test_a_plain_submit_is_one_statement_and_a_keyed_one_a_transaction(
+    client: Any, auth: dict[str, str]
+) -> None:
+    """No idempotency key, unique key or dependency: the insert alone, in autocommit."""
+    from bench.roundtrips import watch
+
+    body = {"type": "system.noop"}
+    assert client.post("/v1/jobs", json=body, headers=auth).status_code == 202  # quota counted
+    sent = watch(client.application.extensions["conveyor"].engine)
+    assert client.post("/v1/jobs", json=body, headers=auth).status_code == 202
+    assert sent == {"statement": 1}
+    sent.clear()
+    keyed = {**auth, "Idempotency-Key": "one-statement-test"}
+    first = client.post("/v1/jobs", json=body, headers=keyed)
+    again = client.post("/v1/jobs", json=body, headers=keyed)
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert first.get_json()["id"] == again.get_json()["id"]
+    assert sent["begin"] == sent["commit"] == 2
+    sent.clear()
+    unique = {**body, "unique_key": "one-statement-test"}
+    held = [client.post("/v1/jobs", json=unique, headers=auth) for _ in range(2)]
+    assert [r.status_code for r in held] == [202, 200]
+    assert held[0].get_json()["id"] == held[1].get_json()["id"]
+    assert sent["begin"] == sent["commit"] == 2

@@ -336,3 +336,35 @@ def test_a_new_limit_counts_the_jobs_already_running_under_its_key(
         )
     created = client.put("/v1/limits/late", json={"max_running": 1}, headers=auth).get_json()
     assert created["running"] == 1
+
+
+def test_a_held_submit_wakes_the_dispatcher_in_its_insert_and_a_published_one_does_not(
+    client: Any, auth: dict[str, str], engine: Any, worker_app: Any
+) -> None:
+    """The wake-up rides in the submit's one insert statement, and only when a job waits."""
+    import psycopg
+    from sqlalchemy import event
+
+    from conveyor.ledger.statements import DISPATCH_CHANNEL
+
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    api_engine = client.application.extensions["conveyor"].engine
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(api_engine, "before_cursor_execute", seen)
+    try:
+        with psycopg.connect(url, autocommit=True) as listener:
+            listener.execute(f"LISTEN {DISPATCH_CHANNEL}")
+            held = submit(client, auth, limit_key="one-at-a-time")
+            assert held["waiting_for"] == "limit"
+            woken = list(listener.notifies(timeout=2, stop_after=1))
+            assert [n.channel for n in woken] == [DISPATCH_CHANNEL]
+            assert not any("pg_notify" in s and "INSERT" not in s for s in statements)
+            plain = submit(client, auth)
+            assert plain["waiting_for"] is None
+            assert list(listener.notifies(timeout=0.5)) == []
+    finally:
+        event.remove(api_engine, "before_cursor_execute", seen)

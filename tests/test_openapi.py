@@ -197,3 +197,41 @@ def test_swagger_ui_renders_offline_in_headless_chromium(
     assert elsewhere == []
     assert not [m for m in console if "Content Security Policy" in m], console
     assert shot.stat().st_size > 20_000
+
+
+def test_a_query_model_builds_its_schema_once_and_still_validates(
+    client: Any, auth: dict[str, str]
+) -> None:
+    """flask-openapi3 reads a query model's schema per request: it must come from the cache."""
+    from unittest import mock
+
+    from pydantic import BaseModel
+
+    from api.schemas import JobListQuery
+
+    assert JobListQuery.model_json_schema() is JobListQuery.model_json_schema()
+    # Other arguments (the OpenAPI document's) are never served from the default's cache.
+    assert JobListQuery.model_json_schema(mode="serialization") is not (
+        JobListQuery.model_json_schema()
+    )
+    headers = auth
+    with mock.patch.object(
+        BaseModel, "model_json_schema", side_effect=AssertionError("built per request")
+    ):
+        assert client.get("/v1/jobs?limit=1", headers=headers).status_code == 200
+        refused = client.get("/v1/jobs?limit=0", headers=headers)
+    assert refused.status_code == 422
+    assert refused.get_json()["errors"][0]["field"] == "limit"
+
+
+def test_json_options_still_format_as_asked(app: Any) -> None:
+    """orjson serves plain dumps; a template's `tojson(indent=2)` keeps its indentation."""
+    from datetime import UTC, datetime
+
+    with app.app_context():
+        assert app.json.dumps({"a": [1]}) == '{"a":[1]}'
+        assert app.json.dumps({"a": [1]}, indent=2) == '{\n  "a": [\n    1\n  ]\n}'
+        # Flask's rule for dates (an HTTP date), not orjson's ISO 8601.
+        when = datetime(2026, 12, 8, 3, 0, tzinfo=UTC)
+        assert app.json.dumps({"at": when}) == '{"at":"Tue, 08 Dec 2026 03:00:00 GMT"}'
+        assert app.json.loads('{"n": NaN}')["n"] != 0  # the standard parser's NaN, as before

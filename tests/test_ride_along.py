@@ -37,7 +37,8 @@ def test_a_cached_key_is_counted_per_ip_and_principal_in_one_round_trip(
     auth = bearer(identity.token)
     job = make_app().test_client().post("/v1/jobs", json=NOOP, headers=auth).get_json()
     # A fresh process: its key cache is cold, so the first poll verifies the key first.
-    app = make_app(rate_limit_read_principal="5/minute")
+    # Hit by hit (no leases, api/rate_leases.py): the counters below are exact.
+    app = make_app(rate_limit_read_principal="5/minute", rate_limit_lease=1)
     client = app.test_client()
     statements = watch(app.extensions["conveyor"].engine)
     with watch_redis() as sent:
@@ -184,7 +185,8 @@ def echo(word: bytes, received: list[Sequence[Any]]) -> Callable[[Pipeline], Rec
 def test_an_endpoints_commands_ride_along_and_reach_it_only_when_admitted(
     make_app: Callable[..., Flask], identity: Identity
 ) -> None:
-    app = make_app(rate_limit_read_principal="2/minute")
+    # Hit by hit (no leases, api/rate_leases.py): every round trip below is the limiter's.
+    app = make_app(rate_limit_read_principal="2/minute", rate_limit_lease=1)
     client = app.test_client()
     auth = bearer(identity.token)
     received: list[Sequence[Any]] = []

@@ -1,7 +1,7 @@
 """What a tenant's jobs did lately: finishes per minute and the latest failures (the console).
 
-Both read `ix_jobs_tenant_finished` (tenant_id, finished_at): the cost is the last hour's
-finished jobs, never the whole table.
+Both read `ix_jobs_tenant_finished` (tenant_id, finished_at; finished jobs only): the cost
+is the last hour's finished jobs, never the whole table.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from redis.exceptions import RedisError
-from sqlalchemy import Select, func, select, tuple_
+from sqlalchemy import Select, func, literal_column, select, tuple_
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.orm import Session
 
@@ -25,6 +25,7 @@ from conveyor.tenancy import owned_row
 
 logger = logging.getLogger(__name__)
 MAX_PAGE = 200
+HAS_TAGS = Job.tags.op("<>")(literal_column("'{}'"))
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,9 @@ class JobFilter:
         if self.queue is not None:
             query = query.where(Job.queue == self.queue)
         if self.tag is not None:
-            query = query.where(Job.tags.contains([self.tag]))
+            # The index predicate spelled out, as a literal: only then may the planner use
+            # the partial ix_jobs_tags (a job holding the tag has a non-empty array).
+            query = query.where(Job.tags.contains([self.tag]), HAS_TAGS)
         if self.created_after is not None:
             query = query.where(Job.created_at > self.created_after)
         if self.created_before is not None:

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import String, TextClause, bindparam, text
+from sqlalchemy import Boolean, String, TextClause, bindparam, text
 
 from conveyor.ledger.dependencies import link, lock_parents, plan
-from conveyor.ledger.flow import claim_unique_key, wake_dispatcher
+from conveyor.ledger.flow import claim_unique_key
 from conveyor.ledger.reads import job_row
 from conveyor.ledger.requests import MAX_BATCH, JobOptions, JobRequest, invalid_field, job_values
+from conveyor.ledger.statements import DISPATCH_CHANNEL
 from conveyor.ledger.states import JobState, Waiting
 from conveyor.ledger.transitions import queue_messages
 from conveyor.ledger.views import job_view
@@ -138,10 +139,12 @@ def submit_jobs(
         # per-row, per-column parameter processing of a multi-row insert cost a quarter of
         # a millisecond a job.
         document = json.dumps([_ledger_values(row) for row in new], separators=(",", ":"))
+        # A job left to the dispatcher wakes it once this commits, in the same statement.
+        wake = any(row["published_at"] is None and row["state"] == JobState.QUEUED for row in new)
         inserted = {
             job_id: (version, event_id)
             for job_id, version, event_id in unit.session.execute(
-                _insert_statement(), {"rows": document}
+                _insert_statement(), {"rows": document, "wake": wake}
             )
         }
         link(unit, edges)
@@ -151,9 +154,20 @@ def submit_jobs(
             version, event_id = inserted[row["id"]]
             unit.show([LiveView.of(row["id"], version, tenant_id, view, event_id)])
         queue_messages(unit, [row for row in new if row["published_at"] is not None])
-        if any(row["published_at"] is None and row["state"] == JobState.QUEUED for row in new):
-            wake_dispatcher(unit)
     return [_answer(unit, row, holders, views, tenant_id) for row in rows]
+
+
+def one_statement(requests: Sequence[JobOptions]) -> bool:
+    """Return whether submitting `requests` writes nothing but its one insert statement.
+
+    Unique keys and dependencies lock and write rows of their own first, in the same
+    transaction; without them the insert (the jobs, their first events, the dispatcher's
+    wake-up) is atomic alone and may run in autocommit (`Work.single_statement`), which
+    saves the BEGIN and COMMIT round trips. The quota's count, when due, is a read.
+    """
+    return all(
+        r.unique_key is None and not (isinstance(r, JobRequest) and r.depends_on) for r in requests
+    )
 
 
 def _held(registry: JobRegistry, row: dict[str, Any], gate: Gate | None) -> Waiting | None:
@@ -259,7 +273,11 @@ _COLUMNS = (
 
 @functools.cache
 def _insert_statement() -> TextClause:
-    """Build, once, the statement inserting jobs from a JSON array, and their first events."""
+    """Build, once, the statement inserting jobs from a JSON array, and their first events.
+
+    With `wake` true it also notifies the dispatcher (delivered at commit, as
+    `wake_dispatcher`'s is), saving that statement's round trip.
+    """
     columns = ", ".join(f'"{name}"' for name in _COLUMNS)
     # Each job comes back with its version and first event's id, which its live view carries.
     return text(
@@ -272,8 +290,11 @@ def _insert_statement() -> TextClause:
             INSERT INTO job_events (job_id, from_state, to_state, attempt)
             SELECT id, NULL, state, 0 FROM inserted
             RETURNING job_id, id
+        ), woken AS (
+            SELECT pg_notify('{DISPATCH_CHANNEL}', '') WHERE :wake
         )
         SELECT inserted.id, inserted.version, first_events.id
         FROM inserted JOIN first_events ON first_events.job_id = inserted.id
+        LEFT JOIN woken ON true
         """  # noqa: S608 - the columns are the model's own names, not input
-    ).bindparams(bindparam("rows", type_=String()))
+    ).bindparams(bindparam("rows", type_=String()), bindparam("wake", type_=Boolean()))
