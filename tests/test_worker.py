@@ -34,7 +34,10 @@ def test_heartbeats_refresh_running_jobs_until_they_end(
 ) -> None:
     with sessions.begin() as session:
         job_id = job_factory(session, identity.tenant.id).id
-        claim(UnitOfWork.around(session), job_id, "w1", datetime.now(UTC) - timedelta(hours=1))
+        claimed = claim(
+            UnitOfWork.around(session), job_id, "w1", datetime.now(UTC) - timedelta(hours=1)
+        )
+        assert claimed is not None
 
     def heartbeat() -> datetime | None:
         with sessions() as session:
@@ -43,7 +46,7 @@ def test_heartbeats_refresh_running_jobs_until_they_end(
     stale = heartbeat()
     assert stale is not None
     heartbeats = Heartbeats(work, interval=0.05)
-    with heartbeats.running(job_id):
+    with heartbeats.running(claimed):
         wait_for(lambda: (heartbeat() or stale) > stale + timedelta(minutes=59))
     after = heartbeat()
     heartbeats_seen = {heartbeat() for _ in range(5)}
