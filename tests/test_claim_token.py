@@ -126,3 +126,19 @@ def test_a_claim_sets_its_transaction_not_to_wait_for_the_wal_flush(
     assert db_session.execute(setting).scalar() == "on"
     assert claim(unit, job_factory(db_session).id, "w1", NOW) is not None
     assert db_session.execute(setting).scalar() == "off"
+
+
+def test_a_finish_alone_leaves_a_job_with_dependents_to_a_transaction(
+    db_session: Session, unit: UnitOfWork
+) -> None:
+    parent = job_factory(db_session)
+    child = job_factory(db_session, parent.tenant_id, depends_on=[parent.id])
+    claimed = claim(unit, parent.id, "w1", NOW)
+    assert claimed is not None
+    # Settling the dependent takes statements that must share the finish's transaction.
+    assert succeed(unit, claimed, None, NOW, alone=True) is False
+    db_session.refresh(parent)
+    assert parent.state == "running"
+    assert succeed(unit, claimed, None, NOW) is True
+    db_session.refresh(child)
+    assert (child.state, child.dependencies_left) == ("queued", 0)

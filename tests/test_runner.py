@@ -146,7 +146,7 @@ def deliveries(sessions: sessionmaker[Session], job_id: str) -> list[str]:
     return sorted(p["url"] for p in payloads if p["job_id"] == job_id)
 
 
-def test_a_noop_job_is_two_statements_and_one_redis_round_trip(
+def test_a_noop_job_is_two_autocommit_statements_and_one_redis_round_trip(
     celery_app: Any, identity: Identity, sessions: sessionmaker[Session], redis_client: Redis
 ) -> None:
     with sessions.begin() as session:
@@ -154,10 +154,10 @@ def test_a_noop_job_is_two_statements_and_one_redis_round_trip(
     assert run(celery_app, warm_up) == "succeeded"  # connects (a handshake is round trips too)
     with sent(celery_app.conveyor.engine) as counts:
         assert run(celery_app, job_id) == "succeeded"
-    # The claim, one autocommit statement; the finish in the job's own transaction; the
-    # running view (held until the finish made the claim durable) and the finished one,
-    # in one pipeline.
-    assert counts == {"before_cursor_execute": 2, "begin": 1, "commit": 1, "redis": 1}
+    # The claim and the finish, one autocommit statement each (the job wrote nothing: its
+    # transaction never began); the running view (held until the finish made the claim
+    # durable) and the finished one, in one pipeline.
+    assert counts == {"before_cursor_execute": 2, "redis": 1}
     assert transitions(sessions, job_id) == [
         (None, "queued"),
         ("queued", "running"),
@@ -213,8 +213,9 @@ def test_deliveries_commit_with_the_success(
     with sent(steps_app.conveyor.engine) as counts:
         assert run(steps_app, job_id) == "succeeded"
     assert deliveries(sessions, job_id) == [during]
-    # In one transaction with the success, not beside it: its commit, and the webhook's.
-    assert counts["commit"] == 2
+    # In the success's own statement, not beside it: the job wrote nothing, so that is one
+    # autocommit statement; the one commit is the webhook's.
+    assert counts["commit"] == 1
     # A callback URL and a listening webhook.
     called = submit_steps(sessions, identity.tenant.id, callback_url="https://cb.example/x")
     assert run(steps_app, called) == "succeeded"

@@ -322,6 +322,9 @@ def _run_and_succeed(services: WorkerServices, claimed: ClaimedJob) -> None:
             )
             result = _as_result(job_type.func(ctx, payload), services.settings.max_result_bytes)
             unit.session.flush()  # the job's own writes fail its attempt here, not its success
+        quiet = not (ctx.added or unit.used or claimed.has_dependents or claimed.workflow_id)
+        if quiet and _succeed_alone(services, claimed, result):
+            return  # the unit has no transaction; its after-commit steps run as it closes
         # The success's statement (and the jobs it added); the unit's COMMIT follows, in the
         # run span.
         with span("conveyor.finish", {JOB_OUTCOME: "succeeded"}):
@@ -338,6 +341,22 @@ def _run_and_succeed(services: WorkerServices, claimed: ClaimedJob) -> None:
                 )
             if not succeed(unit, claimed, result, utcnow()):
                 raise LostOwnership(str(claimed.id))
+
+
+def _succeed_alone(
+    services: WorkerServices, claimed: ClaimedJob, result: dict[str, Any] | None
+) -> bool:
+    """Succeed a job that wrote nothing in one autocommit statement; `False` if it could not.
+
+    A quiet job's unit never began a transaction, so BEGIN and COMMIT would be two round
+    trips around this one statement, which is atomic alone (its deliveries, unique key and
+    limit slots are its CTEs). A job with dependents or in a workflow is left to the
+    transactional finish (`succeed(alone=True)` moves nothing then), as is one whose claim
+    was lost: that finish raises `LostOwnership`.
+    """
+    finish = span("conveyor.finish", {JOB_OUTCOME: "succeeded"})
+    with finish, services.work.single_statement() as unit:
+        return succeed(unit, claimed, result, utcnow(), alone=True)
 
 
 def fail_timed_out(services: WorkerServices, raw_job_id: str, error: Exception) -> None:

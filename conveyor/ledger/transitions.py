@@ -132,6 +132,8 @@ class ClaimedJob:
     # The workflow it belongs to, which it may add jobs to.
     workflow_id: uuid.UUID | None = None
     workflow_ref: str | None = None
+    # Whether other jobs depended on it when it was claimed (its finish settles them).
+    has_dependents: bool = False
     # The claim's own id: its finishes and heartbeats are guarded by it (not the attempt
     # number, which a claim PostgreSQL lost gives to the next claim again).
     claim_token: uuid.UUID | None = None
@@ -153,6 +155,7 @@ class ClaimedJob:
             row["scheduled_for"] or row["created_at"],
             row.get("workflow_id"),
             row.get("workflow_ref"),
+            bool(row.get("has_dependents")),
             row.get("claim_token"),
             pending or PendingViews(),
         )
@@ -198,12 +201,16 @@ def show_claim(unit: UnitOfWork, job: ClaimedJob) -> None:
 
 
 @functools.cache
-def _finish_statement(move: Move, columns: tuple[str, ...]) -> Select[Any]:
+def _finish_statement(move: Move, columns: tuple[str, ...], alone: bool = False) -> Select[Any]:
     # The claim that took the job, and only while it runs: a late or duplicate attempt, or
     # the run of a claim PostgreSQL lost, finishes nothing.
     # NULL matches NULL: the reaper and the hard time limit also end attempts claimed
     # before claims had tokens.
     guards = [_JOB, Job.claim_token.is_not_distinct_from(param("claim_token"))]
+    if alone:
+        # Settling dependents or a workflow takes more statements, which must share the
+        # finish's transaction: a statement that runs alone leaves such a job unmoved.
+        guards += [Job.has_dependents.is_(False), Job.workflow_id.is_(None)]
     return transition(move, where=guards, values={c: param(c) for c in columns})
 
 
@@ -213,6 +220,7 @@ def _finish(
     move: Move,
     now: datetime,
     detail: dict[str, Any] | None,
+    alone: bool = False,
     **values: Any,
 ) -> bool:
     """Make a finishing move of a running attempt; `False` if the attempt lost the job.
@@ -220,7 +228,7 @@ def _finish(
     A finish commits synchronously and names the claim's token: once it moved the row, its
     commit made the claim durable, so the claim's views are shown first.
     """
-    statement = _finish_statement(move, tuple(sorted(values)))
+    statement = _finish_statement(move, tuple(sorted(values)), alone)
     params = {f"p_{name}": value for name, value in values.items()}
     params |= {"p_id": job.id, "p_claim_token": job.claim_token, "p_now": now, "p_detail": detail}
     rows = unit.session.execute(statement, params).mappings().all()
@@ -240,10 +248,20 @@ def _timings(job: ClaimedJob, now: datetime) -> dict[str, Any]:
 
 
 def succeed(
-    unit: UnitOfWork, job: ClaimedJob, result: dict[str, Any] | None, now: datetime
+    unit: UnitOfWork,
+    job: ClaimedJob,
+    result: dict[str, Any] | None,
+    now: datetime,
+    *,
+    alone: bool = False,
 ) -> bool:
-    """Finish an attempt as `succeeded` with its result; `False` if it lost the job."""
-    return _finish(unit, job, Move.SUCCEED, now, _timings(job, now), result=result)
+    """Finish an attempt as `succeeded` with its result; `False` if it lost the job.
+
+    `alone`: the unit is this one statement (autocommit, `Work.single_statement`), the
+    cheap finish of a job that wrote nothing. Then a job with dependents or in a workflow
+    is not moved either (`False`): finish it again in a transaction.
+    """
+    return _finish(unit, job, Move.SUCCEED, now, _timings(job, now), alone, result=result)
 
 
 def stop(unit: UnitOfWork, job: ClaimedJob, now: datetime) -> bool:
