@@ -225,6 +225,10 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     worker: Mapped[str | None] = mapped_column(String(200))
+    # A fresh id written by each claim; the attempt's finishes and heartbeats name it, so a
+    # claim PostgreSQL lost (it commits without waiting for its WAL flush) leaves its run
+    # nothing to finish, even after a new claim took the same attempt number.
+    claim_token: Mapped[uuid.UUID | None]
     # The tenant's limit the job counts against (flow control), and why it has not started
     # yet when something holds it back (`conveyor.ledger.states.Waiting`).
     limit_key: Mapped[str | None] = mapped_column(String(100))

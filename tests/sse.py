@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from conveyor.ledger.transitions import claim, succeed
+from conveyor.ledger.upkeep import beat_heartbeats
 from conveyor.ledger.work import Work
 from conveyor.live.store import LiveStore, progress_document
 
@@ -100,6 +101,9 @@ def run_to_success(work: Work, job_id: str, store: LiveStore | None = None) -> N
         claimed = claim(unit, uuid.UUID(job_id), "w1", datetime.now(UTC))
     assert claimed is not None
     if store is not None:
+        # As the worker's progress reporter does: a heartbeat first shows the claim.
+        with work.single_statement() as unit:
+            beat_heartbeats(unit, [claimed], datetime.now(UTC))
         store.set_progress(uuid.UUID(job_id), progress_document(5, 10, "half"))
     with work.begin() as unit:
         assert succeed(unit, claimed, {"ok": True}, datetime.now(UTC))

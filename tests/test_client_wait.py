@@ -13,6 +13,7 @@ import pytest
 
 from conveyor.client import Client
 from conveyor.ledger.transitions import claim, succeed
+from conveyor.ledger.upkeep import beat_heartbeats
 from conveyor.ledger.work import Work
 from conveyor.live.store import progress_document
 
@@ -43,6 +44,9 @@ def run_later(
         with work.single_statement() as unit:
             claimed = claim(unit, uuid.UUID(job_id), "w1", datetime.now(UTC))
         assert claimed is not None
+        # As the worker's progress reporter does: a heartbeat first shows the claim.
+        with work.single_statement() as unit:
+            beat_heartbeats(unit, [claimed], datetime.now(UTC))
         work.live.set_progress(claimed.id, progress_document(1, 4, "a quarter"))
         if progress_seen is not None:
             progress_seen.wait(10)  # the report reached the client before the job finishes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -68,11 +69,11 @@ def test_claim_takes_a_queued_job_once(db_session: Session, unit: UnitOfWork) ->
     assert (job.state, job.worker, job.started_at) == ("running", "w1", NOW)
 
 
-def test_succeed_is_guarded_by_state_and_attempt(db_session: Session, unit: UnitOfWork) -> None:
+def test_succeed_is_guarded_by_state_and_claim(db_session: Session, unit: UnitOfWork) -> None:
     job = job_factory(db_session)
     claimed = claim(unit, job.id, "w1", NOW)
     assert claimed is not None
-    stale = dataclasses.replace(claimed, attempt=claimed.attempt + 1)
+    stale = dataclasses.replace(claimed, claim_token=uuid.uuid4())
     assert succeed(unit, stale, {"x": 1}, NOW) is False
     assert succeed(unit, claimed, {"x": 1}, NOW) is True
     assert succeed(unit, claimed, {"x": 2}, NOW) is False
@@ -223,13 +224,15 @@ def test_reaper_retries_or_fails_jobs_whose_heartbeat_stopped(
     assert flaky.max_attempts == 1
     later = NOW
     outcomes = []
+    running = None
     for _ in range(3):  # the job's worker dies on every attempt
         promote_due(unit, later + timedelta(hours=1))
         later += timedelta(hours=2)
         assert claim(unit, flaky.id, "w1", later) is not None
         if not outcomes:
-            assert claim(unit, alive.id, "w1", later) is not None
-        beat_heartbeats(unit, [alive.id], later + timedelta(seconds=100))
+            running = claim(unit, alive.id, "w1", later)
+        assert running is not None
+        beat_heartbeats(unit, [running], later + timedelta(seconds=100))
         reaped = reap_stale(unit, REGISTRY, later + timedelta(seconds=121), stale_after=120)
         outcomes_by_id = {job_id: outcome for job_id, _, outcome in reaped}
         assert alive.id not in outcomes_by_id

@@ -21,6 +21,7 @@ from bench.roundtrips import watch_redis
 from conveyor.ledger.requests import JobRequest
 from conveyor.ledger.submit import submit_jobs
 from conveyor.ledger.transitions import claim, succeed
+from conveyor.ledger.upkeep import beat_heartbeats
 from conveyor.ledger.work import Work
 from conveyor.live.store import (
     LiveStore,
@@ -146,6 +147,10 @@ def test_every_transition_moves_the_view_with_the_ledger(
     with work.single_statement() as unit:
         claimed = claim(unit, job_id, "w1", datetime.now(UTC))
     assert claimed is not None
+    # Not shown until a durable write names the claim (the worker's first heartbeat).
+    assert (poll()["state"], job_reads) == ("queued", [])
+    with work.single_statement() as unit:
+        beat_heartbeats(unit, [claimed], datetime.now(UTC))
     body = poll()
     assert (body["state"], body["attempts"], job_reads) == ("running", 1, [])
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth).status_code == 202

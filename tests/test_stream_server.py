@@ -23,6 +23,7 @@ import pytest
 
 from conveyor.auth.bootstrap import Identity
 from conveyor.ledger.transitions import claim
+from conveyor.ledger.upkeep import beat_heartbeats
 from conveyor.ledger.work import Work
 from conveyor.settings import Settings
 from devtools.embedded import free_port
@@ -122,7 +123,11 @@ def test_a_worker_holds_hundreds_of_idle_streams_and_still_answers(
                 assert http.get(f"/v1/jobs/{job['id']}").status_code == 200
             assert time.monotonic() - started < 5  # one worker, 201 streams open
             with work.single_statement() as unit:
-                assert claim(unit, uuid.UUID(job["id"]), "w1", datetime.now(UTC)) is not None
+                claimed = claim(unit, uuid.UUID(job["id"]), "w1", datetime.now(UTC))
+            assert claimed is not None
+            # As the worker's first heartbeat does: the claim is durable, its view shown.
+            with work.single_statement() as unit:
+                beat_heartbeats(unit, [claimed], datetime.now(UTC))
             data = read_until(watched, b'"state":"running"')
             frame = data[data.rindex(b"data: ") + 6 :].split(b"\n", 1)[0]
             assert json.loads(frame)["id"] == job["id"]

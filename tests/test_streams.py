@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import streams
 from conveyor.ledger.transitions import claim
+from conveyor.ledger.upkeep import beat_heartbeats
 from conveyor.ledger.work import Work
 from conveyor.live import events
 from conveyor.live.store import LiveStore
@@ -270,7 +271,11 @@ def test_a_transition_committed_while_a_stream_catches_up_is_still_sent(
         found = read_events(*args, **kwargs)
         if len(event_ids(sessions, job_id)) == 1:
             with work.single_statement() as unit:
-                assert claim(unit, uuid.UUID(job_id), "w1", datetime.now(UTC)) is not None
+                claimed = claim(unit, uuid.UUID(job_id), "w1", datetime.now(UTC))
+            assert claimed is not None
+            # The claim's view is shown once the claim is durable: its first heartbeat.
+            with work.single_statement() as unit:
+                beat_heartbeats(unit, [claimed], datetime.now(UTC))
         return found
 
     monkeypatch.setattr(streams, "job_events_after", then_a_claim_commits)

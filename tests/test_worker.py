@@ -20,6 +20,7 @@ from conveyor.broker.publisher import CeleryPublisher, Message
 from conveyor.errors import ConveyorError, JobFailed
 from conveyor.ledger.transitions import claim
 from conveyor.ledger.work import UnitOfWork, Work
+from conveyor.live.store import view_key
 from conveyor.models import Job
 from conveyor.settings import Settings
 from tests.conftest import fresh_queue, wait_for, waiting
@@ -34,7 +35,10 @@ def test_heartbeats_refresh_running_jobs_until_they_end(
 ) -> None:
     with sessions.begin() as session:
         job_id = job_factory(session, identity.tenant.id).id
-        claim(UnitOfWork.around(session), job_id, "w1", datetime.now(UTC) - timedelta(hours=1))
+        claimed = claim(
+            UnitOfWork.around(session), job_id, "w1", datetime.now(UTC) - timedelta(hours=1)
+        )
+        assert claimed is not None
 
     def heartbeat() -> datetime | None:
         with sessions() as session:
@@ -43,12 +47,35 @@ def test_heartbeats_refresh_running_jobs_until_they_end(
     stale = heartbeat()
     assert stale is not None
     heartbeats = Heartbeats(work, interval=0.05)
-    with heartbeats.running(job_id):
+    with heartbeats.running(claimed):
         wait_for(lambda: (heartbeat() or stale) > stale + timedelta(minutes=59))
     after = heartbeat()
     heartbeats_seen = {heartbeat() for _ in range(5)}
     # Out of the block the job is no longer refreshed (one pass may have been under way).
     assert len(heartbeats_seen - {after}) <= 1
+
+
+def test_a_claim_is_shown_running_by_its_first_heartbeat_soon_after_it(
+    identity: Identity, sessions: sessionmaker[Session], work: Work
+) -> None:
+    with sessions.begin() as session:
+        job_id = job_factory(session, identity.tenant.id).id
+    with work.single_statement() as unit:
+        claimed = claim(unit, job_id, "w1", datetime.now(UTC))
+    assert claimed is not None
+    assert work.live is not None
+    live = work.live
+
+    def shown() -> str | None:
+        doc = live.redis.hget(view_key(job_id), "doc")
+        return json.loads(doc)["state"] if doc else None
+
+    assert shown() is None  # the claim may not be durable yet: nothing shows it
+    # The regular heartbeat is an hour away; a fresh claim gets its own beat.
+    with Heartbeats(work, interval=3600).running(claimed):
+        started = time.monotonic()
+        assert wait_for(lambda: shown() == "running", timeout=5)
+    assert time.monotonic() - started < 4
 
 
 def test_database_errors_reach_clients_without_sql() -> None:

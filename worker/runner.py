@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -57,6 +57,8 @@ from conveyor.telemetry.tracing import JOB_ATTEMPT, JOB_ID, JOB_OUTCOME, JOB_TYP
 logger = logging.getLogger(__name__)
 # Progress is written at most this often per job, so chatty jobs stay cheap.
 PROGRESS_INTERVAL = 0.25
+# A job still running this long after its claim gets a heartbeat, which shows it `running`.
+SHOW_RUNNING_AFTER = 0.25
 
 
 def utcnow() -> datetime:
@@ -68,29 +70,32 @@ class Heartbeats:
     """One thread per worker process refreshes the heartbeat of the jobs it is running.
 
     The reaper takes back a running job whose heartbeat goes quiet, so a killed worker,
-    an OOM kill or a hard time limit never leaves a job `running` for ever.
+    an OOM kill or a hard time limit never leaves a job `running` for ever. A claim's
+    heartbeat also makes it durable (`conveyor.ledger.transitions.PendingViews`): a job
+    still running `SHOW_RUNNING_AFTER` seconds after its claim gets an early beat, which
+    shows its `running` view; a quicker job's finish shows it instead, at no extra cost.
     """
 
     def __init__(self, work: Work, interval: float) -> None:
         self._work = work
         self._interval = interval
-        self._running: set[uuid.UUID] = set()
+        self._running: dict[uuid.UUID, tuple[ClaimedJob, float]] = {}
         self._cancel_requested: set[uuid.UUID] = set()
         self._lock = threading.Lock()
         self._owner_pid = 0
 
     @contextmanager
-    def running(self, job_id: uuid.UUID) -> Iterator[None]:
-        """Keep `job_id`'s heartbeat fresh for the duration of the block."""
+    def running(self, job: ClaimedJob) -> Iterator[None]:
+        """Keep the claim's heartbeat fresh for the duration of the block."""
         self._ensure_thread()
         with self._lock:
-            self._running.add(job_id)
+            self._running[job.id] = (job, time.monotonic())
         try:
             yield
         finally:
             with self._lock:
-                self._running.discard(job_id)
-                self._cancel_requested.discard(job_id)
+                self._running.pop(job.id, None)
+                self._cancel_requested.discard(job.id)
 
     def cancel_requested(self, job_id: uuid.UUID) -> bool:
         """Return whether the last heartbeat learned that someone asked `job_id` to stop."""
@@ -102,18 +107,42 @@ class Heartbeats:
             self._owner_pid = os.getpid()
             threading.Thread(target=self._pump, name="conveyor-heartbeat", daemon=True).start()
 
+    def show_running(self, job: ClaimedJob) -> None:
+        """Make the claim durable and show it now, if it is not shown yet (before progress)."""
+        if not job.pending:
+            return
+        try:
+            with self._work.single_statement() as unit:
+                beat_heartbeats(unit, [job], utcnow())
+        except SQLAlchemyError:  # the next heartbeat or the finish shows it
+            logger.warning("could not show job %s running", job.id, exc_info=True)
+
+    def _due(self, everyone: bool) -> list[ClaimedJob]:
+        """Return the claims to beat now: all of them, or those whose views still wait."""
+        shown_by = time.monotonic() - SHOW_RUNNING_AFTER
+        with self._lock:
+            return [
+                job
+                for job, since in self._running.values()
+                if everyone or (job.pending and since <= shown_by)
+            ]
+
     def _pump(self) -> None:
+        tick = min(self._interval, SHOW_RUNNING_AFTER)
+        last = time.monotonic()
         while True:
-            time.sleep(self._interval)
-            with self._lock:
-                job_ids = list(self._running)
-            if not job_ids:
+            time.sleep(tick)
+            everyone = time.monotonic() - last >= self._interval
+            if everyone:
+                last = time.monotonic()
+            claims = self._due(everyone)
+            if not claims:
                 continue
             try:
                 with self._work.single_statement() as unit:
-                    cancelled = beat_heartbeats(unit, job_ids, utcnow())
+                    cancelled = beat_heartbeats(unit, claims, utcnow())
                 with self._lock:
-                    self._cancel_requested |= cancelled & self._running
+                    self._cancel_requested |= cancelled & self._running.keys()
             except SQLAlchemyError:
                 logger.warning("could not refresh heartbeats", exc_info=True)
 
@@ -147,6 +176,8 @@ class ProgressWriter:
 
     live: LiveStore
     job_id: uuid.UUID
+    # Shows the job `running` first: a progress report never precedes its claim's view.
+    show_running: Callable[[], None] = lambda: None
     _last: float = 0.0
 
     def __call__(self, current: int, total: int | None, message: str | None) -> None:
@@ -155,6 +186,7 @@ class ProgressWriter:
         if now - self._last < PROGRESS_INTERVAL and current != total:
             return
         self._last = now
+        self.show_running()
         try:
             self.live.set_progress(self.job_id, progress_document(current, total, message))
         except RedisError:  # progress is best effort; the job itself must not fail for it
@@ -210,7 +242,7 @@ def _run_claimed(services: WorkerServices, claimed: ClaimedJob) -> str:
     )
     started = time.monotonic()
     try:
-        with services.heartbeats.running(job_id):
+        with services.heartbeats.running(claimed):
             _run_and_succeed(services, claimed)
     except LostOwnership:
         logger.warning("job %s attempt %s lost its claim; rolled back", job_id, claimed.attempt)
@@ -277,7 +309,11 @@ def _run_and_succeed(services: WorkerServices, claimed: ClaimedJob) -> None:
                 tenant_id=claimed.tenant_id,
                 attempt=claimed.attempt,
                 session=unit.session,
-                reporter=ProgressWriter(services.live, claimed.id),
+                reporter=ProgressWriter(
+                    services.live,
+                    claimed.id,
+                    partial(services.heartbeats.show_running, claimed),
+                ),
                 cancel_requested=partial(services.heartbeats.cancel_requested, claimed.id),
                 after_commit=unit.after_commit,
                 redis=services.live.redis,
@@ -286,6 +322,9 @@ def _run_and_succeed(services: WorkerServices, claimed: ClaimedJob) -> None:
             )
             result = _as_result(job_type.func(ctx, payload), services.settings.max_result_bytes)
             unit.session.flush()  # the job's own writes fail its attempt here, not its success
+        quiet = not (ctx.added or unit.used or claimed.has_dependents or claimed.workflow_id)
+        if quiet and _succeed_alone(services, claimed, result):
+            return  # the unit has no transaction; its after-commit steps run as it closes
         # The success's statement (and the jobs it added); the unit's COMMIT follows, in the
         # run span.
         with span("conveyor.finish", {JOB_OUTCOME: "succeeded"}):
@@ -302,6 +341,22 @@ def _run_and_succeed(services: WorkerServices, claimed: ClaimedJob) -> None:
                 )
             if not succeed(unit, claimed, result, utcnow()):
                 raise LostOwnership(str(claimed.id))
+
+
+def _succeed_alone(
+    services: WorkerServices, claimed: ClaimedJob, result: dict[str, Any] | None
+) -> bool:
+    """Succeed a job that wrote nothing in one autocommit statement; `False` if it could not.
+
+    A quiet job's unit never began a transaction, so BEGIN and COMMIT would be two round
+    trips around this one statement, which is atomic alone (its deliveries, unique key and
+    limit slots are its CTEs). A job with dependents or in a workflow is left to the
+    transactional finish (`succeed(alone=True)` moves nothing then), as is one whose claim
+    was lost: that finish raises `LostOwnership`.
+    """
+    finish = span("conveyor.finish", {JOB_OUTCOME: "succeeded"})
+    with finish, services.work.single_statement() as unit:
+        return succeed(unit, claimed, result, utcnow(), alone=True)
 
 
 def fail_timed_out(services: WorkerServices, raw_job_id: str, error: Exception) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
+import threading
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Integer, Select, bindparam, cast, func, select, update
+from sqlalchemy import Integer, Select, bindparam, cast, func, select, text, update
 from sqlalchemy.dialects.postgresql import JSONB
 
 from conveyor.broker.publisher import Message
@@ -58,10 +59,13 @@ def _note(unit: UnitOfWork, rows: Sequence[JobRow]) -> list[dict[str, Any]]:
     for row in rows:
         view = job_view(row)
         views.append(view)
-        # A transition's row carries its event's id (a stream's `id:`); other writes none.
-        event_id = row.get("event_id")
-        unit.show([LiveView.of(row["id"], row["version"], row["tenant_id"], view, event_id)])
+        unit.show([_live_view(row, view)])
     return views
+
+
+def _live_view(row: JobRow, view: dict[str, Any]) -> LiveView:
+    # A transition's row carries its event's id (a stream's `id:`); other writes none.
+    return LiveView.of(row["id"], row["version"], row["tenant_id"], view, row.get("event_id"))
 
 
 def queue_messages(unit: UnitOfWork, rows: Iterable[JobRow], *, redeclare: bool = False) -> None:
@@ -83,6 +87,34 @@ def queue_messages(unit: UnitOfWork, rows: Iterable[JobRow], *, redeclare: bool 
     )
 
 
+class PendingViews:
+    """The live views of a claim that PostgreSQL may not have made durable yet.
+
+    A claim commits without waiting for its WAL flush (`conveyor.ledger.statements.
+    claim_statement`), so a PostgreSQL crash may forget it. Redis would not forget a view
+    written from it: a `running` view at the claim's version would then outrank the view
+    of whatever the ledger really does next at that same version (a cancel, the next
+    claim), and stream clients would have seen an event that never happened. So the views
+    wait here until a later synchronous commit that wrote a row of this claim (its finish,
+    or a heartbeat naming its token): WAL is flushed in order, so that commit made the
+    claim durable too. Each view is handed out once (a heartbeat thread and the finish may
+    race for it).
+    """
+
+    def __init__(self, views: Sequence[LiveView] = ()) -> None:
+        self._views = list(views)
+        self._lock = threading.Lock()
+
+    def take(self) -> list[LiveView]:
+        """Return the views, once: later calls return none."""
+        with self._lock:
+            views, self._views = self._views, []
+        return views
+
+    def __bool__(self) -> bool:
+        return bool(self._views)
+
+
 @dataclass(frozen=True)
 class ClaimedJob:
     """A job one attempt of one worker now owns."""
@@ -100,9 +132,16 @@ class ClaimedJob:
     # The workflow it belongs to, which it may add jobs to.
     workflow_id: uuid.UUID | None = None
     workflow_ref: str | None = None
+    # Whether other jobs depended on it when it was claimed (its finish settles them).
+    has_dependents: bool = False
+    # The claim's own id: its finishes and heartbeats are guarded by it (not the attempt
+    # number, which a claim PostgreSQL lost gives to the next claim again).
+    claim_token: uuid.UUID | None = None
+    # The claim's live views, shown once the claim is durable (`PendingViews`).
+    pending: PendingViews = dataclasses.field(default_factory=PendingViews, compare=False)
 
     @classmethod
-    def of(cls, row: JobRow) -> ClaimedJob:
+    def of(cls, row: JobRow, pending: PendingViews | None = None) -> ClaimedJob:
         """Return the attempt a running job's row describes."""
         return cls(
             row["id"],
@@ -116,6 +155,9 @@ class ClaimedJob:
             row["scheduled_for"] or row["created_at"],
             row.get("workflow_id"),
             row.get("workflow_ref"),
+            bool(row.get("has_dependents")),
+            row.get("claim_token"),
+            pending or PendingViews(),
         )
 
 
@@ -124,28 +166,51 @@ def _claim_statement() -> Any:
     return claim_statement()
 
 
+_FLUSH_WAL = text("SELECT pg_current_xact_id()")
+
+
 def claim(unit: UnitOfWork, job_id: uuid.UUID, worker: str, now: datetime) -> ClaimedJob | None:
     """Take a queued, unexpired job for one attempt; `None` means there is nothing to run.
 
     That covers a duplicate or redelivered message, a cancelled job, an expired one (the
     housekeeper marks those `expired`), and a job a pause or a limit holds back: that one
     goes back to waiting for the dispatcher, spending no attempt.
+
+    The claim commits without waiting for its WAL flush: its views travel in the claimed
+    job's `pending` and are shown by its first durable write (`PendingViews`). A claim
+    never moves a dependent or a workflow, so it has nothing else to settle.
     """
     params = {"p_id": job_id, "p_now": now, "p_worker": worker, "p_detail": {"worker": worker}}
     row = unit.session.execute(_claim_statement(), params).mappings().one_or_none()
     if row is None:
         return None
-    show(unit, [row])
-    if row["from_state"] is None:  # sent back to wait
+    if row["from_state"] is None:
+        # Sent back to wait (rare: a pause or a full limit). No finish follows to make it
+        # durable, so commit a transaction that takes an xid: its synchronous commit
+        # flushes the WAL up to it, the send-back's included; then show the view.
+        unit.session.execute(_FLUSH_WAL)
+        _note(unit, [row])
         return None
-    return ClaimedJob.of(row)
+    pending = PendingViews([_live_view(row, job_view(row))])
+    return ClaimedJob.of(row, pending)
+
+
+def show_claim(unit: UnitOfWork, job: ClaimedJob) -> None:
+    """Show the claim's views once this unit commits; only after a write naming its token."""
+    unit.show(job.pending.take())
 
 
 @functools.cache
-def _finish_statement(move: Move, columns: tuple[str, ...]) -> Select[Any]:
-    # The attempt that claimed the job, and only while it runs: a late or duplicate
-    # attempt finishes nothing.
-    guards = [_JOB, Job.attempt == param("attempt")]
+def _finish_statement(move: Move, columns: tuple[str, ...], alone: bool = False) -> Select[Any]:
+    # The claim that took the job, and only while it runs: a late or duplicate attempt, or
+    # the run of a claim PostgreSQL lost, finishes nothing.
+    # NULL matches NULL: the reaper and the hard time limit also end attempts claimed
+    # before claims had tokens.
+    guards = [_JOB, Job.claim_token.is_not_distinct_from(param("claim_token"))]
+    if alone:
+        # Settling dependents or a workflow takes more statements, which must share the
+        # finish's transaction: a statement that runs alone leaves such a job unmoved.
+        guards += [Job.has_dependents.is_(False), Job.workflow_id.is_(None)]
     return transition(move, where=guards, values={c: param(c) for c in columns})
 
 
@@ -155,13 +220,20 @@ def _finish(
     move: Move,
     now: datetime,
     detail: dict[str, Any] | None,
+    alone: bool = False,
     **values: Any,
 ) -> bool:
-    """Make a finishing move of a running attempt; `False` if the attempt lost the job."""
-    statement = _finish_statement(move, tuple(sorted(values)))
+    """Make a finishing move of a running attempt; `False` if the attempt lost the job.
+
+    A finish commits synchronously and names the claim's token: once it moved the row, its
+    commit made the claim durable, so the claim's views are shown first.
+    """
+    statement = _finish_statement(move, tuple(sorted(values)), alone)
     params = {f"p_{name}": value for name, value in values.items()}
-    params |= {"p_id": job.id, "p_attempt": job.attempt, "p_now": now, "p_detail": detail}
+    params |= {"p_id": job.id, "p_claim_token": job.claim_token, "p_now": now, "p_detail": detail}
     rows = unit.session.execute(statement, params).mappings().all()
+    if rows:
+        show_claim(unit, job)
     show(unit, rows)
     return bool(rows)
 
@@ -176,10 +248,20 @@ def _timings(job: ClaimedJob, now: datetime) -> dict[str, Any]:
 
 
 def succeed(
-    unit: UnitOfWork, job: ClaimedJob, result: dict[str, Any] | None, now: datetime
+    unit: UnitOfWork,
+    job: ClaimedJob,
+    result: dict[str, Any] | None,
+    now: datetime,
+    *,
+    alone: bool = False,
 ) -> bool:
-    """Finish an attempt as `succeeded` with its result; `False` if it lost the job."""
-    return _finish(unit, job, Move.SUCCEED, now, _timings(job, now), result=result)
+    """Finish an attempt as `succeeded` with its result; `False` if it lost the job.
+
+    `alone`: the unit is this one statement (autocommit, `Work.single_statement`), the
+    cheap finish of a job that wrote nothing. Then a job with dependents or in a workflow
+    is not moved either (`False`): finish it again in a transaction.
+    """
+    return _finish(unit, job, Move.SUCCEED, now, _timings(job, now), alone, result=result)
 
 
 def stop(unit: UnitOfWork, job: ClaimedJob, now: datetime) -> bool:

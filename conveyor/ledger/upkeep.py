@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, bindparam, delete, func, or_, select, update
+from sqlalchemy import Select, bindparam, delete, func, or_, select, tuple_, update
 from sqlalchemy.engine import RowMapping
 
 from conveyor.errors import WorkerLost
@@ -23,7 +23,7 @@ from conveyor.ledger.flow import wake_dispatcher
 from conveyor.ledger.publishing import stamp_published
 from conveyor.ledger.statements import NOW, ROW, transition
 from conveyor.ledger.states import JobState, Move
-from conveyor.ledger.transitions import ClaimedJob, fail, queue_messages, show
+from conveyor.ledger.transitions import ClaimedJob, fail, queue_messages, show, show_claim
 from conveyor.ledger.work import UnitOfWork
 from conveyor.live.store import GONE, LiveView
 from conveyor.models import Job, JobEvent
@@ -202,19 +202,28 @@ def stop_overdue(
 
 
 def beat_heartbeats(
-    unit: UnitOfWork, job_ids: Sequence[uuid.UUID], now: datetime
+    unit: UnitOfWork, claims: Sequence[ClaimedJob], now: datetime
 ) -> set[uuid.UUID]:
-    """Record that these running jobs' worker is alive; return those asked to cancel.
+    """Record that these claims' worker is alive; return the jobs asked to cancel.
 
-    Not a transition, and invisible to clients: no event, no version.
+    Not a transition, and invisible to clients: no event, no version. Each row is named by
+    its claim's token, so a run whose claim was lost (or taken over) refreshes nothing.
+    A refreshed row makes this statement a synchronous commit after its claim's, so the
+    claim is durable once it commits: its pending views are shown then.
     """
+    by_id = {job.id: job for job in claims}
     rows = unit.session.execute(
         update(Job)
-        .where(Job.id.in_(job_ids), Job.state == JobState.RUNNING)
+        .where(
+            tuple_(Job.id, Job.claim_token).in_([(j.id, j.claim_token) for j in claims]),
+            Job.state == JobState.RUNNING,
+        )
         .values(heartbeat_at=now)
         .returning(Job.id, Job.cancel_requested_at)
         .execution_options(synchronize_session=False)
     ).all()
+    for row in rows:
+        show_claim(unit, by_id[row.id])
     return {row.id for row in rows if row.cancel_requested_at is not None}
 
 

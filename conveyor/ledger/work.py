@@ -24,9 +24,9 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -58,6 +58,11 @@ class UnitOfWork:
     # Whether the messages' queues must be declared again (the reconciler's re-drives).
     redeclare: bool = False
 
+    @property
+    def used(self) -> bool:
+        """Return whether the unit's session has begun a database transaction (`Work`'s units)."""
+        return bool(self.session.info.get(_USED))
+
     @classmethod
     def around(cls, session: Session) -> UnitOfWork:
         """Wrap a session whose transaction someone else owns (tests' rolled-back sessions)."""
@@ -88,6 +93,13 @@ class UnitOfWork:
             raise
 
 
+_USED = "conveyor_used"
+
+
+def _mark_used(session: Session, *_: Any) -> None:
+    session.info[_USED] = True
+
+
 class Work:
     """Opens units of work on one engine; after each commit, writes views and publishes."""
 
@@ -100,6 +112,9 @@ class Work:
     ) -> None:
         # expire_on_commit=False: handlers serialise rows after the commit.
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # A unit that never touched its session has nothing to commit: the task runner
+        # then finishes its job in one autocommit statement (`UnitOfWork.used`).
+        event.listen(self._sessions, "after_begin", _mark_used)
         self._autocommit = sessionmaker(
             engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False
         )
