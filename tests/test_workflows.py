@@ -6,6 +6,7 @@ a job runs; a claim of a job still waiting for its dependencies finds nothing to
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -529,11 +530,17 @@ def test_roles_are_as_for_jobs(client: Any, role_tokens: dict[str, str]) -> None
 
 @contextmanager
 def statements(engine: Any) -> Iterator[list[str]]:
-    """Record the statements this process sends to PostgreSQL for the block."""
+    """Record the statements this thread sends to PostgreSQL for the block.
+
+    This thread's only: a heartbeat thread, or another test's leftover thread on a shared
+    pool, is not the work being counted.
+    """
     seen: list[str] = []
+    owner = threading.get_ident()
 
     def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        seen.append(statement)
+        if threading.get_ident() == owner:
+            seen.append(statement)
 
     event.listen(engine, "before_cursor_execute", record)
     try:
