@@ -27,7 +27,8 @@ FILL = """
 INSERT INTO jobs (id, tenant_id, type, queue, state, payload, created_at, published_at,
                   started_at, finished_at, attempt, result, version, worker)
 SELECT gen_random_uuid(), :tenant, 'system.noop', :queue, 'succeeded', '{}'::jsonb,
-       ts, ts, ts, ts + interval '5 milliseconds', 1, '{}'::jsonb, 3, 'bench-fill'
+       ts - interval '5 milliseconds', ts - interval '5 milliseconds',
+       ts - interval '4 milliseconds', ts, 1, '{}'::jsonb, 3, 'bench-fill'
 FROM (SELECT CAST(:base AS timestamptz) - g * interval '1 millisecond' AS ts
       FROM generate_series(CAST(:first AS bigint), CAST(:last AS bigint)) AS g) AS rows
 """

@@ -5,14 +5,21 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
 
+from bench import growth
 from bench.cpu import CpuMeter
 from bench.fixed_rate import fixed_rate_load
 from bench.run import summarise
 from bench.stats import interleaved, paired_ratios, paired_spread, percentile, send_times, spread
+from conveyor.auth.bootstrap import Identity
+from conveyor.models import Job
+from tests.factories import job_factory
 
 
 def test_percentile_interpolates_between_ranks() -> None:
@@ -147,3 +154,33 @@ def test_fixed_rate_counts_queueing_from_the_intended_send_time(slow_port: int) 
     assert found.achieved_rps < 25
     assert found.p99_ms > 1000
     assert found.p50_ms > 500
+
+
+def test_growth_fills_a_finished_history_and_prunes_its_older_half(
+    identity: Identity,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(growth, "CHUNK", 1000)  # three statements, from two threads
+    filler = growth.Filler(engine, identity.tenant.id, "default")
+    filler.fill_to(2500)
+    filler.fill_to(4000)
+    with sessions.begin() as session:
+        fresh = job_factory(session, identity.tenant.id).id
+    assert filler.count() == 4001
+    with engine.connect() as conn:
+        states = conn.execute(
+            text("SELECT state, count(DISTINCT finished_at) FROM jobs GROUP BY state")
+        ).all()
+    # Every filled job finished, each at its own millisecond (the numbering continued).
+    assert dict(states) == {"succeeded": 4000, "queued": 0}
+    deleted, _ = filler.prune_half()
+    assert deleted == 2000
+    with engine.connect() as conn:
+        oldest = conn.execute(text("SELECT min(finished_at) FROM jobs")).scalar_one()
+    assert oldest >= filler.base - timedelta(milliseconds=2000)
+    filler.forget_new()
+    assert filler.count() == 2000
+    with sessions.begin() as session:
+        assert session.get(Job, fresh) is None
