@@ -831,10 +831,14 @@ def growth_curves(
             finally:
                 stop(stack.worker)
                 stack.worker = None
+            done = rounds.get(stack.name, {}).get("e2e_jobs_per_s")
             result["e2e_large"][stack.name] = {
                 "jobs": args.growth_e2e,
                 "jobs_per_s": rate,
                 "cpu_ms_per_job": cpu,
+                # The rounds' end to end, for the curve's first point.
+                "rounds_jobs": args.e2e,
+                "rounds_jobs_per_s": statistics.median(done) if done else None,
             }
             log(f"growth: {stack.name} end to end {rate:.0f} jobs/s")
             forget(stack, r)
@@ -1178,7 +1182,10 @@ def _curves(growth: dict[str, Any]) -> list[tuple[str, Any]]:
     curves: list[tuple[str, Any]] = []
     points = growth.get("ledger") or []
     if points:
-        labels = [p["label"].replace(" finished", "") for p in points]
+        labels = [
+            f"{p['rows'] / 1e6:g}M" + ("\nafter prune" if p["label"].startswith("pruned") else "")
+            for p in points
+        ]
 
         def rates(ax: Any) -> None:
             for key, name in (
@@ -1211,6 +1218,21 @@ def _curves(growth: dict[str, Any]) -> list[tuple[str, Any]]:
             ax.set_ylim(bottom=0)
 
         curves.append(("drain jobs/s vs worker processes", workers))
+    large = growth.get("e2e_large") or {}
+    if large:
+
+        def e2e(ax: Any) -> None:
+            for name, figures in large.items():
+                sizes = [figures["rounds_jobs"], figures["jobs"]]
+                rates = [figures.get("rounds_jobs_per_s"), figures["jobs_per_s"]]
+                if rates[0] is None:
+                    sizes, rates = sizes[1:], rates[1:]
+                ax.plot(sizes, rates, marker="o", label=name)
+            ticks = {f[k] for f in large.values() for k in ("rounds_jobs", "jobs")}
+            ax.set_xticks(sorted(ticks))
+            ax.set_ylim(bottom=0)
+
+        curves.append(("end to end jobs/s vs jobs per run", e2e))
     return curves
 
 
