@@ -724,7 +724,13 @@ def run_stacks(
                 log(f"round {n + 1}/{args.rounds}: {', '.join(s.name for s in order)}")
                 one_round(order, r, args, rec, meters)
         if not args.skip_growth:
-            growth = growth_curves(stacks, r, args, meters, out)
+            try:
+                growth_curves(stacks, r, args, meters, out, growth)
+            except KeyboardInterrupt:
+                # A time limit (SIGTERM) during the curves: keep the rounds and the points
+                # measured so far, and say the curves are incomplete.
+                growth["interrupted"] = True
+                log("growth curves interrupted: writing what was measured")
         _extras(stacks, r, args, out, flow)
     finally:
         for stack in stacks:
@@ -795,10 +801,14 @@ def growth_curves(
     args: argparse.Namespace,
     meters: dict[str, CpuMeter],
     rounds: dict[str, dict[str, list[float]]],
-) -> dict[str, Any]:
-    """Measure how costs grow: with worker processes, with jobs per run, with ledger rows."""
+    result: dict[str, Any],
+) -> None:
+    """Measure how costs grow: with worker processes, with jobs per run, with ledger rows.
+
+    Fills `result` as it goes, so an interrupted run keeps the points already measured.
+    """
     drainers = [s for s in stacks if s.drains]
-    result: dict[str, Any] = {"drain_by_workers": {}, "e2e_large": {}, "ledger": []}
+    result.update(drain_by_workers={}, e2e_large={}, ledger=[])
     log(f"growth: drain with {WORKER_STEPS} worker processes")
     for n, concurrency in enumerate(WORKER_STEPS):
         for stack in [drainers[i] for i in interleaved(range(len(drainers)), n)]:
@@ -844,7 +854,7 @@ def growth_curves(
             forget(stack, r)
     conveyor = next((s for s in stacks if s.name == "conveyor"), None)
     if conveyor is None or conveyor.ledger is None or conveyor.tenant_id is None:
-        return result
+        return
     filler = Filler(conveyor.ledger.engine, conveyor.tenant_id, conveyor.queue)
     steps: list[tuple[str, int | None]] = [("empty", 0)]
     steps += [(f"{rows:,} finished", rows) for rows in args.growth_rows]
@@ -859,7 +869,6 @@ def growth_curves(
         result["ledger"].append(ledger_point(conveyor, r, args, meters["conveyor"], label, filler))
     filler.forget_new()
     conveyor.ledger.forget_jobs()
-    return result
 
 
 def ledger_point(
@@ -1094,7 +1103,7 @@ def cpu_table(rows: list[dict[str, Any]]) -> str:
 
 def growth_table(growth: dict[str, Any]) -> str:
     """Render the growth curves' figures as Markdown tables."""
-    lines = []
+    lines = ["(interrupted: the curves are incomplete)", ""] if growth.get("interrupted") else []
     if growth.get("ledger"):
         lines += [
             "| Conveyor's ledger | rows | submit req/s | CPU ms/submit | poll req/s "
