@@ -806,9 +806,13 @@ def growth_curves(
     """Measure how costs grow: with worker processes, with jobs per run, with ledger rows.
 
     Fills `result` as it goes, so an interrupted run keeps the points already measured.
+    The ledger's curve goes first: it takes the most setting up, and is emptied after.
     """
     drainers = [s for s in stacks if s.drains]
     result.update(drain_by_workers={}, e2e_large={}, ledger=[])
+    conveyor = next((s for s in stacks if s.name == "conveyor"), None)
+    if conveyor is not None and conveyor.ledger is not None and conveyor.tenant_id is not None:
+        ledger_curve(conveyor, r, args, meters["conveyor"], result)
     log(f"growth: drain with {WORKER_STEPS} worker processes")
     for n, concurrency in enumerate(WORKER_STEPS):
         for stack in [drainers[i] for i in interleaved(range(len(drainers)), n)]:
@@ -852,9 +856,18 @@ def growth_curves(
             }
             log(f"growth: {stack.name} end to end {rate:.0f} jobs/s")
             forget(stack, r)
-    conveyor = next((s for s in stacks if s.name == "conveyor"), None)
-    if conveyor is None or conveyor.ledger is None or conveyor.tenant_id is None:
-        return
+
+
+def ledger_curve(
+    conveyor: Stack,
+    r: redis.Redis,
+    args: argparse.Namespace,
+    meter: CpuMeter,
+    result: dict[str, Any],
+) -> None:
+    """Measure submit, poll and drain on an empty, a filled and a half-pruned ledger."""
+    assert conveyor.ledger is not None
+    assert conveyor.tenant_id is not None
     filler = Filler(conveyor.ledger.engine, conveyor.tenant_id, conveyor.queue)
     steps: list[tuple[str, int | None]] = [("empty", 0)]
     steps += [(f"{rows:,} finished", rows) for rows in args.growth_rows]
@@ -866,7 +879,7 @@ def growth_curves(
         elif rows:
             took = filler.fill_to(rows)
             log(f"growth: ledger filled to {rows:,} finished jobs in {took:.0f}s")
-        result["ledger"].append(ledger_point(conveyor, r, args, meters["conveyor"], label, filler))
+        result["ledger"].append(ledger_point(conveyor, r, args, meter, label, filler))
     filler.forget_new()
     conveyor.ledger.forget_jobs()
 
