@@ -1312,6 +1312,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure only Conveyor's submit and e2e with tracing on vs off; print, save nothing",
     )
     parser.add_argument("--live", action="store_true", help="measure 1,000 open streams")
+    parser.add_argument("--name", help="results file name in bench/results (default: the date)")
     args = parser.parse_args(argv)
     if args.tracing_only:
         args.only = "conveyor"
@@ -1442,7 +1443,8 @@ def _bench(
         return 0
     stamp = datetime.now(UTC)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    base = RESULTS / stamp.strftime("%Y-%m-%d")  # the name make soak looks for
+    # `<date>.json` is the name make soak takes its rate from.
+    base = RESULTS / (args.name or stamp.strftime("%Y-%m-%d"))
     record = {
         "date": stamp.isoformat(timespec="seconds"),
         "git": git_commit(),
