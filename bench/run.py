@@ -120,6 +120,7 @@ class Stack:
     drains: bool = True
     e2e: bool = True
     batches: bool = True
+    fixed: bool = True
     tenant_id: uuid.UUID | None = None
     api: subprocess.Popen[bytes] | None = None
     worker: subprocess.Popen[bytes] | None = None
@@ -619,6 +620,7 @@ def one_round(
     args: argparse.Namespace,
     rec: Recorder,
     meters: dict[str, CpuMeter],
+    worker_round: bool = True,
 ) -> None:
     """Run every measure once per stack, in `order`, each after its own warm-up."""
     paths = {}
@@ -643,7 +645,7 @@ def one_round(
         # The first rate is the seed's 500/s; the others (e.g. one below saturation) get
         # the rate in their keys.
         prefix = "fixed" if rate == args.rate[0] else f"fixed{rate:g}"
-        for stack in order:
+        for stack in [s for s in order if s.fixed]:
             fixed_rate(stack, rate, WARMUP_SECONDS)
             before = meters[stack.name].snapshot()
             fixed = fixed_rate(stack, rate, args.seconds)
@@ -664,6 +666,8 @@ def one_round(
         rec.cpu(stack, "batch", CpuMeter.per_op(before, meters[stack.name].snapshot(), jobs))
     for stack in order:
         forget(stack, r)
+    if not worker_round:
+        return
     log("  drain, end to end")
     for stack in order:
         if not (stack.drains or stack.e2e):
@@ -722,7 +726,7 @@ def run_stacks(
                     for name in interleaved([s.name for s in stacks], n)
                 ]
                 log(f"round {n + 1}/{args.rounds}: {', '.join(s.name for s in order)}")
-                one_round(order, r, args, rec, meters)
+                one_round(order, r, args, rec, meters, n < args.worker_rounds)
         if not args.skip_growth:
             try:
                 growth_curves(stacks, r, args, meters, out, growth)
@@ -1281,6 +1285,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=500, help="jobs per batch")
     parser.add_argument("--drain", type=int, default=1000, help="no-op jobs per drain")
     parser.add_argument("--e2e", type=int, default=1200, help="jobs per end-to-end round")
+    parser.add_argument(
+        "--worker-rounds",
+        type=int,
+        default=3,
+        help="rounds (the first N) that also run the drain and the end to end",
+    )
     parser.add_argument("--only", choices=["conveyor", "bare"], help="skip the other stack")
     parser.add_argument(
         "--no-sync-baseline", action="store_true", help="skip the baseline on sync workers"
@@ -1328,6 +1338,9 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
+        # Once: a second signal (a time limit signals the whole process group) must not
+        # interrupt the clean-up or the writing of what was measured.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         interrupted.set()
         raise KeyboardInterrupt(signum)
 
@@ -1572,10 +1585,12 @@ def bare_stack(env: dict[str, str], name: str, engine: Engine, *, gevent: bool) 
         noop_task="bare.noop",
         done=Ledger(engine, "bare_jobs"),
         # The worker does not depend on the API's server, nor do 20 batch requests: one
-        # baseline runs those, the other only the per-request phases.
+        # baseline runs those, the other only the closed-loop submit and poll (the
+        # like-for-like fixed rate is the gevent baseline's).
         drains=gevent,
         e2e=gevent,
         batches=gevent,
+        fixed=gevent,
     )
 
 
