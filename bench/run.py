@@ -691,6 +691,23 @@ def one_round(
         forget(stack, r)
 
 
+def _rounds(
+    stacks: list[Stack],
+    r: redis.Redis,
+    args: argparse.Namespace,
+    rec: Recorder,
+    meters: dict[str, CpuMeter],
+) -> None:
+    """Run the rounds, the stacks' order reversed every other round."""
+    for n in range(args.rounds):
+        order = [
+            next(s for s in stacks if s.name == name)
+            for name in interleaved([s.name for s in stacks], n)
+        ]
+        log(f"round {n + 1}/{args.rounds}: {', '.join(s.name for s in order)}")
+        one_round(order, r, args, rec, meters, n < args.worker_rounds)
+
+
 def run_stacks(
     stacks: list[Stack],
     r: redis.Redis,
@@ -720,13 +737,12 @@ def run_stacks(
             # leaves to it, e.g. most of a batch); it starts on an empty ledger.
             start_beat(stack)
         if not args.only_growth:
-            for n in range(args.rounds):
-                order = [
-                    next(s for s in stacks if s.name == name)
-                    for name in interleaved([s.name for s in stacks], n)
-                ]
-                log(f"round {n + 1}/{args.rounds}: {', '.join(s.name for s in order)}")
-                one_round(order, r, args, rec, meters, n < args.worker_rounds)
+            try:
+                _rounds(stacks, r, args, rec, meters)
+            except KeyboardInterrupt:
+                growth["interrupted"] = True
+                log("rounds interrupted: writing the rounds measured so far")
+                return out, growth
         if not args.skip_growth:
             try:
                 growth_curves(stacks, r, args, meters, out, growth)
