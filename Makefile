@@ -49,8 +49,8 @@ docs-serve: $(STAMP)
 docs-reference: $(STAMP)
 	$(BIN)/python -m devtools.docs_reference
 
-# Conveyor against the bare Flask + Celery stack (bench/README.md); about 4 minutes on an idle
-# 2-core machine, up to 8 on a busy one.
+# Conveyor against the bare Flask + Celery stack (bench/README.md): 5 rounds, then the growth
+# curves, in under 15 minutes on a 2-core machine; e.g. BENCH_ARGS="--rounds 2 --skip-growth".
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -43,6 +43,7 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     errors: int
+    requests: int = 0
 
 
 @functools.cache
@@ -108,6 +109,7 @@ def wrk_load(
         p50_ms=stats["p50_us"] / 1000,
         p99_ms=stats["p99_us"] / 1000,
         errors=stats["errors"],
+        requests=stats["requests"],
     )
 
 
@@ -169,6 +171,7 @@ def http_load(
         p50_ms=latencies[len(latencies) // 2] * 1000,
         p99_ms=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
         errors=errors[0],
+        requests=len(latencies),
     )
 
 
