@@ -40,7 +40,7 @@ from conveyor.ledger.reads import (
 )
 from conveyor.ledger.states import FINISHED, JobState
 from conveyor.ledger.views import job_view
-from conveyor.live.events import Change, Subscription
+from conveyor.live.events import Change, Hub, Subscription
 
 bp = secured_blueprint(
     "streams", __name__, "jobs", "/v1", "A job's or a tenant's transitions as they commit."
@@ -174,6 +174,18 @@ def open_tenant_stream(filters: JobFilter, last_event_id: int | None) -> Respons
     return _stream(stream.events(resume))
 
 
+def _wait(hub: Hub, subscription: Subscription) -> tuple[list[Change], bool]:
+    """Return the changes of a heartbeat period, and whether the stream must read the ledger.
+
+    While the hub is down, the period is the fallback's: the ledger is read that often.
+    """
+    changes = subscription.get(HEARTBEAT_SECONDS if hub.listening else FALLBACK_SECONDS)
+    behind = subscription.behind or not hub.listening
+    if behind:
+        subscription.behind = False
+    return changes, behind
+
+
 class JobStream:
     """One job's events for one client: the ledger's history after an id, then live changes."""
 
@@ -215,10 +227,8 @@ class JobStream:
         yield frame("state", self._last, self._show(self._view))
 
     def _next(self, subscription: Subscription) -> Iterator[str]:
-        wait = HEARTBEAT_SECONDS if self._svc.hub.listening else FALLBACK_SECONDS
-        changes = subscription.get(wait)
-        if subscription.behind or not self._svc.hub.listening:
-            subscription.behind = False
+        changes, behind = _wait(self._svc.hub, subscription)
+        if behind:
             yield from self._catch_up()
         sent = False
         for change in changes:
@@ -337,10 +347,8 @@ class TenantStream:
             if resume is not None:
                 yield from self._catch_up()
             while not self._svc.hub.closing:
-                wait = HEARTBEAT_SECONDS if self._svc.hub.listening else FALLBACK_SECONDS
-                changes = subscription.get(wait)
-                if subscription.behind or not self._svc.hub.listening:
-                    subscription.behind = False
+                changes, behind = _wait(self._svc.hub, subscription)
+                if behind:
                     yield from self._catch_up()
                 sent = False
                 for change in changes:
