@@ -154,8 +154,6 @@ def test_an_operator_signs_in_retries_a_failure_and_cancels_a_running_job(
             expect(page.get_by_role("status")).to_contain_text("Retried")
             page.evaluate("window.__sameDocument = true")
             expect(page.locator("#live .state").first).to_have_text("succeeded")
-            # Shown from the job's stream: the page heard its transitions.
-            expect(page.locator("#live")).to_have_attribute("data-last-event", re.compile(r"^\d+$"))
             assert page.evaluate("window.__sameDocument") is True
             expect(page.locator("#live")).to_contain_text('"attempt": 2')
             page.screenshot(path=str(ARTIFACTS / "console-job.png"), full_page=True)
@@ -167,6 +165,8 @@ def test_an_operator_signs_in_retries_a_failure_and_cancels_a_running_job(
             page.get_by_role("button", name="Cancel").click()
             expect(page.get_by_role("status")).to_contain_text("Asked the running job to stop")
             expect(page.locator("#live .state").first).to_have_text("cancelled")
+            # Shown from the job's stream: the page heard its events.
+            expect(page.locator("#live")).to_have_attribute("data-last-event", re.compile(r"^\d+$"))
 
             # The workflow drawn as a graph: a box per job, coloured by state, each a link.
             page.get_by_role("link", name="Workflows", exact=True).click()
