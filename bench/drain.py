@@ -31,11 +31,9 @@ from sqlalchemy import create_engine, text
 
 from bench.loadgen import post_json
 from bench.processes import BIN, ROOT, servers, start, stop, wait_http, wait_log
-from bench.run import BARE_SCHEMA, NOOP, WORKER_CONCURRENCY, drain_queue, log
-from conveyor.auth.roles import Role
+from bench.run import BARE_SCHEMA, NOOP, WORKER_CONCURRENCY, drain_queue, log, member_tenant
 from conveyor.broker.inspect import queue_depth
 from conveyor.broker.internals import UNACKED_KEY
-from conveyor.cli import create_tenant
 from conveyor.settings import Settings
 from devtools.embedded import create_database, free_port
 
@@ -181,13 +179,7 @@ def _run(
         conn.execute(text(BARE_SCHEMA))
     bare_engine.dispose()
     settings = Settings(database_url=conveyor_db, redis_url=redis_url)
-    key = create_tenant(
-        settings,
-        name="Drain",
-        email=f"drain-{os.getpid()}@conveyor.local",
-        password=None,
-        key_role=Role.MEMBER,
-    )["api_key"]
+    key = member_tenant(settings, "Drain")["api_key"]
     engine = create_engine(settings.sqlalchemy_url, pool_size=1)
     r = redis.Redis.from_url(redis_url)
     port = free_port()

@@ -1374,6 +1374,17 @@ def _port(url: str) -> int | None:
     return urlsplit(url).port
 
 
+def member_tenant(settings: Settings, name: str) -> dict[str, Any]:
+    """Create a tenant with a `member` API key (as `conveyor create-tenant` does); return it."""
+    return create_tenant(
+        settings,
+        name=name,
+        email=f"{name.lower()}-{os.getpid()}-{time.time_ns()}@conveyor.local",
+        password=None,
+        key_role=Role.MEMBER,
+    )
+
+
 def _bench(
     args: argparse.Namespace,
     root: Path,
@@ -1417,22 +1428,10 @@ def _bench(
         conn.execute(text(BARE_SCHEMA))
         conn.execute(text("TRUNCATE bare_jobs"))
     settings = Settings(database_url=conveyor_db, redis_url=redis_url)
-    tenant = create_tenant(
-        settings,
-        name="Bench",
-        email=f"bench-{os.getpid()}-{time.time_ns()}@conveyor.local",
-        password=None,
-        key_role=Role.MEMBER,
-    )
+    tenant = member_tenant(settings, "Bench")
     key = tenant["api_key"]
     # The flow measures' other tenant: its backlog shares the queue with the bench tenant's.
-    backlog_key = create_tenant(
-        settings,
-        name="Backlog",
-        email=f"backlog-{os.getpid()}-{time.time_ns()}@conveyor.local",
-        password=None,
-        key_role=Role.MEMBER,
-    )["api_key"]
+    backlog_key = member_tenant(settings, "Backlog")["api_key"]
     engine = create_engine(settings.sqlalchemy_url, pool_size=2)
     r = redis.Redis.from_url(redis_url)
     stacks = []
